@@ -1,1 +1,195 @@
-pub fn hello() {}
+//! embedcar: a sidecar reverse proxy for the OpenAI API that pools connections, bounds
+//! concurrency and deadlines, and (for embeddings) coalesces callers' requests.
+//!
+//! The binary (`src/main.rs`) only parses flags, sets up logging and calls [`run`]. Tests and
+//! embedders use [`start`], which runs the same thing in the background on the configured
+//! (possibly port-0) addresses.
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod errors;
+pub mod layers;
+pub mod limits;
+pub mod metrics;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod stack;
+pub mod upstream;
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+pub use crate::config::Config;
+use crate::{limits::ConcurrencyLimit, metrics::Metrics, proxy::Proxy, upstream::Upstream};
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Everything the request path shares, built once at start.
+pub struct AppState {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub proxy: Arc<Proxy>,
+    draining: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<Arc<AppState>, Error> {
+        let metrics = Arc::new(Metrics::new());
+        let upstream = Upstream::new(&config)?;
+        let limit = ConcurrencyLimit::new(
+            config.limits.max_concurrency,
+            config.limits.max_wait,
+            metrics.clone(),
+        );
+        let proxy = Arc::new(Proxy::new(
+            upstream,
+            limit,
+            metrics.clone(),
+            config.upstream.first_byte_timeout,
+            config.upstream.body_idle_timeout,
+        ));
+        Ok(Arc::new(AppState {
+            config,
+            metrics,
+            proxy,
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// Binds the traffic and admin listeners named in the config.
+pub async fn bind(config: &Config) -> Result<(TcpListener, TcpListener), Error> {
+    let listener = TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.listen))?;
+    let admin = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.server.admin_listen))?;
+    Ok((listener, admin))
+}
+
+/// Serves until `shutdown` resolves, then drains: readiness turns 503, the listener closes, and
+/// in-flight requests get the grace period to finish.
+pub async fn run(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Error> {
+    let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let base = &state.proxy_base();
+    if base.ends_with("/v1") {
+        tracing::warn!(
+            upstream = %base,
+            "upstream.url ends in /v1 and request paths keep their /v1: /v1/embeddings would go to {base}/v1/embeddings; you probably want the URL without /v1"
+        );
+    }
+    tracing::info!(%addr, %admin_addr, upstream = %base, "listening");
+
+    let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
+    let admin = tokio::spawn(admin::serve(admin_listener, state.clone(), async {
+        let _ = admin_stop_rx.await;
+    }));
+
+    let drain_state = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        drain_state.draining.store(true, Ordering::Relaxed);
+        tracing::info!("shutdown requested; no longer ready");
+    };
+    let settings = server::ServerSettings {
+        max_connections: state.config.server.max_connections,
+        header_read_timeout: state.config.server.header_read_timeout,
+        shutdown_grace: state.config.server.shutdown_grace,
+    };
+    server::serve(
+        listener,
+        stack::build(&state),
+        settings,
+        state.metrics.clone(),
+        shutdown,
+    )
+    .await;
+
+    let _ = admin_stop_tx.send(());
+    let _ = admin.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+impl AppState {
+    fn proxy_base(&self) -> String {
+        upstream::BaseUrl::mask_userinfo(&self.config.upstream.url)
+    }
+}
+
+/// A running embedcar in the background of this process.
+pub struct Handle {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+/// Binds the configured addresses (port 0 picks free ones) and runs embedcar in a task.
+pub async fn start(config: Config) -> Result<Handle, Error> {
+    let (listener, admin) = bind(&config).await?;
+    let state = AppState::new(config)?;
+    let addr = listener.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(run(state, listener, admin, async {
+        let _ = rx.await;
+    }));
+    Ok(Handle {
+        addr,
+        admin_addr,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+impl Handle {
+    /// `http://ADDR`, the base for requests (append `/v1/...`).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin_addr)
+    }
+
+    /// Asks for a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shuts down gracefully and waits until embedcar has stopped.
+    pub async fn shutdown(mut self) -> Result<(), Error> {
+        self.begin_shutdown();
+        (&mut self.task).await?
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

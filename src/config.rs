@@ -1,0 +1,434 @@
+//! The whole configuration: its defaults, where it is read from, and its checks.
+//!
+//! Sources, later ones winning: built-in defaults (the named constants below), a TOML file
+//! (`--config PATH`), environment variables `EMBEDCAR_<SECTION>__<KEY>` (e.g.
+//! `EMBEDCAR_UPSTREAM__CONNECT_TIMEOUT=3s`), then command-line flags. Every struct denies unknown
+//! fields so that a typo is an error naming the key instead of a silently ignored setting.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use serde::{Deserialize, Serialize};
+
+/// Where the proxy listens. Loopback: a sidecar serves its own pod, not the network.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where health, readiness and metrics are served, apart from the traffic port so that a
+/// saturated proxy still answers its probes.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Open client connections at most; beyond it new connections wait in the kernel backlog.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// A client must send a request's headers within this time (also the keep-alive idle limit for
+/// HTTP/1.1, which is how hyper applies it). Long enough for any honest client.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request body accepted. Embedding requests are far smaller; the file-upload endpoints
+/// that also pass through take parts of up to 64 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// How long in-flight requests (streams included) may take to finish after SIGTERM.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// OpenAI itself. Requests keep their path: `/v1/embeddings` goes to `{url}/v1/embeddings`.
+pub const DEFAULT_UPSTREAM_URL: &str = "https://api.openai.com";
+/// TCP + TLS connect budget; a healthy upstream connects in well under a second.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time to the upstream's response headers. Generous because non-streamed completions of long
+/// answers take minutes; streamed answers send headers at once.
+pub const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest silence between two chunks of a body (either direction) before the exchange is
+/// abandoned: a stream that keeps moving may last as long as it likes.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Idle pooled upstream connections are closed after this, below the 5-minute idle limit that
+/// common load balancers in front of APIs apply, so we close first rather than reuse a dead one.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream host.
+pub const DEFAULT_POOL_MAX_IDLE_PER_HOST: usize = 256;
+
+/// Concurrent upstream requests at most: what protects the upstream (and the caller's rate
+/// limits) from a burst of callers.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 256;
+/// How long a request may wait for a free upstream slot before it is shed with 503: long enough
+/// to ride out a burst, short enough that the caller's own retry logic still has time.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Configuration of the whole process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: LimitsConfig,
+    pub credentials: CredentialsConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub max_connections: usize,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    pub max_body_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL: scheme, host, optional port and optional path prefix.
+    pub url: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    pub pool_max_idle_per_host: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+/// Where embedcar's own upstream key comes from, if it holds one. The key itself never appears
+/// in the config file: only the name of the variable or file that holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CredentialsConfig {
+    /// Name of an environment variable holding the key, e.g. "OPENAI_API_KEY".
+    pub api_key_env: Option<String>,
+    /// Path of a file holding the key (a mounted Kubernetes secret); surrounding whitespace is
+    /// ignored.
+    pub api_key_file: Option<String>,
+    /// Header the key is sent in: `authorization` (`Bearer KEY`, OpenAI) or `api-key` (Azure).
+    pub header: CredentialHeader,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CredentialHeader {
+    #[default]
+    Authorization,
+    ApiKey,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter directive, e.g. "info" or "embedcar=debug,hyper=info".
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Default log filter.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: parse_const_addr(DEFAULT_LISTEN),
+            admin_listen: parse_const_addr(DEFAULT_ADMIN_LISTEN),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_UPSTREAM_URL.to_string(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            first_byte_timeout: DEFAULT_FIRST_BYTE_TIMEOUT,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            pool_max_idle_per_host: DEFAULT_POOL_MAX_IDLE_PER_HOST,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            max_wait: DEFAULT_MAX_WAIT,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: DEFAULT_LOG_LEVEL.to_string(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            limits: LimitsConfig::default(),
+            credentials: CredentialsConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+fn parse_const_addr(s: &str) -> SocketAddr {
+    s.parse().expect("default addresses are valid constants")
+}
+
+/// Flags that override the file and the environment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub upstream: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// A configuration that could not be used, with the reason and the offending key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The environment prefix; `EMBEDCAR_SECTION__KEY` sets `section.key`.
+pub const ENV_PREFIX: &str = "EMBEDCAR_";
+
+impl Config {
+    /// Reads defaults, then the file (if any), then the `EMBEDCAR_` environment, then
+    /// `overrides`, and checks the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        let mut config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError(flatten_figment_error(e)))?;
+        config.apply(overrides);
+        config.check()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(a) = o.listen {
+            self.server.listen = a;
+        }
+        if let Some(a) = o.admin_listen {
+            self.server.admin_listen = a;
+        }
+        if let Some(u) = &o.upstream {
+            self.upstream.url = u.clone();
+        }
+        if let Some(f) = o.log_format {
+            self.log.format = f;
+        }
+    }
+
+    /// Checks that go beyond types: values that parse but cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        crate::upstream::BaseUrl::parse(&self.upstream.url)
+            .map_err(|e| ConfigError(format!("upstream.url: {e}")))?;
+        let positive = [
+            ("server.max_connections", self.server.max_connections),
+            ("limits.max_concurrency", self.limits.max_concurrency),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError(format!("{key}: must be at least 1")));
+            }
+        }
+        let durations = [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            (
+                "upstream.first_byte_timeout",
+                self.upstream.first_byte_timeout,
+            ),
+            (
+                "upstream.body_idle_timeout",
+                self.upstream.body_idle_timeout,
+            ),
+        ];
+        for (key, value) in durations {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{key}: must be longer than 0s")));
+            }
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError(
+                "server.max_body_bytes: must be at least 1".into(),
+            ));
+        }
+        if self.credentials.api_key_env.is_some() && self.credentials.api_key_file.is_some() {
+            return Err(ConfigError(
+                "credentials: set api_key_env or api_key_file, not both".into(),
+            ));
+        }
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            return Err(ConfigError(
+                "server.admin_listen: must differ from server.listen".into(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError(format!("log.level: {e}")))?;
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `check-config`. Holds no secret: keys are only
+    /// ever named by variable or file, and a URL's userinfo is masked.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.upstream.url = crate::upstream::BaseUrl::mask_userinfo(&shown.upstream.url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// One line per problem: `section.key: what is wrong (where it came from)`. Figment's own text
+/// names environment keys in upper case and its profile; this names them as the file does.
+fn flatten_figment_error(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let mut line = if key.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{key}: {}", e.kind)
+            };
+            if let Some(md) = &e.metadata {
+                if md.name.contains("environment") {
+                    let var = format!("{ENV_PREFIX}{}", e.path.join("__").to_uppercase());
+                    line.push_str(&format!(" (from environment variable {var})"));
+                } else if let Some(source) = &md.source {
+                    line.push_str(&format!(" (in {source})"));
+                }
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    /// Loads `text` as the config file with `env` set, inside figment's Jail (a temporary
+    /// directory and a private, serialized environment).
+    fn load_toml(text: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let mut out = Err(String::new());
+        Jail::expect_with(|jail| {
+            jail.create_file("embedcar.toml", text)?;
+            for (k, v) in env {
+                jail.set_env(k, v);
+            }
+            out = Config::load(Some(Path::new("embedcar.toml")), &Overrides::default())
+                .map_err(|e| e.to_string());
+            Ok(())
+        });
+        out
+    }
+
+    #[test]
+    fn no_file_and_no_environment_gives_the_defaults() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None, &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(c, Config::default());
+            assert_eq!(c.upstream.url, DEFAULT_UPSTREAM_URL);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_environment_and_flags_layer_in_that_order() {
+        let c = load_toml(
+            "[upstream]\nurl = \"http://file:1\"\nconnect_timeout = \"2s\"\n[limits]\nmax_concurrency = 3\n",
+            &[
+                ("EMBEDCAR_LIMITS__MAX_CONCURRENCY", "7"),
+                ("EMBEDCAR_UPSTREAM__CONNECT_TIMEOUT", "250ms"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.upstream.url, "http://file:1");
+        assert_eq!(c.limits.max_concurrency, 7);
+        assert_eq!(c.upstream.connect_timeout, Duration::from_millis(250));
+        Jail::expect_with(|jail| {
+            jail.set_env("EMBEDCAR_UPSTREAM__URL", "http://env:3");
+            let flags = Overrides {
+                upstream: Some("http://flag:2".into()),
+                ..Default::default()
+            };
+            let c = Config::load(None, &flags).map_err(|e| e.to_string())?;
+            assert_eq!(c.upstream.url, "http://flag:2");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_it() {
+        let e = load_toml("[upstream]\nconect_timeout = \"2s\"\n", &[]).unwrap_err();
+        assert!(e.contains("conect_timeout"), "{e}");
+        let e = load_toml("[upstrem]\n", &[]).unwrap_err();
+        assert!(e.contains("upstrem"), "{e}");
+        let e = load_toml("", &[("EMBEDCAR_LIMITS__MAX_CONCURENCY", "3")]).unwrap_err();
+        assert!(e.contains("max_concurency"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_value_is_an_error_naming_the_key_and_the_reason() {
+        let e = load_toml("[upstream]\nconnect_timeout = \"soon\"\n", &[]).unwrap_err();
+        assert!(e.contains("upstream.connect_timeout"), "{e}");
+        let e = load_toml("[limits]\nmax_concurrency = 0\n", &[]).unwrap_err();
+        assert!(e.contains("limits.max_concurrency"), "{e}");
+        let e = load_toml("[upstream]\nurl = \"ftp://x\"\n", &[]).unwrap_err();
+        assert!(e.contains("upstream.url"), "{e}");
+        let e = load_toml("", &[("EMBEDCAR_SERVER__LISTEN", "nowhere")]).unwrap_err();
+        assert!(e.contains("server.listen"), "{e}");
+        assert!(e.contains("EMBEDCAR_SERVER__LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn the_printed_configuration_masks_url_credentials_and_parses_back() {
+        let mut c = Config::default();
+        c.upstream.url = "https://user:s3cret@example.com/prefix".into();
+        let text = c.to_toml();
+        assert!(!text.contains("s3cret"), "{text}");
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.limits, c.limits);
+    }
+}

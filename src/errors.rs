@@ -1,0 +1,205 @@
+//! The one error type for failures embedcar itself answers, and the one place that maps each to
+//! an HTTP status and OpenAI's error shape.
+//!
+//! Errors the upstream returns are not in here: those reach the caller untouched (status,
+//! headers, body). These are the replies embedcar makes on its own, shaped like OpenAI's so that
+//! the official clients raise the usual exception types with a readable message. A message never
+//! contains a credential or a request body.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::body::{BoxError, ProxyBody};
+
+/// Response header naming the embedcar error code, so that a caller (or an operator reading a
+/// trace) can tell embedcar's own replies from the upstream's.
+pub const ERROR_HEADER: &str = "x-embedcar-error";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+
+    #[error("the request body stalled for longer than {0:?}")]
+    ClientBodyTimeout(Duration),
+
+    #[error(
+        "all {max_concurrency} upstream request slots stayed busy for {waited:?}; retry later"
+    )]
+    Overloaded {
+        max_concurrency: usize,
+        waited: Duration,
+        retry_after: Duration,
+    },
+
+    #[error("embedcar is shutting down")]
+    ShuttingDown,
+
+    #[error("the upstream did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+
+    #[error("could not reach the upstream: {0}")]
+    UpstreamUnreachable(String),
+
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+    },
+
+    #[error("internal error in embedcar: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// The one mapping from error to status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Overloaded { .. } | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` and `code` for this error. Types follow OpenAI's vocabulary where one
+    /// fits (`invalid_request_error`, `server_error`); codes are embedcar's own and stable.
+    pub fn kind(&self) -> (&'static str, &'static str) {
+        match self {
+            ProxyError::BodyTooLarge { .. } => ("invalid_request_error", "request_too_large"),
+            ProxyError::ClientBodyTimeout(_) => ("invalid_request_error", "request_body_timeout"),
+            ProxyError::Overloaded { .. } => ("server_error", "proxy_overloaded"),
+            ProxyError::ShuttingDown => ("server_error", "proxy_shutting_down"),
+            ProxyError::UpstreamTimeout(_) => ("server_error", "upstream_timeout"),
+            ProxyError::UpstreamUnreachable(_) => ("server_error", "upstream_unreachable"),
+            ProxyError::InvalidRequest { .. } => ("invalid_request_error", "invalid_request"),
+            ProxyError::Internal(_) => ("server_error", "internal_error"),
+        }
+    }
+
+    /// When the caller should come back, for the statuses where waiting helps.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::Overloaded { retry_after, .. } => Some(*retry_after),
+            ProxyError::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// The `metrics` label for a shed or failed request.
+    pub fn code(&self) -> &'static str {
+        self.kind().1
+    }
+
+    pub fn into_response(self) -> Response<ProxyBody> {
+        let (kind, code) = self.kind();
+        let param = match &self {
+            ProxyError::InvalidRequest { param, .. } => param.clone(),
+            _ => None,
+        };
+        let body = serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": kind,
+                "param": param,
+                "code": code,
+            }
+        });
+        let mut response = Response::new(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| -> BoxError { match never {} })
+                .boxed_unsync(),
+        );
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, rounded up: Retry-After has no fractions and 0 invites a hot loop.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        }
+        response
+    }
+}
+
+/// The reply for a handler that panicked: the panic is logged, the caller gets a 500 in OpenAI's
+/// shape, and the process and every other request carry on.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response<ProxyBody> {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = what, "request handler panicked");
+    ProxyError::Internal("the request handler failed".into()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_json(r: Response<ProxyBody>) -> serde_json::Value {
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_error_has_openais_shape() {
+        let all = [
+            ProxyError::BodyTooLarge { limit: 10 },
+            ProxyError::ClientBodyTimeout(Duration::from_secs(1)),
+            ProxyError::Overloaded {
+                max_concurrency: 4,
+                waited: Duration::from_secs(1),
+                retry_after: Duration::from_millis(1500),
+            },
+            ProxyError::ShuttingDown,
+            ProxyError::UpstreamTimeout(Duration::from_secs(3)),
+            ProxyError::UpstreamUnreachable("refused".into()),
+            ProxyError::InvalidRequest {
+                message: "bad".into(),
+                param: Some("input".into()),
+            },
+            ProxyError::Internal("x".into()),
+        ];
+        for e in all {
+            let status = e.status();
+            let retry = e.retry_after();
+            let r = e.into_response();
+            assert_eq!(r.status(), status);
+            assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+            if retry.is_some() {
+                assert!(r.headers().contains_key(header::RETRY_AFTER));
+            }
+            let v = body_json(r).await;
+            let err = &v["error"];
+            assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(err["type"].is_string());
+            assert!(err["code"].is_string());
+            assert!(err.get("param").is_some());
+        }
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        let r = ProxyError::Overloaded {
+            max_concurrency: 1,
+            waited: Duration::ZERO,
+            retry_after: Duration::from_millis(1500),
+        }
+        .into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -1,0 +1,232 @@
+//! embedcar's own tower layers: recording request metrics, and bounding request bodies. Their
+//! order relative to tower-http's layers is set in `stack.rs`, not here.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use http::{header, Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::{
+    body::{Guarded, IdleTimeout, Limited, ProxyBody},
+    errors::ProxyError,
+    metrics::{Metrics, Route},
+};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Status label for a request whose caller went away before it was answered (nginx's 499).
+const CLIENT_CLOSED: &str = "499";
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+/// Counts every request by route, method and status, times it from head to the end of the
+/// response body (a stream is timed to its last chunk), and tracks requests in flight.
+#[derive(Clone)]
+pub struct RecordMetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl RecordMetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics }
+    }
+}
+
+impl<S> Layer<S> for RecordMetricsLayer {
+    type Service = RecordMetrics<S>;
+    fn layer(&self, inner: S) -> RecordMetrics<S> {
+        RecordMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RecordMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+/// Records one request when dropped: with the response's status once the body is done, or as
+/// 499 if the caller left before there was a response.
+struct RequestRecord {
+    metrics: Arc<Metrics>,
+    route: Route,
+    method: &'static str,
+    status: Option<u16>,
+    started: Instant,
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        let status = self.status.map(status_label);
+        let status = status.unwrap_or(CLIENT_CLOSED);
+        let m = &self.metrics;
+        m.requests
+            .with_label_values(&[self.route.as_str(), self.method, status])
+            .inc();
+        m.request_duration
+            .with_label_values(&[self.route.as_str(), self.method])
+            .observe(self.started.elapsed().as_secs_f64());
+        m.requests_in_flight.dec();
+    }
+}
+
+/// A static label for common statuses, so recording allocates nothing on the hot path.
+fn status_label(code: u16) -> &'static str {
+    match code {
+        200 => "200",
+        201 => "201",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        408 => "408",
+        409 => "409",
+        413 => "413",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        c if c < 200 => "1xx",
+        c if c < 300 => "2xx",
+        c if c < 400 => "3xx",
+        c if c < 500 => "4xx",
+        _ => "5xx",
+    }
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+impl<S, B> Service<Request<B>> for RecordMetrics<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let route = Route::of(req.uri().path());
+        req.extensions_mut().insert(route);
+        self.metrics.requests_in_flight.inc();
+        let mut record = RequestRecord {
+            metrics: self.metrics.clone(),
+            route,
+            method: method_label(req.method()),
+            status: None,
+            started: Instant::now(),
+        };
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let response = fut.await?;
+            record.status = Some(response.status().as_u16());
+            Ok(response.map(|b| Guarded::new(b, record).boxed_unsync()))
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies
+
+/// Bounds the request body: a declared Content-Length over the limit is refused at once with
+/// 413; an undeclared (chunked) body is cut off with 413 as soon as it passes the limit; and a
+/// body that stops moving for the idle timeout is abandoned (408).
+#[derive(Clone)]
+pub struct RequestBodyLayer {
+    max_bytes: u64,
+    idle: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl RequestBodyLayer {
+    pub fn new(max_bytes: u64, idle: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            max_bytes,
+            idle,
+            metrics,
+        }
+    }
+}
+
+impl<S> Layer<S> for RequestBodyLayer {
+    type Service = RequestBody<S>;
+    fn layer(&self, inner: S) -> RequestBody<S> {
+        RequestBody {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestBody<S> {
+    inner: S,
+    layer: RequestBodyLayer,
+}
+
+impl<S> Service<Request<Incoming>> for RequestBody<S>
+where
+    S: Service<Request<ProxyBody>, Response = Response<ProxyBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let limit = self.layer.max_bytes;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            let err = ProxyError::BodyTooLarge { limit };
+            self.layer
+                .metrics
+                .shed
+                .with_label_values(&[err.code()])
+                .inc();
+            return Box::pin(async move { Ok(err.into_response()) });
+        }
+        let idle = self.layer.idle;
+        let req = req.map(|b| Limited::new(IdleTimeout::new(b, idle), limit).boxed_unsync());
+        Box::pin(self.inner.call(req))
+    }
+}

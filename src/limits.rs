@@ -1,0 +1,126 @@
+//! Concurrency toward the upstream: a fixed number of slots and a bounded wait for one.
+//!
+//! The slot count is what keeps a burst of callers from opening hundreds of upstream requests at
+//! once. The bounded wait is what keeps a caller from hanging behind them: a request that cannot
+//! get a slot within its wait budget is answered at once with 503 and Retry-After, which the
+//! official clients treat as retryable.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
+
+use crate::{errors::ProxyError, metrics::Metrics};
+
+/// Retry-After suggested to a caller shed for lack of a slot: soon, since slots turn over fast.
+pub const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct ConcurrencyLimit {
+    slots: Arc<Semaphore>,
+    max: usize,
+    max_wait: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// A held upstream slot; the slot frees when this drops (at the end of the response body).
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.upstream_in_flight.dec();
+    }
+}
+
+impl ConcurrencyLimit {
+    pub fn new(max: usize, max_wait: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+            max_wait,
+            metrics,
+        }
+    }
+
+    /// Takes a slot, waiting at most the wait budget (and never past `deadline`, when given).
+    pub async fn acquire(&self, deadline: Option<Instant>) -> Result<Slot, ProxyError> {
+        let started = Instant::now();
+        let permit = match self.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let mut until = started + self.max_wait;
+                if let Some(d) = deadline {
+                    until = until.min(d);
+                }
+                match tokio::time::timeout_at(until, self.slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    // The semaphore is never closed; treat it like a timeout all the same.
+                    Ok(Err(_)) | Err(_) => {
+                        self.metrics
+                            .concurrency_wait
+                            .observe(started.elapsed().as_secs_f64());
+                        return Err(ProxyError::Overloaded {
+                            max_concurrency: self.max,
+                            waited: started.elapsed(),
+                            retry_after: OVERLOADED_RETRY_AFTER,
+                        });
+                    }
+                }
+            }
+        };
+        self.metrics
+            .concurrency_wait
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.upstream_in_flight.inc();
+        Ok(Slot {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    pub fn available(&self) -> usize {
+        self.slots.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_waits_for_a_slot_within_its_budget_then_is_shed() {
+        let limit = ConcurrencyLimit::new(1, Duration::from_secs(2), Arc::new(Metrics::new()));
+        let held = limit.acquire(None).await.unwrap();
+        assert_eq!(limit.available(), 0);
+
+        // A slot freed within the budget is taken.
+        let l2 = limit.clone();
+        let waiter = tokio::spawn(async move { l2.acquire(None).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(held);
+        assert!(waiter.await.unwrap().is_ok());
+
+        // A slot that stays busy sheds the waiter exactly at the budget, with a Retry-After.
+        let _held = limit.acquire(None).await.unwrap();
+        let started = Instant::now();
+        let err = limit.acquire(None).await.err().expect("shed");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(err.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(err.retry_after(), Some(OVERLOADED_RETRY_AFTER));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_nearer_deadline_shortens_the_wait() {
+        let limit = ConcurrencyLimit::new(1, Duration::from_secs(10), Arc::new(Metrics::new()));
+        let _held = limit.acquire(None).await.unwrap();
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        assert!(limit.acquire(Some(deadline)).await.is_err());
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+}

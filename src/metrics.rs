@@ -1,0 +1,282 @@
+//! The one struct that holds every metric, registered once in its own registry (not the global
+//! default one, so that tests can run many proxies in one process).
+//!
+//! Labels are bounded: routes come from a fixed list of API endpoints, statuses are numbers, and
+//! nothing derived from a credential or a free-form path ever becomes a label.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Request latency buckets, in seconds: from a cache hit (sub-millisecond) to a long completion.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+];
+
+/// Waits for a concurrency slot: zero in the common case, up to the configured wait budget.
+const WAIT_BUCKETS: &[f64] = &[
+    0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route, method and status.
+    pub requests: IntCounterVec,
+    /// Time from request head to the end of the response body, by route and method.
+    pub request_duration: HistogramVec,
+    /// Requests being handled now.
+    pub requests_in_flight: IntGauge,
+    /// Upstream exchanges by route and outcome (a status code, or `connect_error` / `timeout`).
+    pub upstream_requests: IntCounterVec,
+    /// Time to the upstream's response headers, by route.
+    pub upstream_duration: HistogramVec,
+    /// Upstream exchanges holding a concurrency slot now.
+    pub upstream_in_flight: IntGauge,
+    /// Time spent waiting for a concurrency slot.
+    pub concurrency_wait: Histogram,
+    /// Requests embedcar answered itself without the upstream, by reason (error code).
+    pub shed: IntCounterVec,
+    /// Deadlines that expired, by kind (`first_byte`, `body_idle`).
+    pub deadline_expired: IntCounterVec,
+    /// Client connections open now, and accepted in total.
+    pub open_connections: IntGauge,
+    pub connections: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "embedcar_requests_total",
+                "Requests answered, by route, method and status.",
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "embedcar_request_duration_seconds",
+                "Time from request head to the end of the response body.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "method"],
+        )
+        .expect("valid metric");
+        let requests_in_flight =
+            IntGauge::new("embedcar_requests_in_flight", "Requests being handled now.")
+                .expect("valid metric");
+        let upstream_requests = IntCounterVec::new(
+            Opts::new(
+                "embedcar_upstream_requests_total",
+                "Upstream exchanges by route and outcome (status code, connect_error, timeout).",
+            ),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "embedcar_upstream_duration_seconds",
+                "Time to the upstream's response headers.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route"],
+        )
+        .expect("valid metric");
+        let upstream_in_flight = IntGauge::new(
+            "embedcar_upstream_in_flight",
+            "Upstream exchanges holding a concurrency slot now.",
+        )
+        .expect("valid metric");
+        let concurrency_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "embedcar_concurrency_wait_seconds",
+                "Time spent waiting for an upstream concurrency slot.",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "embedcar_shed_requests_total",
+                "Requests embedcar answered itself with an error, by reason.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let deadline_expired = IntCounterVec::new(
+            Opts::new(
+                "embedcar_deadline_expired_total",
+                "Deadlines that expired, by kind (first_byte, body_idle).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let open_connections =
+            IntGauge::new("embedcar_open_connections", "Client connections open now.")
+                .expect("valid metric");
+        let connections =
+            IntCounter::new("embedcar_connections_total", "Client connections accepted.")
+                .expect("valid metric");
+
+        let m = Metrics {
+            registry,
+            requests,
+            request_duration,
+            requests_in_flight,
+            upstream_requests,
+            upstream_duration,
+            upstream_in_flight,
+            concurrency_wait,
+            shed,
+            deadline_expired,
+            open_connections,
+            connections,
+        };
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+            Box::new(m.requests.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.requests_in_flight.clone()),
+            Box::new(m.upstream_requests.clone()),
+            Box::new(m.upstream_duration.clone()),
+            Box::new(m.upstream_in_flight.clone()),
+            Box::new(m.concurrency_wait.clone()),
+            Box::new(m.shed.clone()),
+            Box::new(m.deadline_expired.clone()),
+            Box::new(m.open_connections.clone()),
+            Box::new(m.connections.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    pub fn observe_upstream(&self, route: Route, outcome: &str, elapsed: Duration) {
+        self.upstream_requests
+            .with_label_values(&[route.as_str(), outcome])
+            .inc();
+        self.upstream_duration
+            .with_label_values(&[route.as_str()])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The API endpoint a request is for, as a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Embeddings,
+    ChatCompletions,
+    Completions,
+    Responses,
+    Models,
+    Files,
+    Other,
+}
+
+impl Route {
+    /// Classifies a request path; OpenAI's `/v1/...` paths and Azure's
+    /// `/openai/deployments/{name}/...` paths alike.
+    pub fn of(path: &str) -> Route {
+        let rest = path
+            .strip_prefix("/v1/")
+            .or_else(|| {
+                path.strip_prefix("/openai/deployments/")
+                    .and_then(|r| r.split_once('/').map(|(_, tail)| tail))
+            })
+            .or_else(|| path.strip_prefix("/openai/"))
+            .unwrap_or(path.trim_start_matches('/'));
+        let first = rest.split(['/', '?']).next().unwrap_or("");
+        match first {
+            "embeddings" => Route::Embeddings,
+            "chat" => Route::ChatCompletions,
+            "completions" => Route::Completions,
+            "responses" => Route::Responses,
+            "models" => Route::Models,
+            "files" | "uploads" => Route::Files,
+            _ => Route::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Embeddings => "embeddings",
+            Route::ChatCompletions => "chat_completions",
+            Route::Completions => "completions",
+            Route::Responses => "responses",
+            Route::Models => "models",
+            Route::Files => "files",
+            Route::Other => "other",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_classified_for_openai_and_azure_paths() {
+        assert_eq!(Route::of("/v1/embeddings"), Route::Embeddings);
+        assert_eq!(
+            Route::of("/openai/deployments/my-emb/embeddings"),
+            Route::Embeddings
+        );
+        assert_eq!(Route::of("/v1/chat/completions"), Route::ChatCompletions);
+        assert_eq!(
+            Route::of("/v1/models/text-embedding-3-small"),
+            Route::Models
+        );
+        assert_eq!(Route::of("/v1/files/file-abc/content"), Route::Files);
+        assert_eq!(Route::of("/anything/else"), Route::Other);
+        assert_eq!(Route::of("/"), Route::Other);
+    }
+
+    #[test]
+    fn every_metric_is_exposed_with_the_embedcar_prefix() {
+        let m = Metrics::new();
+        m.requests.with_label_values(&["other", "GET", "200"]).inc();
+        m.request_duration
+            .with_label_values(&["other", "GET"])
+            .observe(0.1);
+        m.observe_upstream(Route::Other, "200", Duration::from_millis(3));
+        m.shed.with_label_values(&["proxy_overloaded"]).inc();
+        m.deadline_expired.with_label_values(&["first_byte"]).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        for name in [
+            "embedcar_requests_total",
+            "embedcar_request_duration_seconds_bucket",
+            "embedcar_requests_in_flight",
+            "embedcar_upstream_requests_total",
+            "embedcar_upstream_duration_seconds_bucket",
+            "embedcar_upstream_in_flight",
+            "embedcar_concurrency_wait_seconds_bucket",
+            "embedcar_shed_requests_total",
+            "embedcar_deadline_expired_total",
+            "embedcar_open_connections",
+            "embedcar_connections_total",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! The innermost service: picks the handler for a request and turns a handler's error into its
+//! reply. Today every request passes through; the embeddings engine takes
+//! `POST /v1/embeddings` here once it exists.
+
+use std::{
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use http::{Request, Response};
+use tower::Service;
+
+use crate::{
+    body::ProxyBody,
+    metrics::{Metrics, Route},
+    proxy::Proxy,
+};
+
+#[derive(Clone)]
+pub struct Router {
+    proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    pub fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Self {
+        Self { proxy, metrics }
+    }
+}
+
+impl Service<Request<ProxyBody>> for Router {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
+        let proxy = self.proxy.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            let route = req
+                .extensions()
+                .get::<Route>()
+                .copied()
+                .unwrap_or_else(|| Route::of(req.uri().path()));
+            match proxy.forward(req, route).await {
+                Ok(response) => Ok(response),
+                Err(e) => {
+                    metrics.shed.with_label_values(&[e.code()]).inc();
+                    tracing::warn!(error = %e, status = e.status().as_u16(), "request failed");
+                    Ok(e.into_response())
+                }
+            }
+        })
+    }
+}
