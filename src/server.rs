@@ -86,8 +86,9 @@ pub async fn serve(
         tokio::spawn(async move {
             // hyper's header timeout starts once the protocol is known; a client that connects
             // and sends nothing at all is cut off here instead.
-            match tokio::time::timeout(header_read_timeout, stream.readable()).await {
-                Ok(Ok(())) => {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await {
+                Ok(Ok(_)) => {
                     let connection = builder
                         .serve_connection(TokioIo::new(stream), hyper_service)
                         .into_owned();
