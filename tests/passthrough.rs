@@ -22,7 +22,13 @@ async fn methods_paths_queries_headers_and_bodies_arrive_unchanged() {
     let proxy = start_proxy(config_for(&upstream.url())).await;
     let client = client();
 
-    for method in [Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+    for method in [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+    ] {
         let body = format!("body of a {method} request \u{2713}");
         let req = Request::builder()
             .method(method.clone())
@@ -51,8 +57,15 @@ async fn methods_paths_queries_headers_and_bodies_arrive_unchanged() {
         assert_eq!(seen.header("openai-organization"), Some("org-1"));
         assert_eq!(seen.header("x-custom"), Some("a"));
         assert_eq!(seen.header("content-type"), Some("text/plain"));
-        assert_eq!(seen.header("host"), Some(upstream.addr().to_string().as_str()));
-        assert_eq!(seen.header("x-hop"), None, "headers named by Connection are hop-by-hop");
+        assert_eq!(
+            seen.header("host"),
+            Some(upstream.addr().to_string().as_str())
+        );
+        assert_eq!(
+            seen.header("x-hop"),
+            None,
+            "headers named by Connection are hop-by-hop"
+        );
         assert_eq!(seen.header("keep-alive"), None);
     }
 }
@@ -86,12 +99,26 @@ async fn the_upstreams_reply_comes_back_unchanged_with_its_request_id() {
     let proxy = start_proxy(config_for(&upstream.url())).await;
     let request = json!({"input": ["a", "b"], "model": "text-embedding-3-small"});
 
-    let direct = send(&client(), post_json(&format!("{}/v1/embeddings", upstream.url()), &request)).await;
+    let direct = send(
+        &client(),
+        post_json(&format!("{}/v1/embeddings", upstream.url()), &request),
+    )
+    .await;
     let direct_body = body_json(direct).await;
-    let through = send(&client(), post_json(&format!("{}/v1/embeddings", proxy.url()), &request)).await;
+    let through = send(
+        &client(),
+        post_json(&format!("{}/v1/embeddings", proxy.url()), &request),
+    )
+    .await;
     assert_eq!(through.status(), StatusCode::OK);
-    let id = through.headers()["x-request-id"].to_str().unwrap().to_string();
-    assert!(id.starts_with("req_fake_"), "the upstream's request id wins: {id}");
+    let id = through.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        id.starts_with("req_fake_"),
+        "the upstream's request id wins: {id}"
+    );
     assert_eq!(body_json(through).await, direct_body);
 
     // embedcar's own replies carry an id too: the caller's, or a new one.
@@ -116,10 +143,7 @@ async fn both_http1_and_cleartext_http2_clients_are_served() {
 }
 
 /// A request body whose chunks the test releases one at a time.
-fn channel_body() -> (
-    tokio::sync::mpsc::Sender<Bytes>,
-    embedcar::body::ProxyBody,
-) {
+fn channel_body() -> (tokio::sync::mpsc::Sender<Bytes>, embedcar::body::ProxyBody) {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv()
@@ -148,9 +172,14 @@ async fn a_large_request_body_streams_to_the_upstream_before_it_is_complete() {
     let chunk = Bytes::from(vec![7u8; 1024 * 1024]);
     tx.send(chunk.clone()).await.unwrap();
     let arrived = upstream
-        .wait_until(Duration::from_secs(10), |u| u.body_bytes_received() >= 1024 * 1024)
+        .wait_until(Duration::from_secs(10), |u| {
+            u.body_bytes_received() >= 1024 * 1024
+        })
         .await;
-    assert!(arrived, "the first chunk did not reach the upstream before the body ended");
+    assert!(
+        arrived,
+        "the first chunk did not reach the upstream before the body ended"
+    );
     for _ in 0..15 {
         tx.send(chunk.clone()).await.unwrap();
     }
@@ -159,7 +188,10 @@ async fn a_large_request_body_streams_to_the_upstream_before_it_is_complete() {
     let r = pending.await.unwrap().unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(body_bytes(r).await.len(), 16 * 1024 * 1024);
-    assert_eq!(upstream.requests().pop().unwrap().body.len(), 16 * 1024 * 1024);
+    assert_eq!(
+        upstream.requests().pop().unwrap().body.len(),
+        16 * 1024 * 1024
+    );
 }
 
 #[tokio::test]
@@ -174,10 +206,17 @@ async fn server_sent_events_reach_the_caller_before_the_upstream_finishes() {
     let proxy = start_proxy(config_for(&upstream.url())).await;
     let request = json!({"model": "gpt-4o-mini", "stream": true,
                          "messages": [{"role": "user", "content": "hi"}]});
-    let r = send(&client(), post_json(&format!("{}/v1/chat/completions", proxy.url()), &request)).await;
+    let r = send(
+        &client(),
+        post_json(&format!("{}/v1/chat/completions", proxy.url()), &request),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
     let content_type = r.headers()["content-type"].to_str().unwrap();
-    assert!(content_type.starts_with("text/event-stream"), "{content_type}");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
 
     // Every chunk but the last is readable while the upstream holds its stream open.
     let mut body = r.into_body();
@@ -218,7 +257,10 @@ async fn a_held_key_replaces_the_callers_key() {
     let r = send(&client(), req).await;
     assert_eq!(r.status(), StatusCode::OK);
     let seen = upstream.requests().pop().unwrap();
-    assert_eq!(seen.header("authorization"), Some("Bearer sk-held-by-embedcar"));
+    assert_eq!(
+        seen.header("authorization"),
+        Some("Bearer sk-held-by-embedcar")
+    );
 
     // Azure style: the key goes in api-key.
     let mut config = config_for(&upstream.url());
@@ -238,8 +280,14 @@ async fn a_held_key_replaces_the_callers_key() {
 async fn a_missing_held_key_stops_embedcar_from_starting_without_printing_it() {
     let mut config = config_for("http://127.0.0.1:9");
     config.credentials.api_key_env = Some("EMBEDCAR_TEST_UNSET_KEY_VAR".into());
-    let err = embedcar::start(config).await.err().expect("refuses to start");
-    assert!(err.to_string().contains("EMBEDCAR_TEST_UNSET_KEY_VAR"), "{err}");
+    let err = embedcar::start(config)
+        .await
+        .err()
+        .expect("refuses to start");
+    assert!(
+        err.to_string().contains("EMBEDCAR_TEST_UNSET_KEY_VAR"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -250,10 +298,21 @@ async fn a_body_over_the_limit_gets_413_whether_declared_or_streamed() {
     let proxy = start_proxy(config).await;
 
     let big = "x".repeat(2000);
-    let r = send(&client(), post_json(&format!("{}/v1/embeddings", proxy.url()), &json!({"input": big}))).await;
+    let r = send(
+        &client(),
+        post_json(
+            &format!("{}/v1/embeddings", proxy.url()),
+            &json!({"input": big}),
+        ),
+    )
+    .await;
     let e = expect_openai_error(r, StatusCode::PAYLOAD_TOO_LARGE).await;
     assert_eq!(e["code"], "request_too_large");
-    assert_eq!(upstream.request_count(), 0, "a declared oversize body never goes upstream");
+    assert_eq!(
+        upstream.request_count(),
+        0,
+        "a declared oversize body never goes upstream"
+    );
 
     // Chunked, no Content-Length: cut off once it passes the limit.
     let (tx, body) = channel_body();
@@ -311,7 +370,11 @@ async fn no_free_slot_within_the_wait_budget_gets_503_with_retry_after_at_once()
         let url = url.clone();
         async move { c.request(get(&url)).await }
     });
-    assert!(upstream.wait_until(Duration::from_secs(5), |u| u.in_flight() == 1).await);
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(5), |u| u.in_flight() == 1)
+            .await
+    );
 
     let started = std::time::Instant::now();
     let r = send(&c, get(&url)).await;
@@ -319,7 +382,10 @@ async fn no_free_slot_within_the_wait_budget_gets_503_with_retry_after_at_once()
     assert!(r.headers().contains_key("retry-after"));
     let e = expect_openai_error(r, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(e["code"], "proxy_overloaded");
-    assert!(waited < Duration::from_secs(5), "shed after the budget, not later: {waited:?}");
+    assert!(
+        waited < Duration::from_secs(5),
+        "shed after the budget, not later: {waited:?}"
+    );
     assert_eq!(upstream.request_count(), 1);
     hog.abort();
 }
@@ -335,7 +401,11 @@ async fn an_upstream_slower_than_the_first_byte_deadline_gets_504() {
     let e = expect_openai_error(r, StatusCode::GATEWAY_TIMEOUT).await;
     assert_eq!(e["code"], "upstream_timeout");
     // The abandoned upstream request is cancelled, not left running.
-    assert!(upstream.wait_until(Duration::from_secs(5), |u| u.in_flight() == 0).await);
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(5), |u| u.in_flight() == 0)
+            .await
+    );
 }
 
 #[tokio::test]
@@ -351,7 +421,11 @@ async fn a_stream_that_stops_moving_is_cut_at_the_idle_timeout() {
     config.upstream.body_idle_timeout = Duration::from_millis(300);
     let proxy = start_proxy(config).await;
     let request = json!({"model": "m", "stream": true, "messages": []});
-    let r = send(&client(), post_json(&format!("{}/v1/chat/completions", proxy.url()), &request)).await;
+    let r = send(
+        &client(),
+        post_json(&format!("{}/v1/chat/completions", proxy.url()), &request),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
     let outcome = tokio::time::timeout(Duration::from_secs(10), r.into_body().collect()).await;
     assert!(
@@ -360,7 +434,10 @@ async fn a_stream_that_stops_moving_is_cut_at_the_idle_timeout() {
     );
     let (_, metrics) = admin_text(&proxy, "/metrics").await;
     assert_eq!(
-        metric_value(&metrics, "embedcar_deadline_expired_total{kind=\"body_idle\"}"),
+        metric_value(
+            &metrics,
+            "embedcar_deadline_expired_total{kind=\"body_idle\"}"
+        ),
         Some(1.0)
     );
 }
@@ -390,8 +467,15 @@ async fn two_hundred_concurrent_callers_never_exceed_the_upstream_concurrency_ca
         assert_eq!(caller.await.unwrap().unwrap(), StatusCode::OK);
     }
     assert_eq!(upstream.request_count(), 200);
-    assert!(upstream.peak_concurrency() <= 8, "peak {}", upstream.peak_concurrency());
-    assert!(upstream.peak_concurrency() >= 2, "the cap was not exercised");
+    assert!(
+        upstream.peak_concurrency() <= 8,
+        "peak {}",
+        upstream.peak_concurrency()
+    );
+    assert!(
+        upstream.peak_concurrency() >= 2,
+        "the cap was not exercised"
+    );
 }
 
 #[tokio::test]
@@ -412,11 +496,17 @@ async fn admin_endpoints_answer_and_metrics_move() {
     let series = "embedcar_requests_total{method=\"GET\",route=\"models\",status=\"200\"}";
     assert_eq!(metric_value(&m, series), Some(3.0), "{m}");
     assert_eq!(
-        metric_value(&m, "embedcar_upstream_requests_total{route=\"models\",status=\"200\"}"),
+        metric_value(
+            &m,
+            "embedcar_upstream_requests_total{route=\"models\",status=\"200\"}"
+        ),
         Some(3.0)
     );
     assert_eq!(
-        metric_value(&m, "embedcar_request_duration_seconds_count{method=\"GET\",route=\"models\"}"),
+        metric_value(
+            &m,
+            "embedcar_request_duration_seconds_count{method=\"GET\",route=\"models\"}"
+        ),
         Some(3.0)
     );
     assert_eq!(metric_value(&m, "embedcar_requests_in_flight"), Some(0.0));
@@ -436,7 +526,10 @@ async fn a_silent_client_is_disconnected_after_the_header_read_timeout() {
     let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
-    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed, not held open: {read:?}");
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "closed, not held open: {read:?}"
+    );
 
     // Half a request head is cut off too.
     let mut slow = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -455,11 +548,18 @@ async fn graceful_shutdown_lets_an_in_flight_request_finish() {
     let c = client();
     let url = format!("{}/v1/models", proxy.url());
     let in_flight = tokio::spawn(async move { c.request(get(&url)).await });
-    assert!(upstream.wait_until(Duration::from_secs(5), |u| u.in_flight() == 1).await);
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(5), |u| u.in_flight() == 1)
+            .await
+    );
 
     proxy.begin_shutdown();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(admin_text(&proxy, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        admin_text(&proxy, "/readyz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     let refused = tokio::net::TcpStream::connect(proxy.addr).await;
     assert!(refused.is_err(), "the listener is closed while draining");
 

@@ -1,0 +1,206 @@
+//! The `embedcar` binary as an operator runs it: flags, config files, check-config, signals.
+
+mod support;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use http::StatusCode;
+use support::{fake_upstream::FakeUpstream, harness::*};
+
+const BIN: &str = env!("CARGO_BIN_EXE_embedcar");
+
+/// A running embedcar process; killed if the test ends early.
+struct Process {
+    child: Child,
+    addr: String,
+    admin_addr: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// Starts the binary on free ports in front of `upstream` and waits for its "listening" line.
+fn spawn(upstream: &str, extra_env: &[(&str, &str)]) -> Process {
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit());
+    for (k, v) in extra_env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("embedcar binary runs");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.contains("listening"))
+        .expect("a listening line");
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+            .to_string()
+    };
+    let (addr, admin_addr) = (field("addr="), field("admin_addr="));
+    // Keep draining stdout so the process never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Process {
+        child,
+        addr,
+        admin_addr,
+    }
+}
+
+fn signal(p: &Process, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &p.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_slow_request_then_exits_zero() {
+    let upstream = FakeUpstream::start().await;
+    let mut process = spawn(&upstream.url(), &[]);
+    let c = client();
+    let mut req = get(&format!("http://{}/v1/models", process.addr));
+    req.headers_mut()
+        .insert("x-fake-delay-ms", "1500".parse().unwrap());
+    let slow = tokio::spawn({
+        let c = c.clone();
+        async move { c.request(req).await }
+    });
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(10), |u| u.in_flight() == 1)
+            .await
+    );
+
+    signal(&process, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = send(&c, get(&format!("http://{}/readyz", process.admin_addr))).await;
+    assert_eq!(
+        ready.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "not ready while draining"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(&process.addr).await.is_err(),
+        "no new connections while draining"
+    );
+
+    let r = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(r.status(), StatusCode::OK);
+    body_bytes(r).await;
+
+    let status = tokio::task::spawn_blocking(move || process.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn sigint_stops_an_idle_embedcar_at_once() {
+    let upstream = FakeUpstream::start().await;
+    let mut process = spawn(&upstream.url(), &[]);
+    signal(&process, "-INT");
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || process.child.wait()),
+    )
+    .await
+    .expect("stops promptly")
+    .unwrap()
+    .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_bad_config_file_fails_with_a_message_naming_the_key() {
+    let dir = std::env::temp_dir().join(format!("embedcar-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        "[upstream]\nurl = \"https://api.openai.com\"\nfirst_byte_timout = \"5s\"\n",
+    )
+    .unwrap();
+    for args in [vec!["check-config"], vec![]] {
+        let out = Command::new(BIN)
+            .args(&args)
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("first_byte_timout"), "{err}");
+    }
+
+    std::fs::write(&path, "[limits]\nmax_wait = \"forever\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("limits.max_wait"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn check_config_prints_the_effective_configuration() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--upstream", "http://127.0.0.1:8000"])
+        .env("EMBEDCAR_LIMITS__MAX_CONCURRENCY", "12")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let printed: toml::Value = toml::from_str(&text).expect("valid TOML");
+    assert_eq!(
+        printed["upstream"]["url"].as_str(),
+        Some("http://127.0.0.1:8000")
+    );
+    assert_eq!(printed["limits"]["max_concurrency"].as_integer(), Some(12));
+    assert_eq!(printed["upstream"]["connect_timeout"].as_str(), Some("5s"));
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let out = Command::new(BIN)
+        .args([
+            "check-config",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config/embedcar.toml"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
