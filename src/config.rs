@@ -60,6 +60,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
     pub credentials: CredentialsConfig,
+    pub embeddings: EmbeddingsConfig,
+    pub cache: CacheConfig,
     pub log: LogConfig,
 }
 
@@ -120,6 +122,117 @@ pub enum CredentialHeader {
     #[default]
     Authorization,
     ApiKey,
+}
+
+/// The embeddings engine: coalescing, batching, formats, limits.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddingsConfig {
+    /// Off: `POST /v1/embeddings` passes through like any other path.
+    pub enabled: bool,
+    /// What embedcar asks the upstream for. `base64` is compact and exact; `float` is for
+    /// OpenAI-compatible servers that lack base64.
+    pub upstream_encoding: UpstreamEncoding,
+    pub max_inputs_per_call: usize,
+    pub max_tokens_per_call: u64,
+    /// Per-input token limit of the models, checked before batching so that one caller's
+    /// oversized input cannot fail a merged call.
+    pub max_input_tokens: u64,
+    /// Extra wait before sending a batch, to gather more inputs. 0: idle traffic sees no delay.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Split a request over the per-call input or token cap into several calls (else it passes
+    /// through for the upstream to judge).
+    pub split_oversized: bool,
+    /// Longest a caller waits for its vectors, queueing included, before 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Headers that differ per request, attempt or client build without changing the answer:
+    /// left out when deciding whether two callers may share an upstream call. A trailing `*`
+    /// matches a prefix.
+    pub ignore_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamEncoding {
+    #[default]
+    Base64,
+    Float,
+}
+
+/// The in-process cache of vectors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub enabled: bool,
+    /// Bound on the vectors held, in bytes (4 per dimension plus a small overhead per entry).
+    pub max_bytes: u64,
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Let callers with different credentials, organizations or projects share entries. Off:
+    /// tenants never see each other's cache.
+    pub share_across_credentials: bool,
+}
+
+pub const DEFAULT_MAX_INPUTS_PER_CALL: usize = 2048;
+pub const DEFAULT_MAX_TOKENS_PER_CALL: u64 = 300_000;
+pub const DEFAULT_MAX_INPUT_TOKENS: u64 = 8192;
+pub const DEFAULT_LINGER: Duration = Duration::ZERO;
+pub const DEFAULT_EMBEDDINGS_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Per-request, per-attempt and per-build headers of the official clients and of tracing.
+pub const DEFAULT_IGNORE_HEADERS: &[&str] = &[
+    "user-agent",
+    "x-stainless-*",
+    "x-request-id",
+    "x-client-request-id",
+    "idempotency-key",
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "b3",
+    "x-b3-*",
+    "sentry-trace",
+    "x-datadog-*",
+    "x-amzn-trace-id",
+    "x-cloud-trace-context",
+    "accept",
+    "accept-encoding",
+    "accept-language",
+    "content-type",
+    "content-length",
+];
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 * 1024 * 1024;
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(3600);
+
+impl Default for EmbeddingsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            upstream_encoding: UpstreamEncoding::Base64,
+            max_inputs_per_call: DEFAULT_MAX_INPUTS_PER_CALL,
+            max_tokens_per_call: DEFAULT_MAX_TOKENS_PER_CALL,
+            max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
+            linger: DEFAULT_LINGER,
+            split_oversized: true,
+            request_timeout: DEFAULT_EMBEDDINGS_REQUEST_TIMEOUT,
+            ignore_headers: DEFAULT_IGNORE_HEADERS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            ttl: DEFAULT_CACHE_TTL,
+            share_across_credentials: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -251,6 +364,18 @@ impl Config {
         let positive = [
             ("server.max_connections", self.server.max_connections),
             ("limits.max_concurrency", self.limits.max_concurrency),
+            (
+                "embeddings.max_inputs_per_call",
+                self.embeddings.max_inputs_per_call,
+            ),
+            (
+                "embeddings.max_tokens_per_call",
+                self.embeddings.max_tokens_per_call as usize,
+            ),
+            (
+                "embeddings.max_input_tokens",
+                self.embeddings.max_input_tokens as usize,
+            ),
         ];
         for (key, value) in positive {
             if value == 0 {

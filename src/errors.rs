@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use crate::body::{BoxError, ProxyBody};
@@ -44,6 +44,12 @@ pub enum ProxyError {
     #[error("could not reach the upstream: {0}")]
     UpstreamUnreachable(String),
 
+    #[error("the upstream sent a reply embedcar cannot use: {0}")]
+    UpstreamInvalidReply(String),
+
+    #[error("the request did not complete within its deadline of {0:?}")]
+    DeadlineExceeded(Duration),
+
     #[error("{message}")]
     InvalidRequest {
         message: String,
@@ -64,7 +70,10 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamInvalidReply(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -80,6 +89,8 @@ impl ProxyError {
             ProxyError::ShuttingDown => ("server_error", "proxy_shutting_down"),
             ProxyError::UpstreamTimeout(_) => ("server_error", "upstream_timeout"),
             ProxyError::UpstreamUnreachable(_) => ("server_error", "upstream_unreachable"),
+            ProxyError::UpstreamInvalidReply(_) => ("server_error", "upstream_invalid_reply"),
+            ProxyError::DeadlineExceeded(_) => ("server_error", "deadline_exceeded"),
             ProxyError::InvalidRequest { .. } => ("invalid_request_error", "invalid_request"),
             ProxyError::Internal(_) => ("server_error", "internal_error"),
         }
@@ -100,6 +111,19 @@ impl ProxyError {
     }
 
     pub fn into_response(self) -> Response<ProxyBody> {
+        let (status, headers, body) = self.into_parts();
+        let mut response = Response::new(
+            Full::new(body)
+                .map_err(|never| -> BoxError { match never {} })
+                .boxed_unsync(),
+        );
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        response
+    }
+
+    /// Status, headers and body of the reply, for a reply that may be sent to several callers.
+    pub fn into_parts(self) -> (StatusCode, HeaderMap, Bytes) {
         let (kind, code) = self.kind();
         let param = match &self {
             ProxyError::InvalidRequest { param, .. } => param.clone(),
@@ -113,13 +137,7 @@ impl ProxyError {
                 "code": code,
             }
         });
-        let mut response = Response::new(
-            Full::new(Bytes::from(body.to_string()))
-                .map_err(|never| -> BoxError { match never {} })
-                .boxed_unsync(),
-        );
-        *response.status_mut() = self.status();
-        let headers = response.headers_mut();
+        let mut headers = HeaderMap::new();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
@@ -130,7 +148,7 @@ impl ProxyError {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
-        response
+        (self.status(), headers, Bytes::from(body.to_string()))
     }
 }
 
@@ -168,6 +186,8 @@ mod tests {
             ProxyError::ShuttingDown,
             ProxyError::UpstreamTimeout(Duration::from_secs(3)),
             ProxyError::UpstreamUnreachable("refused".into()),
+            ProxyError::UpstreamInvalidReply("truncated".into()),
+            ProxyError::DeadlineExceeded(Duration::from_secs(1)),
             ProxyError::InvalidRequest {
                 message: "bad".into(),
                 param: Some("input".into()),

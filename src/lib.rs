@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod body;
 pub mod config;
+pub mod embeddings;
 pub mod errors;
 pub mod layers;
 pub mod limits;
@@ -30,7 +31,10 @@ use std::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub use crate::config::Config;
-use crate::{limits::ConcurrencyLimit, metrics::Metrics, proxy::Proxy, upstream::Upstream};
+use crate::{
+    embeddings::Engine, limits::ConcurrencyLimit, metrics::Metrics, proxy::Proxy,
+    upstream::Upstream,
+};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -39,6 +43,8 @@ pub struct AppState {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub proxy: Arc<Proxy>,
+    /// The embeddings engine, unless `embeddings.enabled` is off.
+    pub engine: Option<Arc<Engine>>,
     draining: AtomicBool,
 }
 
@@ -52,16 +58,26 @@ impl AppState {
             metrics.clone(),
         );
         let proxy = Arc::new(Proxy::new(
-            upstream,
-            limit,
+            upstream.clone(),
+            limit.clone(),
             metrics.clone(),
             config.upstream.first_byte_timeout,
             config.upstream.body_idle_timeout,
         ));
+        let engine = config.embeddings.enabled.then(|| {
+            Arc::new(Engine::new(
+                &config,
+                upstream,
+                limit,
+                metrics.clone(),
+                proxy.clone(),
+            ))
+        });
         Ok(Arc::new(AppState {
             config,
             metrics,
             proxy,
+            engine,
             draining: AtomicBool::new(false),
         }))
     }

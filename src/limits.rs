@@ -83,6 +83,27 @@ impl ConcurrencyLimit {
         })
     }
 
+    /// Takes a slot, however long that takes: for the embeddings dispatchers, whose callers
+    /// each carry their own deadline and leave (so that their inputs are dropped) when it
+    /// passes.
+    pub async fn acquire_unbounded(&self) -> Slot {
+        let started = Instant::now();
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the slot semaphore is never closed");
+        self.metrics
+            .concurrency_wait
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.upstream_in_flight.inc();
+        Slot {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        }
+    }
+
     pub fn available(&self) -> usize {
         self.slots.available_permits()
     }

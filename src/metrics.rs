@@ -40,12 +40,32 @@ pub struct Metrics {
     pub concurrency_wait: Histogram,
     /// Requests embedcar answered itself without the upstream, by reason (error code).
     pub shed: IntCounterVec,
-    /// Deadlines that expired, by kind (`first_byte`, `body_idle`).
+    /// Deadlines that expired, by kind (`first_byte`, `body_idle`, `embeddings`).
     pub deadline_expired: IntCounterVec,
     /// Client connections open now, and accepted in total.
     pub open_connections: IntGauge,
     pub connections: IntCounter,
+
+    /// Embeddings inputs received, answered from the cache, joined to an identical input in
+    /// flight, dropped unsent because nobody waited any more.
+    pub embeddings_inputs: IntCounter,
+    pub embeddings_cache_hits: IntCounter,
+    pub embeddings_coalesced: IntCounter,
+    pub embeddings_abandoned: IntCounter,
+    /// Inputs waiting for an upstream call now.
+    pub embeddings_queue_depth: IntGauge,
+    /// Inputs per upstream embeddings call.
+    pub embeddings_batch_inputs: Histogram,
+    /// Merged calls split to isolate an input the upstream refused.
+    pub embeddings_isolation_splits: IntCounter,
+    /// Tokens of the inputs answered, by source (`upstream`: billed; `cache`: saved).
+    pub embeddings_tokens: IntCounterVec,
 }
+
+/// Inputs per upstream call: from a lone input to the API's 2048 cap.
+const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -123,6 +143,49 @@ impl Metrics {
             IntCounter::new("embedcar_connections_total", "Client connections accepted.")
                 .expect("valid metric");
 
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let embeddings_inputs = counter(
+            "embedcar_embeddings_inputs_total",
+            "Embeddings inputs received.",
+        );
+        let embeddings_cache_hits = counter(
+            "embedcar_embeddings_cache_hits_total",
+            "Embeddings inputs answered from the cache.",
+        );
+        let embeddings_coalesced = counter(
+            "embedcar_embeddings_coalesced_total",
+            "Embeddings inputs joined to an identical input already queued or in flight.",
+        );
+        let embeddings_abandoned = counter(
+            "embedcar_embeddings_abandoned_inputs_total",
+            "Embeddings inputs dropped unsent because every caller waiting for them left.",
+        );
+        let embeddings_isolation_splits = counter(
+            "embedcar_embeddings_isolation_splits_total",
+            "Merged embeddings calls split to isolate an input the upstream refused.",
+        );
+        let embeddings_queue_depth = IntGauge::new(
+            "embedcar_embeddings_queue_depth",
+            "Embeddings inputs waiting for an upstream call.",
+        )
+        .expect("valid metric");
+        let embeddings_batch_inputs = Histogram::with_opts(
+            HistogramOpts::new(
+                "embedcar_embeddings_batch_inputs",
+                "Inputs per upstream embeddings call.",
+            )
+            .buckets(BATCH_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let embeddings_tokens = IntCounterVec::new(
+            Opts::new(
+                "embedcar_embeddings_tokens_total",
+                "Tokens of the embeddings inputs answered, by source (upstream, cache).",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+
         let m = Metrics {
             registry,
             requests,
@@ -136,8 +199,16 @@ impl Metrics {
             deadline_expired,
             open_connections,
             connections,
+            embeddings_inputs,
+            embeddings_cache_hits,
+            embeddings_coalesced,
+            embeddings_abandoned,
+            embeddings_queue_depth,
+            embeddings_batch_inputs,
+            embeddings_isolation_splits,
+            embeddings_tokens,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -149,6 +220,14 @@ impl Metrics {
             Box::new(m.deadline_expired.clone()),
             Box::new(m.open_connections.clone()),
             Box::new(m.connections.clone()),
+            Box::new(m.embeddings_inputs.clone()),
+            Box::new(m.embeddings_cache_hits.clone()),
+            Box::new(m.embeddings_coalesced.clone()),
+            Box::new(m.embeddings_abandoned.clone()),
+            Box::new(m.embeddings_queue_depth.clone()),
+            Box::new(m.embeddings_batch_inputs.clone()),
+            Box::new(m.embeddings_isolation_splits.clone()),
+            Box::new(m.embeddings_tokens.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -1,6 +1,5 @@
 //! The innermost service: picks the handler for a request and turns a handler's error into its
-//! reply. Today every request passes through; the embeddings engine takes
-//! `POST /v1/embeddings` here once it exists.
+//! reply. `POST` to an embeddings path goes to the engine; everything else passes through.
 
 use std::{
     convert::Infallible,
@@ -10,11 +9,12 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use tower::Service;
 
 use crate::{
     body::ProxyBody,
+    embeddings::{EmbeddingsPath, Engine},
     metrics::{Metrics, Route},
     proxy::Proxy,
 };
@@ -22,12 +22,17 @@ use crate::{
 #[derive(Clone)]
 pub struct Router {
     proxy: Arc<Proxy>,
+    engine: Option<Arc<Engine>>,
     metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(proxy: Arc<Proxy>, metrics: Arc<Metrics>) -> Self {
-        Self { proxy, metrics }
+    pub fn new(proxy: Arc<Proxy>, engine: Option<Arc<Engine>>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            proxy,
+            engine,
+            metrics,
+        }
     }
 }
 
@@ -43,13 +48,22 @@ impl Service<Request<ProxyBody>> for Router {
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let proxy = self.proxy.clone();
         let metrics = self.metrics.clone();
+        let engine = self
+            .engine
+            .clone()
+            .filter(|_| req.method() == Method::POST)
+            .and_then(|e| EmbeddingsPath::of(req.uri().path()).map(|p| (e, p)));
         Box::pin(async move {
             let route = req
                 .extensions()
                 .get::<Route>()
                 .copied()
                 .unwrap_or_else(|| Route::of(req.uri().path()));
-            match proxy.forward(req, route).await {
+            let handled = match engine {
+                Some((engine, path)) => engine.handle(req, path).await,
+                None => proxy.forward(req, route).await,
+            };
+            match handled {
                 Ok(response) => Ok(response),
                 Err(e) => {
                     metrics.shed.with_label_values(&[e.code()]).inc();

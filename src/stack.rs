@@ -28,7 +28,11 @@ use crate::{
 pub type HttpService = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infallible>;
 
 pub fn build(state: &AppState) -> HttpService {
-    let router = Router::new(state.proxy.clone(), state.metrics.clone());
+    let router = Router::new(
+        state.proxy.clone(),
+        state.engine.clone(),
+        state.metrics.clone(),
+    );
     let service = ServiceBuilder::new()
         // Erases the response body type the layers below build up, so one body type reaches
         // the server.

@@ -182,7 +182,10 @@ async fn embeddings_in_all_input_forms_and_encodings() {
                 let got = decode_embedding(&item["embedding"]).unwrap();
                 assert_bits_eq(&got, &expected_embedding(input, 8));
             }
-            let tokens: u32 = want.iter().map(fake_token_count).sum();
+            let tokens: u32 = want
+                .iter()
+                .map(|i| billed_tokens("text-embedding-3-small", i))
+                .sum();
             assert_eq!(j["usage"]["prompt_tokens"], tokens);
             assert_eq!(j["usage"]["total_tokens"], tokens);
             calls += 1;

@@ -358,9 +358,27 @@ fn splitmix64(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Count "tokens" the way the fake reports usage (whitespace-separated words for text, length
-/// for token arrays; at least 1). Not a real tokenizer on purpose: tests that check the proxy's
-/// own usage accounting need to tell the two apart.
+/// Tokens the fake bills for `input` under `model`: like OpenAI, cl100k_base for OpenAI's
+/// embedding models (so a proxy's exact per-caller usage can be compared with the direct
+/// reply), and [`fake_token_count`]'s word count for any other model (a tokenizer the proxy
+/// cannot know, as with an OpenAI-compatible server's own models).
+pub fn billed_tokens(model: &str, input: &EmbeddingInput) -> u32 {
+    match input {
+        EmbeddingInput::Text(s)
+            if model.contains("text-embedding-3") || model.contains("text-embedding-ada-002") =>
+        {
+            let n = tiktoken_rs::cl100k_base_singleton()
+                .encode_ordinary(s)
+                .len();
+            n.min(u32::MAX as usize) as u32
+        }
+        _ => fake_token_count(input),
+    }
+}
+
+/// Count "tokens" the fake's way for models it has no tokenizer for (whitespace-separated words
+/// for text, length for token arrays; at least 1). Not a real tokenizer on purpose: tests that
+/// check the proxy's own usage accounting need to tell the two apart.
 pub fn fake_token_count(input: &EmbeddingInput) -> u32 {
     let n = match input {
         EmbeddingInput::Text(s) => s.split_whitespace().count(),
@@ -1569,7 +1587,7 @@ fn embeddings(shared: &Shared, body: &[u8], deployment: Option<&str>) -> Respons
     }
     let counts: Vec<u64> = inputs
         .iter()
-        .map(|i| u64::from(fake_token_count(i)))
+        .map(|i| u64::from(billed_tokens(model, i)))
         .collect();
     if let Some(n) = counts.iter().find(|n| **n > o.max_input_tokens as u64) {
         return invalid_request(

@@ -1,0 +1,602 @@
+//! Lanes and their dispatchers: how many callers' inputs become few upstream calls.
+//!
+//! A lane holds the inputs waiting under one batch key (and one input kind: text and token
+//! arrays cannot share an `input` array). Identical inputs in a lane are one *flight*: the
+//! second caller adds itself to the first one's waiters instead of queueing a twin
+//! (singleflight). A dispatcher task per busy lane takes an upstream slot as soon as one is
+//! free, then everything queued by that moment (up to the per-call input and token caps) goes
+//! out in one call. While slots are busy, inputs pile up and leave together in the next call;
+//! when traffic is idle, an input leaves at once. A flight whose callers have all gone (they
+//! disconnected or ran out of time) is dropped before it is sent.
+//!
+//! If a merged call is refused as a bad request, the batch is split in halves and each half
+//! resent, down to single inputs, so that only the offending input's callers get the error.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use serde::Serialize;
+use tokio::{sync::oneshot, time::Instant};
+
+use super::{
+    cache::{Embedded, VectorCache},
+    keys::BatchKey,
+    render,
+    request::Input,
+    tokens::{apportion, Tokenizer},
+};
+use crate::{
+    body::{self, IdleTimeout, Limited, ProxyBody},
+    config::UpstreamEncoding,
+    errors::ProxyError,
+    limits::{ConcurrencyLimit, Slot},
+    metrics::{Metrics, Route},
+    proxy::{error_chain, strip_hop_by_hop},
+    upstream::Upstream,
+};
+
+/// Largest upstream reply read: 2048 float JSON vectors of 3072 dimensions, with room to spare.
+const MAX_REPLY_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Statuses that blame the request's content, so splitting the batch can find the offender.
+/// (401, 403, 404, 429 and 5xx blame the credential, the model or the moment: every part
+/// would fail alike, so they go to every caller as they are.)
+fn blames_input(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 413 | 422)
+}
+
+/// What a waiting caller receives for one input.
+pub type Outcome = Result<Arc<Embedded>, Arc<Failure>>;
+
+/// An error reply shared by every caller of the failed inputs: the upstream's own (status,
+/// headers, body, rate-limit headers included) or one embedcar made.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Failure {
+    pub fn from_error(e: ProxyError) -> Failure {
+        let (status, headers, body) = e.into_parts();
+        Failure {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn to_response(&self) -> Response<ProxyBody> {
+        let mut r = Response::new(body::full(self.body.clone()));
+        *r.status_mut() = self.status;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// Text inputs and token-array inputs go in separate calls: the API takes an array of one kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InputKind {
+    Text,
+    Tokens,
+}
+
+impl InputKind {
+    pub fn of(input: &Input) -> InputKind {
+        match input {
+            Input::Text(_) => InputKind::Text,
+            Input::Tokens(_) => InputKind::Tokens,
+        }
+    }
+}
+
+/// What every call of a lane carries: where it goes and as whom.
+pub struct Template {
+    /// Path and query on the upstream, as the callers sent them.
+    pub target: String,
+    /// The first caller's end-to-end headers (the rest of the lane's differ only in ignored
+    /// ones), without those embedcar sets itself.
+    pub headers: HeaderMap,
+    pub model: Option<String>,
+    pub dimensions: Option<u32>,
+    pub user: Option<String>,
+    pub tokenizer: Tokenizer,
+    pub cache_scope: u128,
+}
+
+/// An input the caller could not find in the cache.
+pub struct Miss {
+    pub hash: u128,
+    pub input: Input,
+    /// Exact tokens, or an estimate when the tokenizer is unknown; sizes calls.
+    pub size: u64,
+}
+
+/// The caller's claim on one input's outcome.
+pub struct Ticket {
+    pub rx: oneshot::Receiver<Outcome>,
+    /// Whether this input joined a flight already under way (a coalesced twin).
+    pub joined: bool,
+}
+
+struct Flight {
+    input: Arc<Input>,
+    size: u64,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+}
+
+#[derive(Default)]
+struct LaneState {
+    queue: VecDeque<u128>,
+    flights: HashMap<u128, Flight>,
+    dispatching: bool,
+}
+
+pub struct Lane {
+    template: Arc<Template>,
+    state: Mutex<LaneState>,
+}
+
+/// Settings the dispatchers and calls need.
+pub struct BatchSettings {
+    pub max_inputs: usize,
+    pub max_tokens: u64,
+    pub linger: Duration,
+    pub upstream_encoding: UpstreamEncoding,
+    pub first_byte_timeout: Duration,
+    pub body_idle_timeout: Duration,
+}
+
+struct Ctx {
+    upstream: Arc<Upstream>,
+    limit: ConcurrencyLimit,
+    metrics: Arc<Metrics>,
+    cache: Arc<VectorCache>,
+    settings: BatchSettings,
+    lanes: Mutex<HashMap<(BatchKey, InputKind), Arc<Lane>>>,
+}
+
+pub struct Batcher {
+    ctx: Arc<Ctx>,
+}
+
+/// One input of a batch on its way upstream.
+struct Item {
+    hash: u128,
+    input: Arc<Input>,
+    size: u64,
+}
+
+impl Batcher {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        limit: ConcurrencyLimit,
+        metrics: Arc<Metrics>,
+        cache: Arc<VectorCache>,
+        settings: BatchSettings,
+    ) -> Self {
+        Batcher {
+            ctx: Arc::new(Ctx {
+                upstream,
+                limit,
+                metrics,
+                cache,
+                settings,
+                lanes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Queues `misses` under `key` (joining flights already there) and returns a ticket per
+    /// miss, in order. `template` is only called when the lane is new.
+    pub fn submit(
+        &self,
+        key: BatchKey,
+        kind: InputKind,
+        template: impl FnOnce() -> Template,
+        misses: Vec<Miss>,
+    ) -> Vec<Ticket> {
+        let lane = {
+            let mut lanes = lock(&self.ctx.lanes);
+            lanes
+                .entry((key.clone(), kind))
+                .or_insert_with(|| {
+                    Arc::new(Lane {
+                        template: Arc::new(template()),
+                        state: Mutex::new(LaneState::default()),
+                    })
+                })
+                .clone()
+        };
+        let mut tickets = Vec::with_capacity(misses.len());
+        let mut queued = 0;
+        let start_dispatcher = {
+            let mut state = lock(&lane.state);
+            for miss in misses {
+                let (tx, rx) = oneshot::channel();
+                let joined = match state.flights.get_mut(&miss.hash) {
+                    Some(flight) => {
+                        flight.waiters.push(tx);
+                        true
+                    }
+                    None => {
+                        state.flights.insert(
+                            miss.hash,
+                            Flight {
+                                input: Arc::new(miss.input),
+                                size: miss.size,
+                                waiters: vec![tx],
+                            },
+                        );
+                        state.queue.push_back(miss.hash);
+                        queued += 1;
+                        false
+                    }
+                };
+                tickets.push(Ticket { rx, joined });
+            }
+            let start = !state.dispatching && !state.queue.is_empty();
+            if start {
+                state.dispatching = true;
+            }
+            start
+        };
+        self.ctx.metrics.embeddings_queue_depth.add(queued);
+        if start_dispatcher {
+            tokio::spawn(dispatch(self.ctx.clone(), key, kind, lane));
+        }
+        tickets
+    }
+
+    /// Lanes alive now (busy, or with flights in the air).
+    pub fn lanes(&self) -> usize {
+        lock(&self.ctx.lanes).len()
+    }
+}
+
+/// A poisoned lock means a panic elsewhere already failed some request; the state itself is
+/// still consistent (every critical section here is panic-free), so carry on with it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The dispatcher of one lane: runs while the lane has queued inputs.
+async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>) {
+    loop {
+        {
+            let mut state = lock(&lane.state);
+            if state.queue.is_empty() {
+                state.dispatching = false;
+                break;
+            }
+        }
+        let slot = ctx.limit.acquire_unbounded().await;
+        if !ctx.settings.linger.is_zero() {
+            tokio::time::sleep(ctx.settings.linger).await;
+        }
+        let items = take_batch(&ctx, &lane);
+        if items.is_empty() {
+            continue;
+        }
+        tokio::spawn(run_batch(
+            ctx.clone(),
+            key.clone(),
+            kind,
+            lane.clone(),
+            items,
+            slot,
+        ));
+    }
+    retire_if_idle(&ctx, &key, kind, &lane);
+}
+
+/// Takes queued inputs up to the caps, dropping those nobody waits for any more.
+fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
+    let max_inputs = ctx.settings.max_inputs;
+    let max_tokens = ctx.settings.max_tokens;
+    let mut items = Vec::new();
+    let mut tokens = 0u64;
+    let mut taken = 0i64;
+    let mut abandoned = 0u64;
+    let mut state = lock(&lane.state);
+    while items.len() < max_inputs {
+        let Some(hash) = state.queue.pop_front() else {
+            break;
+        };
+        let Some(flight) = state.flights.get_mut(&hash) else {
+            continue;
+        };
+        flight.waiters.retain(|w| !w.is_closed());
+        if flight.waiters.is_empty() {
+            state.flights.remove(&hash);
+            taken += 1;
+            abandoned += 1;
+            continue;
+        }
+        if !items.is_empty() && tokens + flight.size > max_tokens {
+            state.queue.push_front(hash);
+            break;
+        }
+        tokens += flight.size;
+        taken += 1;
+        items.push(Item {
+            hash,
+            input: flight.input.clone(),
+            size: flight.size,
+        });
+    }
+    drop(state);
+    ctx.metrics.embeddings_queue_depth.sub(taken);
+    if abandoned > 0 {
+        ctx.metrics.embeddings_abandoned.inc_by(abandoned);
+    }
+    items
+}
+
+/// Removes the lane from the map when it has nothing queued, in flight or dispatching.
+fn retire_if_idle(ctx: &Ctx, key: &BatchKey, kind: InputKind, lane: &Arc<Lane>) {
+    let mut lanes = lock(&ctx.lanes);
+    let state = lock(&lane.state);
+    let idle = !state.dispatching && state.queue.is_empty() && state.flights.is_empty();
+    drop(state);
+    if idle {
+        let k = (key.clone(), kind);
+        if lanes.get(&k).is_some_and(|l| Arc::ptr_eq(l, lane)) {
+            lanes.remove(&k);
+        }
+    }
+}
+
+/// Delivers outcomes to a batch's waiters; if the batch task dies first (a panic), its Drop
+/// answers them with an internal error instead of leaving them, and the lane, hanging.
+struct Delivery {
+    lane: Arc<Lane>,
+    hashes: Vec<u128>,
+    done: bool,
+}
+
+impl Delivery {
+    fn deliver(mut self, outcomes: Vec<Outcome>) {
+        let waiters: Vec<Vec<oneshot::Sender<Outcome>>> = {
+            let mut state = lock(&self.lane.state);
+            self.hashes
+                .iter()
+                .map(|h| {
+                    state
+                        .flights
+                        .remove(h)
+                        .map(|f| f.waiters)
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        self.done = true;
+        for (ws, outcome) in waiters.into_iter().zip(outcomes) {
+            for w in ws {
+                let _ = w.send(outcome.clone());
+            }
+        }
+    }
+}
+
+impl Drop for Delivery {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let failure = Arc::new(Failure::from_error(ProxyError::Internal(
+            "the upstream call for this input failed inside embedcar".into(),
+        )));
+        let mut state = lock(&self.lane.state);
+        for h in &self.hashes {
+            if let Some(f) = state.flights.remove(h) {
+                for w in f.waiters {
+                    let _ = w.send(Err(failure.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn run_batch(
+    ctx: Arc<Ctx>,
+    key: BatchKey,
+    kind: InputKind,
+    lane: Arc<Lane>,
+    items: Vec<Item>,
+    slot: Slot,
+) {
+    let delivery = Delivery {
+        lane: lane.clone(),
+        hashes: items.iter().map(|i| i.hash).collect(),
+        done: false,
+    };
+    let outcomes = call_isolating(&ctx, &lane.template, &items).await;
+    drop(slot);
+    // Fill the cache before the flights leave the lane, so a caller arriving in between finds
+    // one or the other, never neither.
+    let scope = lane.template.cache_scope;
+    for (item, outcome) in items.iter().zip(&outcomes) {
+        if let Ok(embedded) = outcome {
+            ctx.cache.insert((scope, item.hash), embedded.clone());
+        }
+    }
+    delivery.deliver(outcomes);
+    retire_if_idle(&ctx, &key, kind, &lane);
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Sends `items` in one call; if the upstream blames the content, halves and retries each half
+/// until the offending inputs stand alone.
+fn call_isolating<'a>(
+    ctx: &'a Ctx,
+    template: &'a Template,
+    items: &'a [Item],
+) -> BoxFuture<'a, Vec<Outcome>> {
+    Box::pin(async move {
+        match call_once(ctx, template, items).await {
+            Ok(done) => done.into_iter().map(Ok).collect(),
+            Err(failure) if items.len() > 1 && blames_input(failure.status) => {
+                ctx.metrics.embeddings_isolation_splits.inc();
+                let (left, right) = items.split_at(items.len() / 2);
+                let mut out = call_isolating(ctx, template, left).await;
+                out.extend(call_isolating(ctx, template, right).await);
+                out
+            }
+            Err(failure) => vec![Err(failure); items.len()],
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct UpstreamBody<'a> {
+    input: Vec<&'a Input>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model: Option<&'a str>,
+    encoding_format: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dimensions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<&'a str>,
+}
+
+/// One upstream call for `items`, answered with one embedding per item, in order.
+async fn call_once(
+    ctx: &Ctx,
+    template: &Template,
+    items: &[Item],
+) -> Result<Vec<Arc<Embedded>>, Arc<Failure>> {
+    let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
+    let body = UpstreamBody {
+        input: items.iter().map(|i| &*i.input).collect(),
+        model: template.model.as_deref(),
+        encoding_format: match ctx.settings.upstream_encoding {
+            UpstreamEncoding::Base64 => "base64",
+            UpstreamEncoding::Float => "float",
+        },
+        dimensions: template.dimensions,
+        user: template.user.as_deref(),
+    };
+    let body = serde_json::to_vec(&body).map_err(|e| {
+        fail(ProxyError::Internal(format!(
+            "cannot write the request: {e}"
+        )))
+    })?;
+    let uri = ctx
+        .upstream
+        .base
+        .join(template.target.parse().ok().as_ref())
+        .map_err(|e| fail(ProxyError::Internal(format!("bad upstream URI: {e}"))))?;
+    let mut request = Request::post(uri).body(body::full(body)).map_err(|e| {
+        fail(ProxyError::Internal(format!(
+            "cannot build the request: {e}"
+        )))
+    })?;
+    *request.headers_mut() = template.headers.clone();
+    request.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(credential) = &ctx.upstream.credential {
+        credential.apply(request.headers_mut());
+    }
+
+    ctx.metrics
+        .embeddings_batch_inputs
+        .observe(items.len() as f64);
+    let started = Instant::now();
+    let sent = tokio::time::timeout(
+        ctx.settings.first_byte_timeout,
+        ctx.upstream.client.request(request),
+    )
+    .await;
+    let response = match sent {
+        Err(_) => {
+            ctx.metrics
+                .observe_upstream(Route::Embeddings, "timeout", started.elapsed());
+            return Err(fail(ProxyError::UpstreamTimeout(
+                ctx.settings.first_byte_timeout,
+            )));
+        }
+        Ok(Err(e)) => {
+            let outcome = if e.is_connect() {
+                "connect_error"
+            } else {
+                "io_error"
+            };
+            ctx.metrics
+                .observe_upstream(Route::Embeddings, outcome, started.elapsed());
+            return Err(fail(ProxyError::UpstreamUnreachable(error_chain(&e))));
+        }
+        Ok(Ok(r)) => r,
+    };
+    ctx.metrics.observe_upstream(
+        Route::Embeddings,
+        response.status().as_str(),
+        started.elapsed(),
+    );
+    let (mut parts, incoming) = response.into_parts();
+    let bytes = Limited::new(
+        IdleTimeout::new(incoming, ctx.settings.body_idle_timeout),
+        MAX_REPLY_BYTES,
+    )
+    .collect()
+    .await
+    .map_err(|e| {
+        fail(ProxyError::UpstreamUnreachable(format!(
+            "the reply body failed: {}",
+            error_chain(&*e)
+        )))
+    })?
+    .to_bytes();
+
+    if !parts.status.is_success() {
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Err(Arc::new(Failure {
+            status: parts.status,
+            headers: parts.headers,
+            body: bytes,
+        }));
+    }
+    let render::ParsedReply {
+        vectors,
+        model,
+        prompt_tokens: reported,
+    } = render::parse_reply(&bytes, items.len())
+        .map_err(|e| fail(ProxyError::UpstreamInvalidReply(e)))?;
+    let tokens: Vec<u64> = match template.tokenizer {
+        Tokenizer::Exact(_) => items.iter().map(|i| i.size).collect(),
+        Tokenizer::Unknown => {
+            let weights: Vec<u64> = items.iter().map(|i| i.size).collect();
+            let total = reported.unwrap_or_else(|| weights.iter().sum());
+            apportion(total, &weights)
+        }
+    };
+    ctx.metrics
+        .embeddings_tokens
+        .with_label_values(&["upstream"])
+        .inc_by(tokens.iter().sum());
+    let model: Arc<str> = model.into();
+    Ok(vectors
+        .into_iter()
+        .zip(tokens)
+        .map(|(v, t)| {
+            Arc::new(Embedded {
+                vector: v.into_boxed_slice(),
+                tokens: t,
+                model: model.clone(),
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,349 @@
+//! The embeddings engine: `POST /v1/embeddings` (and Azure's deployment path) served from the
+//! cache, joined to identical inputs in flight, or batched with other callers' inputs into few
+//! upstream calls, and answered to each caller exactly as the upstream would have answered it.
+//!
+//! The flow for one request: read and check it (`request`), key it (`keys`), look each input up
+//! in the cache (`cache`), count the misses' tokens and refuse over-long inputs before they can
+//! fail anyone else's call (`tokens`), hand the misses to the lane of their batch key
+//! (`batch`), wait for them within the deadline, and render the reply in the caller's own format
+//! and order (`render`).
+
+pub mod batch;
+pub mod cache;
+pub mod keys;
+pub mod render;
+pub mod request;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use tokio::time::Instant;
+
+use self::{
+    batch::{BatchSettings, Batcher, InputKind, Miss, Template, Ticket},
+    cache::{Embedded, VectorCache},
+    keys::{input_hash, BatchKey, IgnoredHeaders, KeyInputs},
+    request::{EmbeddingsRequest, Parsed},
+    tokens::Tokenizer,
+};
+use crate::{
+    body::{self, find_cause, BodyIdleTimeout, BodyTooLarge, ProxyBody},
+    config::Config,
+    errors::ProxyError,
+    limits::ConcurrencyLimit,
+    metrics::{Metrics, Route},
+    proxy::{strip_hop_by_hop, Proxy},
+    upstream::Upstream,
+};
+
+/// Response header: how many of the caller's inputs were answered from the cache.
+pub const CACHE_HITS_HEADER: &str = "x-embedcar-cache-hits";
+/// Response header: how many of the caller's inputs joined an identical input already queued
+/// or in flight (its own duplicates included).
+pub const COALESCED_HEADER: &str = "x-embedcar-coalesced";
+/// Response header: how many inputs the request had.
+pub const INPUTS_HEADER: &str = "x-embedcar-inputs";
+
+/// Which embeddings endpoint a request is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmbeddingsPath {
+    OpenAi,
+    Azure { deployment: String },
+}
+
+impl EmbeddingsPath {
+    /// `/v1/embeddings`, or `/openai/deployments/{deployment}/embeddings`.
+    pub fn of(path: &str) -> Option<EmbeddingsPath> {
+        if path == "/v1/embeddings" {
+            return Some(EmbeddingsPath::OpenAi);
+        }
+        let deployment = path
+            .strip_prefix("/openai/deployments/")?
+            .strip_suffix("/embeddings")?;
+        (!deployment.is_empty() && !deployment.contains('/')).then(|| EmbeddingsPath::Azure {
+            deployment: deployment.to_string(),
+        })
+    }
+}
+
+pub struct Engine {
+    batcher: Batcher,
+    cache: Arc<VectorCache>,
+    ignored: IgnoredHeaders,
+    metrics: Arc<Metrics>,
+    proxy: Arc<Proxy>,
+    config: crate::config::EmbeddingsConfig,
+    share_cache: bool,
+}
+
+impl Engine {
+    pub fn new(
+        config: &Config,
+        upstream: Arc<Upstream>,
+        limit: ConcurrencyLimit,
+        metrics: Arc<Metrics>,
+        proxy: Arc<Proxy>,
+    ) -> Engine {
+        tokens::warm_up();
+        let cache = Arc::new(VectorCache::new(&config.cache));
+        let e = &config.embeddings;
+        let batcher = Batcher::new(
+            upstream,
+            limit,
+            metrics.clone(),
+            cache.clone(),
+            BatchSettings {
+                max_inputs: e.max_inputs_per_call,
+                max_tokens: e.max_tokens_per_call,
+                linger: e.linger,
+                upstream_encoding: e.upstream_encoding,
+                first_byte_timeout: config.upstream.first_byte_timeout,
+                body_idle_timeout: config.upstream.body_idle_timeout,
+            },
+        );
+        Engine {
+            batcher,
+            cache,
+            ignored: IgnoredHeaders::new(&e.ignore_headers),
+            metrics,
+            proxy,
+            config: e.clone(),
+            share_cache: config.cache.share_across_credentials,
+        }
+    }
+
+    pub fn cache(&self) -> &VectorCache {
+        &self.cache
+    }
+
+    /// Serves one embeddings request.
+    pub async fn handle(
+        &self,
+        req: Request<ProxyBody>,
+        path: EmbeddingsPath,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| read_error(&*e))?
+            .to_bytes();
+        let model_required = path == EmbeddingsPath::OpenAi;
+        let request = match request::parse(&bytes, model_required)? {
+            Parsed::Engine(r) => r,
+            Parsed::PassThrough => return self.pass_through(parts, bytes).await,
+        };
+        if !self.config.split_oversized && request.inputs.len() > self.config.max_inputs_per_call {
+            return self.pass_through(parts, bytes).await;
+        }
+        self.embed(parts, path, request).await
+    }
+
+    async fn pass_through(
+        &self,
+        parts: Parts,
+        bytes: bytes::Bytes,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        self.proxy
+            .forward(
+                Request::from_parts(parts, body::full(bytes)),
+                Route::Embeddings,
+            )
+            .await
+    }
+
+    async fn embed(
+        &self,
+        parts: Parts,
+        path: EmbeddingsPath,
+        request: EmbeddingsRequest,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/v1/embeddings", |pq| pq.as_str());
+        // On Azure the deployment is the model; a model in the body is forwarded as given.
+        let model_key = match &path {
+            EmbeddingsPath::OpenAi => request.model.clone(),
+            EmbeddingsPath::Azure { deployment } => {
+                Some(request.model.clone().unwrap_or_else(|| deployment.clone()))
+            }
+        };
+        let key = BatchKey::new(
+            KeyInputs {
+                headers: &parts.headers,
+                target,
+                model: model_key.as_deref(),
+                dimensions: request.dimensions,
+                user: request.user.as_deref(),
+            },
+            &self.ignored,
+        );
+        let scope = key.cache_scope(self.share_cache);
+        let tokenizer = Tokenizer::for_model(model_key.as_deref());
+        let count = request.inputs.len();
+        self.metrics.embeddings_inputs.inc_by(count as u64);
+
+        // Cache first; every miss is counted and checked before anything is queued, so a
+        // refused request leaves nothing behind.
+        let mut answers: Vec<Option<Arc<Embedded>>> = Vec::with_capacity(count);
+        let mut misses: [Vec<(usize, Miss)>; 2] = [Vec::new(), Vec::new()];
+        for (position, input) in request.inputs.into_iter().enumerate() {
+            let hash = input_hash(&input);
+            if let Some(hit) = self.cache.get(&(scope, hash)) {
+                answers.push(Some(hit));
+                continue;
+            }
+            answers.push(None);
+            let size = tokenizer.count_or_estimate(&input);
+            if tokenizer.count(&input).is_some() && size > self.config.max_input_tokens {
+                return Err(too_long(self.config.max_input_tokens, size));
+            }
+            let kind = InputKind::of(&input) as usize;
+            misses[kind].push((position, Miss { hash, input, size }));
+        }
+        let hits = answers.iter().filter(|a| a.is_some()).count();
+        if hits > 0 {
+            self.metrics.embeddings_cache_hits.inc_by(hits as u64);
+            let cached_tokens = answers.iter().flatten().map(|e| e.tokens).sum();
+            self.metrics
+                .embeddings_tokens
+                .with_label_values(&["cache"])
+                .inc_by(cached_tokens);
+        }
+
+        let mut waiting: Vec<(usize, Ticket)> = Vec::new();
+        for (kind, group) in [InputKind::Text, InputKind::Tokens].into_iter().zip(misses) {
+            if group.is_empty() {
+                continue;
+            }
+            let (positions, group): (Vec<usize>, Vec<Miss>) = group.into_iter().unzip();
+            let template = || Template {
+                target: target.to_string(),
+                headers: forwarded_headers(&parts.headers),
+                model: request.model.clone(),
+                dimensions: request.dimensions,
+                user: request.user.clone(),
+                tokenizer,
+                cache_scope: scope,
+            };
+            let tickets = self.batcher.submit(key.clone(), kind, template, group);
+            waiting.extend(positions.into_iter().zip(tickets));
+        }
+        let coalesced = waiting.iter().filter(|(_, t)| t.joined).count();
+        if coalesced > 0 {
+            self.metrics.embeddings_coalesced.inc_by(coalesced as u64);
+        }
+
+        for (position, ticket) in waiting {
+            match tokio::time::timeout_at(deadline, ticket.rx).await {
+                Err(_) => {
+                    self.metrics
+                        .deadline_expired
+                        .with_label_values(&["embeddings"])
+                        .inc();
+                    return Err(ProxyError::DeadlineExceeded(self.config.request_timeout));
+                }
+                Ok(Err(_)) => {
+                    return Err(ProxyError::Internal(
+                        "an input's upstream call ended without an answer".into(),
+                    ))
+                }
+                Ok(Ok(Err(failure))) => return Ok(failure.to_response()),
+                Ok(Ok(Ok(embedded))) => answers[position] = Some(embedded),
+            }
+        }
+
+        let answers: Vec<Arc<Embedded>> = answers.into_iter().flatten().collect();
+        let model = answers
+            .first()
+            .map(|e| e.model.clone())
+            .unwrap_or_else(|| "".into());
+        let prompt_tokens = answers.iter().map(|e| e.tokens).sum();
+        let body = render::render_reply(
+            answers.iter().map(|e| &*e.vector),
+            request.encoding,
+            &model,
+            prompt_tokens,
+        );
+        let mut response = Response::new(body::full(body));
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(INPUTS_HEADER, HeaderValue::from(count));
+        headers.insert(CACHE_HITS_HEADER, HeaderValue::from(hits));
+        headers.insert(COALESCED_HEADER, HeaderValue::from(coalesced));
+        Ok(response)
+    }
+}
+
+/// The caller's headers as they go upstream on a merged call: end-to-end ones only, and not
+/// those embedcar sets (length and type of the body it writes) or cannot honour (a compressed
+/// reply it would have to undo).
+fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut h = headers.clone();
+    strip_hop_by_hop(&mut h);
+    for name in [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::CONTENT_TYPE,
+        header::ACCEPT_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(name);
+    }
+    h
+}
+
+/// The 400 OpenAI gives for an input over the model's context length.
+fn too_long(limit: u64, tokens: u64) -> ProxyError {
+    ProxyError::InvalidRequest {
+        message: format!(
+            "This model's maximum context length is {limit} tokens, however you requested {tokens} tokens ({tokens} in your prompt; 0 for the completion). Please reduce your prompt; or completion length."
+        ),
+        param: Some("input".into()),
+    }
+}
+
+fn read_error(e: &(dyn std::error::Error + 'static)) -> ProxyError {
+    if let Some(t) = find_cause::<BodyTooLarge>(e) {
+        return ProxyError::BodyTooLarge { limit: t.limit };
+    }
+    if let Some(idle) = find_cause::<BodyIdleTimeout>(e) {
+        return ProxyError::ClientBodyTimeout(idle.0);
+    }
+    ProxyError::InvalidRequest {
+        message: "the request body could not be read".into(),
+        param: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embeddings_paths_are_recognised() {
+        assert_eq!(
+            EmbeddingsPath::of("/v1/embeddings"),
+            Some(EmbeddingsPath::OpenAi)
+        );
+        assert_eq!(
+            EmbeddingsPath::of("/openai/deployments/emb/embeddings"),
+            Some(EmbeddingsPath::Azure {
+                deployment: "emb".into()
+            })
+        );
+        assert_eq!(EmbeddingsPath::of("/v1/embeddings/x"), None);
+        assert_eq!(EmbeddingsPath::of("/openai/deployments//embeddings"), None);
+        assert_eq!(
+            EmbeddingsPath::of("/openai/deployments/a/b/embeddings"),
+            None
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! Vectors in and out: reading the upstream's reply (base64 or float) into float32, and writing
+//! each caller's reply in the format it asked for.
+//!
+//! Vectors are held as float32, which is what the models produce and what base64 carries
+//! exactly. A caller asking for `base64` gets the little-endian float32 bytes; one asking for
+//! `float` gets the shortest decimal text that parses back to the same float32. The official
+//! Python and Node clients ask for base64 by default and the Node client decodes it without
+//! checking, so getting this wrong would corrupt vectors silently.
+
+use std::io::Write as _;
+
+use base64::{engine::general_purpose::STANDARD, Engine as _};
+use serde::Deserialize;
+
+use super::request::Encoding;
+
+/// The parts of an upstream embeddings reply the engine uses.
+#[derive(Debug, Deserialize)]
+pub struct UpstreamReply {
+    pub data: Vec<UpstreamDatum>,
+    pub model: String,
+    #[serde(default)]
+    pub usage: Option<UpstreamUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UpstreamDatum {
+    pub index: usize,
+    pub embedding: UpstreamVector,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamVector {
+    Base64(String),
+    Floats(Vec<f32>),
+}
+
+#[derive(Debug, Deserialize)]
+pub struct UpstreamUsage {
+    pub prompt_tokens: u64,
+}
+
+impl UpstreamVector {
+    pub fn into_f32(self) -> Result<Vec<f32>, String> {
+        match self {
+            UpstreamVector::Floats(v) => Ok(v),
+            UpstreamVector::Base64(s) => {
+                let bytes = STANDARD
+                    .decode(s.as_bytes())
+                    .map_err(|e| format!("invalid base64 embedding: {e}"))?;
+                if bytes.len() % 4 != 0 {
+                    return Err(format!(
+                        "base64 embedding of {} bytes is not float32",
+                        bytes.len()
+                    ));
+                }
+                Ok(bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// An upstream reply, checked: one vector per input in input order, the model as the upstream
+/// named it, and the token total it reported.
+#[derive(Debug)]
+pub struct ParsedReply {
+    pub vectors: Vec<Vec<f32>>,
+    pub model: String,
+    pub prompt_tokens: Option<u64>,
+}
+
+/// Parses an upstream reply for `expected` inputs.
+pub fn parse_reply(body: &[u8], expected: usize) -> Result<ParsedReply, String> {
+    let reply: UpstreamReply =
+        serde_json::from_slice(body).map_err(|e| format!("not an embeddings reply: {e}"))?;
+    if reply.data.len() != expected {
+        return Err(format!(
+            "{} embeddings for {expected} inputs",
+            reply.data.len()
+        ));
+    }
+    let mut vectors: Vec<Option<Vec<f32>>> = (0..expected).map(|_| None).collect();
+    for datum in reply.data {
+        let slot = vectors
+            .get_mut(datum.index)
+            .ok_or_else(|| format!("index {} out of range", datum.index))?;
+        if slot.is_some() {
+            return Err(format!("index {} appears twice", datum.index));
+        }
+        *slot = Some(datum.embedding.into_f32()?);
+    }
+    let vectors = vectors
+        .into_iter()
+        .map(|v| v.ok_or_else(|| "an index is missing".to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ParsedReply {
+        vectors,
+        model: reply.model,
+        prompt_tokens: reply.usage.map(|u| u.prompt_tokens),
+    })
+}
+
+/// Writes one caller's reply: `{"object":"list","data":[...],"model":...,"usage":{...}}`, with
+/// `data` in the caller's input order and `index` counting from 0, as the API does.
+pub fn render_reply<'a>(
+    vectors: impl ExactSizeIterator<Item = &'a [f32]>,
+    encoding: Encoding,
+    model: &str,
+    prompt_tokens: u64,
+) -> Vec<u8> {
+    let count = vectors.len();
+    let mut out = Vec::with_capacity(96 + count * 64);
+    out.extend_from_slice(br#"{"object":"list","data":["#);
+    let mut floats = zmij::Buffer::new();
+    for (index, vector) in vectors.enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"object":"embedding","index":"#);
+        let _ = write!(out, "{index}");
+        out.extend_from_slice(br#","embedding":"#);
+        match encoding {
+            Encoding::Float => write_floats(&mut out, vector, &mut floats),
+            Encoding::Base64 => write_base64(&mut out, vector),
+        }
+        out.push(b'}');
+    }
+    out.extend_from_slice(br#"],"model":"#);
+    // serde_json escapes the model name exactly as JSON needs.
+    out.extend_from_slice(
+        serde_json::to_string(model)
+            .unwrap_or_else(|_| "\"\"".into())
+            .as_bytes(),
+    );
+    let _ = write!(
+        out,
+        r#","usage":{{"prompt_tokens":{prompt_tokens},"total_tokens":{prompt_tokens}}}}}"#
+    );
+    out
+}
+
+/// `[f, f, ...]` with each float the shortest text that round-trips to the same float32.
+/// JSON has no NaN or infinity; a model never produces them, and if an upstream did, `null`
+/// says so rather than inventing a number.
+pub fn write_floats(out: &mut Vec<u8>, vector: &[f32], buf: &mut zmij::Buffer) {
+    out.reserve(vector.len() * 12 + 2);
+    out.push(b'[');
+    for (i, f) in vector.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        if f.is_finite() {
+            out.extend_from_slice(buf.format_finite(*f).as_bytes());
+        } else {
+            out.extend_from_slice(b"null");
+        }
+    }
+    out.push(b']');
+}
+
+/// `"..."`: the little-endian float32 bytes, standard base64 with padding.
+pub fn write_base64(out: &mut Vec<u8>, vector: &[f32]) {
+    let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+    out.push(b'"');
+    let start = out.len();
+    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
+    let written = STANDARD
+        .encode_slice(&bytes, &mut out[start..])
+        .expect("buffer sized for the encoding");
+    out.truncate(start + written);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<f32> {
+        vec![
+            0.1,
+            -0.0069292834,
+            1.0,
+            -1.0,
+            f32::MIN_POSITIVE,
+            3.4028235e38,
+            1e-7,
+            0.0,
+            -0.0,
+            0.33333334,
+        ]
+    }
+
+    #[test]
+    fn float_text_parses_back_to_the_same_float32() {
+        let v = sample();
+        let mut out = Vec::new();
+        write_floats(&mut out, &v, &mut zmij::Buffer::new());
+        let parsed: Vec<f64> = serde_json::from_slice(&out).unwrap();
+        let back: Vec<f32> = parsed.iter().map(|&f| f as f32).collect();
+        assert_eq!(
+            back.iter().map(|f| f.to_bits()).collect::<Vec<_>>(),
+            v.iter().map(|f| f.to_bits()).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn base64_is_little_endian_float32_and_reads_back() {
+        let v = sample();
+        let mut out = Vec::new();
+        write_base64(&mut out, &v);
+        let s: String = serde_json::from_slice(&out).unwrap();
+        let bytes = STANDARD.decode(&s).unwrap();
+        assert_eq!(&bytes[0..4], &0.1f32.to_le_bytes());
+        let back = UpstreamVector::Base64(s).into_f32().unwrap();
+        assert_eq!(back, v);
+    }
+
+    #[test]
+    fn a_reply_has_openais_shape_in_the_callers_order() {
+        let a = [1.0f32, 2.0];
+        let b = [3.0f32, 4.0];
+        let body = render_reply(
+            [&a[..], &b[..]].into_iter(),
+            Encoding::Float,
+            "text-embedding-3-small",
+            7,
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["object"], "list");
+        assert_eq!(v["model"], "text-embedding-3-small");
+        assert_eq!(v["usage"]["prompt_tokens"], 7);
+        assert_eq!(v["usage"]["total_tokens"], 7);
+        assert_eq!(v["data"][0]["index"], 0);
+        assert_eq!(v["data"][1]["index"], 1);
+        assert_eq!(v["data"][1]["embedding"][0], 3.0);
+        assert_eq!(v["data"][0]["object"], "embedding");
+    }
+
+    #[test]
+    fn upstream_replies_are_checked_and_put_in_input_order() {
+        let body = br#"{"object":"list","model":"m","usage":{"prompt_tokens":3,"total_tokens":3},
+            "data":[{"object":"embedding","index":1,"embedding":[2.0]},
+                    {"object":"embedding","index":0,"embedding":"AACAPw=="}]}"#;
+        let reply = parse_reply(body, 2).unwrap();
+        assert_eq!(reply.vectors, vec![vec![1.0], vec![2.0]]);
+        assert_eq!(reply.model, "m");
+        assert_eq!(reply.prompt_tokens, Some(3));
+        assert!(parse_reply(body, 3).is_err());
+        assert!(parse_reply(
+            br#"{"data":[{"index":0,"embedding":[1]},{"index":0,"embedding":[1]}],"model":"m"}"#,
+            2
+        )
+        .is_err());
+        assert!(parse_reply(
+            br#"{"data":[{"index":0,"embedding":"AAA"}],"model":"m"}"#,
+            1
+        )
+        .is_err());
+        assert!(parse_reply(b"{\"data\":[", 1).is_err());
+    }
+}

@@ -1,0 +1,272 @@
+//! Reading a caller's embeddings request: every input form the API accepts, the fields that
+//! shape the answer, and the decision to leave a request alone.
+//!
+//! A request with a field the engine does not know (a parameter the API gained after this was
+//! written) is not the engine's to touch: it is forwarded verbatim. A request that is not valid
+//! is refused here, with the 400 OpenAI gives, so it costs no upstream call and no rate budget.
+
+use serde_json::{value::RawValue, Value};
+
+use crate::errors::ProxyError;
+
+/// The fields the engine understands; any other makes the request pass through untouched.
+const KNOWN_FIELDS: [&str; 5] = ["input", "model", "encoding_format", "dimensions", "user"];
+
+/// One input: text, or the token ids of a text. Serializes back to the API's own form.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(untagged)]
+pub enum Input {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+/// How the caller wants its vectors written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Float,
+    Base64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingsRequest {
+    pub inputs: Vec<Input>,
+    pub model: Option<String>,
+    pub encoding: Encoding,
+    pub dimensions: Option<u32>,
+    pub user: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Parsed {
+    /// The engine can serve this.
+    Engine(EmbeddingsRequest),
+    /// A field the engine does not know: forward the original bytes as they are.
+    PassThrough,
+}
+
+fn invalid(message: impl Into<String>, param: Option<&str>) -> ProxyError {
+    ProxyError::InvalidRequest {
+        message: message.into(),
+        param: param.map(str::to_string),
+    }
+}
+
+/// OpenAI's wording for an input of the wrong shape.
+fn invalid_input() -> ProxyError {
+    invalid(
+        "'$.input' is invalid. Please check the API reference: https://platform.openai.com/docs/api-reference.",
+        Some("input"),
+    )
+}
+
+/// Parses a request body. `model_required` is false on Azure's deployment paths, where the
+/// deployment names the model.
+pub fn parse(body: &[u8], model_required: bool) -> Result<Parsed, ProxyError> {
+    let fields: std::collections::HashMap<String, &RawValue> = serde_json::from_slice(body)
+        .map_err(|_| {
+            invalid(
+                "We could not parse the JSON body of your request. The OpenAI API expects a JSON object.",
+                None,
+            )
+        })?;
+    if fields.keys().any(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+        return Ok(Parsed::PassThrough);
+    }
+
+    let field = |name: &str| -> Result<Option<Value>, ProxyError> {
+        match fields.get(name) {
+            None => Ok(None),
+            Some(raw) => {
+                let v: Value = serde_json::from_str(raw.get())
+                    .map_err(|_| invalid(format!("'{name}' is invalid"), Some(name)))?;
+                Ok(if v.is_null() { None } else { Some(v) })
+            }
+        }
+    };
+
+    let inputs = match field("input")? {
+        None => return Err(invalid("'input' is a required property", Some("input"))),
+        Some(v) => parse_inputs(v)?,
+    };
+    let model = match field("model")? {
+        None if model_required => {
+            return Err(invalid("you must provide a model parameter", Some("model")))
+        }
+        None => None,
+        Some(Value::String(m)) if !m.is_empty() => Some(m),
+        Some(_) => return Err(invalid("'model' must be a non-empty string", Some("model"))),
+    };
+    let encoding = match field("encoding_format")? {
+        None => Encoding::Float,
+        Some(Value::String(s)) if s == "float" => Encoding::Float,
+        Some(Value::String(s)) if s == "base64" => Encoding::Base64,
+        Some(other) => {
+            return Err(invalid(
+                format!("{other} is not one of ['float', 'base64'] - 'encoding_format'"),
+                Some("encoding_format"),
+            ))
+        }
+    };
+    let dimensions = match field("dimensions")? {
+        None => None,
+        Some(v) => match v.as_u64() {
+            Some(d) if d >= 1 && d <= u64::from(u32::MAX) => Some(d as u32),
+            _ => {
+                return Err(invalid(
+                    format!(
+                        "{v} is not a valid value for 'dimensions': expected a positive integer"
+                    ),
+                    Some("dimensions"),
+                ))
+            }
+        },
+    };
+    let user = match field("user")? {
+        None => None,
+        Some(Value::String(u)) => Some(u),
+        Some(_) => return Err(invalid("'user' must be a string", Some("user"))),
+    };
+    Ok(Parsed::Engine(EmbeddingsRequest {
+        inputs,
+        model,
+        encoding,
+        dimensions,
+        user,
+    }))
+}
+
+/// A string, an array of strings, an array of token ids, or an array of token-id arrays. Empty
+/// strings, empty arrays and mixed arrays are refused, as the API refuses them.
+fn parse_inputs(v: Value) -> Result<Vec<Input>, ProxyError> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(vec![Input::Text(s)]),
+        Value::Array(items) if !items.is_empty() => match &items[0] {
+            Value::String(_) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::String(s) if !s.is_empty() => Ok(Input::Text(s)),
+                    _ => Err(invalid_input()),
+                })
+                .collect(),
+            Value::Number(_) => Ok(vec![Input::Tokens(token_ids(&items)?)]),
+            Value::Array(_) => items
+                .iter()
+                .map(|i| match i {
+                    Value::Array(ids) if !ids.is_empty() => Ok(Input::Tokens(token_ids(ids)?)),
+                    _ => Err(invalid_input()),
+                })
+                .collect(),
+            _ => Err(invalid_input()),
+        },
+        _ => Err(invalid_input()),
+    }
+}
+
+fn token_ids(items: &[Value]) -> Result<Vec<u32>, ProxyError> {
+    items
+        .iter()
+        .map(|i| {
+            i.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(invalid_input)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(body: &str) -> EmbeddingsRequest {
+        match parse(body.as_bytes(), true) {
+            Ok(Parsed::Engine(r)) => r,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    fn rejected(body: &str) -> (String, Option<String>) {
+        match parse(body.as_bytes(), true) {
+            Err(ProxyError::InvalidRequest { message, param }) => (message, param),
+            other => panic!("{body}: expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_input_form_is_understood() {
+        let t = |s: &str| Input::Text(s.into());
+        assert_eq!(engine(r#"{"input":"a","model":"m"}"#).inputs, vec![t("a")]);
+        assert_eq!(
+            engine(r#"{"input":["a","b"],"model":"m"}"#).inputs,
+            vec![t("a"), t("b")]
+        );
+        assert_eq!(
+            engine(r#"{"input":[1,2,3],"model":"m"}"#).inputs,
+            vec![Input::Tokens(vec![1, 2, 3])]
+        );
+        assert_eq!(
+            engine(r#"{"input":[[1],[2,3]],"model":"m"}"#).inputs,
+            vec![Input::Tokens(vec![1]), Input::Tokens(vec![2, 3])]
+        );
+    }
+
+    #[test]
+    fn options_are_read() {
+        let r = engine(
+            r#"{"input":"a","model":"m","encoding_format":"base64","dimensions":256,"user":"u1"}"#,
+        );
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert_eq!(r.encoding, Encoding::Base64);
+        assert_eq!(r.dimensions, Some(256));
+        assert_eq!(r.user.as_deref(), Some("u1"));
+        let r = engine(r#"{"input":"a","model":"m","encoding_format":null}"#);
+        assert_eq!(r.encoding, Encoding::Float);
+    }
+
+    #[test]
+    fn an_unknown_field_means_pass_through() {
+        let p = parse(br#"{"input":"a","model":"m","new_param":true}"#, true).unwrap();
+        assert!(matches!(p, Parsed::PassThrough));
+    }
+
+    #[test]
+    fn invalid_requests_are_refused_with_the_offending_param() {
+        assert_eq!(rejected(r#"{"model":"m"}"#).1.as_deref(), Some("input"));
+        assert_eq!(rejected(r#"{"input":"a"}"#).1.as_deref(), Some("model"));
+        for bad in [
+            r#"{"input":"","model":"m"}"#,
+            r#"{"input":[],"model":"m"}"#,
+            r#"{"input":["a",1],"model":"m"}"#,
+            r#"{"input":[1,"a"],"model":"m"}"#,
+            r#"{"input":[-1],"model":"m"}"#,
+            r#"{"input":[4294967296],"model":"m"}"#,
+            r#"{"input":[[]],"model":"m"}"#,
+            r#"{"input":[1.5],"model":"m"}"#,
+            r#"{"input":{"a":1},"model":"m"}"#,
+            r#"{"input":true,"model":"m"}"#,
+        ] {
+            assert_eq!(rejected(bad).1.as_deref(), Some("input"), "{bad}");
+        }
+        assert_eq!(
+            rejected(r#"{"input":"a","model":"m","encoding_format":"int8"}"#)
+                .1
+                .as_deref(),
+            Some("encoding_format")
+        );
+        assert_eq!(
+            rejected(r#"{"input":"a","model":"m","dimensions":0}"#)
+                .1
+                .as_deref(),
+            Some("dimensions")
+        );
+        assert!(rejected("not json").1.is_none());
+        assert!(rejected("[1,2]").1.is_none());
+    }
+
+    #[test]
+    fn azure_requests_need_no_model() {
+        assert!(matches!(
+            parse(br#"{"input":"a"}"#, false),
+            Ok(Parsed::Engine(_))
+        ));
+    }
+}

@@ -1,0 +1,145 @@
+//! Token counts: for per-input limits checked before batching, for the per-call token cap, and
+//! for each caller's `usage`, which must not depend on whom it was batched with or whether its
+//! answer came from the cache.
+//!
+//! OpenAI's embedding models use cl100k_base, counted exactly with tiktoken's own tables. For
+//! other models (OpenAI-compatible servers with their own tokenizers) the upstream's reported
+//! total for a call is shared among its inputs in proportion to an estimate, so the parts add
+//! up to what the upstream billed.
+
+use tiktoken_rs::CoreBPE;
+
+use super::request::Input;
+
+/// Bytes per token assumed when estimating text of an unknown tokenizer (OpenAI's rule of thumb
+/// for English).
+const BYTES_PER_TOKEN_ESTIMATE: usize = 4;
+
+#[derive(Clone, Copy)]
+pub enum Tokenizer {
+    Exact(&'static CoreBPE),
+    Unknown,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tokenizer::Exact(_) => f.write_str("cl100k_base"),
+            Tokenizer::Unknown => f.write_str("unknown"),
+        }
+    }
+}
+
+/// Whether `model` (or an Azure deployment named after one) is an OpenAI embedding model, all of
+/// which use cl100k_base.
+pub fn uses_cl100k(model: &str) -> bool {
+    model.contains("text-embedding-3") || model.contains("text-embedding-ada-002")
+}
+
+/// Loads the cl100k tables in the background so the first request does not pay for it.
+pub fn warm_up() {
+    std::thread::spawn(|| {
+        tiktoken_rs::cl100k_base_singleton();
+    });
+}
+
+impl Tokenizer {
+    pub fn for_model(model: Option<&str>) -> Tokenizer {
+        match model {
+            Some(m) if uses_cl100k(m) => Tokenizer::Exact(tiktoken_rs::cl100k_base_singleton()),
+            _ => Tokenizer::Unknown,
+        }
+    }
+
+    /// The exact count, when this tokenizer is known. Token-id inputs count their ids.
+    pub fn count(&self, input: &Input) -> Option<u64> {
+        match (self, input) {
+            (_, Input::Tokens(ids)) => Some(ids.len() as u64),
+            (Tokenizer::Exact(bpe), Input::Text(s)) => Some(bpe.encode_ordinary(s).len() as u64),
+            (Tokenizer::Unknown, Input::Text(_)) => None,
+        }
+    }
+
+    /// The exact count, or an estimate for sizing calls when the tokenizer is unknown.
+    pub fn count_or_estimate(&self, input: &Input) -> u64 {
+        self.count(input).unwrap_or_else(|| estimate(input))
+    }
+}
+
+pub fn estimate(input: &Input) -> u64 {
+    match input {
+        Input::Tokens(ids) => ids.len() as u64,
+        Input::Text(s) => s.len().div_ceil(BYTES_PER_TOKEN_ESTIMATE).max(1) as u64,
+    }
+}
+
+/// Splits `total` into integer parts proportional to `weights` that add up to `total` exactly
+/// (largest remainder method).
+pub fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+    let sum: u64 = weights.iter().sum();
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    if sum == 0 {
+        let mut parts = vec![total / weights.len() as u64; weights.len()];
+        let rest = total - parts.iter().sum::<u64>();
+        for p in parts.iter_mut().take(rest as usize) {
+            *p += 1;
+        }
+        return parts;
+    }
+    let exact: Vec<(u64, u128)> = weights
+        .iter()
+        .map(|&w| {
+            let scaled = u128::from(total) * u128::from(w);
+            ((scaled / u128::from(sum)) as u64, scaled % u128::from(sum))
+        })
+        .collect();
+    let mut parts: Vec<u64> = exact.iter().map(|(q, _)| *q).collect();
+    let mut rest = total - parts.iter().sum::<u64>();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| exact[b].1.cmp(&exact[a].1).then(a.cmp(&b)));
+    for i in order {
+        if rest == 0 {
+            break;
+        }
+        parts[i] += 1;
+        rest -= 1;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openai_models_are_counted_exactly_with_cl100k() {
+        let t = Tokenizer::for_model(Some("text-embedding-3-small"));
+        // "hello world" is two cl100k tokens; OpenAI bills it as 2.
+        assert_eq!(t.count(&Input::Text("hello world".into())), Some(2));
+        assert_eq!(t.count(&Input::Tokens(vec![1, 2, 3])), Some(3));
+        let azure = Tokenizer::for_model(Some("my-text-embedding-ada-002-deployment"));
+        assert!(matches!(azure, Tokenizer::Exact(_)));
+    }
+
+    #[test]
+    fn other_models_estimate_text_but_count_token_ids() {
+        let t = Tokenizer::for_model(Some("bge-large"));
+        assert_eq!(t.count(&Input::Text("abcdefgh".into())), None);
+        assert_eq!(t.count_or_estimate(&Input::Text("abcdefgh".into())), 2);
+        assert_eq!(t.count(&Input::Tokens(vec![5; 7])), Some(7));
+    }
+
+    #[test]
+    fn apportioned_parts_add_up_to_the_total() {
+        assert_eq!(apportion(10, &[1, 1, 1]), vec![4, 3, 3]);
+        assert_eq!(apportion(7, &[2, 0, 5]), vec![2, 0, 5]);
+        assert_eq!(apportion(3, &[0, 0]), vec![2, 1]);
+        for total in [0u64, 1, 17, 1000] {
+            let w = [3, 9, 1, 27, 4];
+            assert_eq!(apportion(total, &w).iter().sum::<u64>(), total);
+        }
+        assert!(apportion(5, &[]).is_empty());
+    }
+}
