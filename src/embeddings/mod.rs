@@ -190,20 +190,23 @@ impl Engine {
         // Cache first; every miss is counted and checked before anything is queued, so a
         // refused request leaves nothing behind.
         let mut answers: Vec<Option<Arc<Embedded>>> = Vec::with_capacity(count);
-        let mut misses: [Vec<(usize, Miss)>; 2] = [Vec::new(), Vec::new()];
+        let mut unsized_misses: Vec<(usize, u128, request::Input)> = Vec::new();
         for (position, input) in request.inputs.into_iter().enumerate() {
             let hash = input_hash(&input);
             if let Some(hit) = self.cache.get(&(scope, hash)) {
                 answers.push(Some(hit));
-                continue;
+            } else {
+                answers.push(None);
+                unsized_misses.push((position, hash, input));
             }
-            answers.push(None);
-            let size = tokenizer.count_or_estimate(&input);
-            if tokenizer.count(&input).is_some() && size > self.config.max_input_tokens {
-                return Err(too_long(self.config.max_input_tokens, size));
+        }
+        let sized = size_misses(tokenizer, unsized_misses).await?;
+        let mut misses: [Vec<(usize, Miss)>; 2] = [Vec::new(), Vec::new()];
+        for (position, miss, exact) in sized {
+            if exact && miss.size > self.config.max_input_tokens {
+                return Err(too_long(self.config.max_input_tokens, miss.size));
             }
-            let kind = InputKind::of(&input) as usize;
-            misses[kind].push((position, Miss { hash, input, size }));
+            misses[InputKind::of(&miss.input) as usize].push((position, miss));
         }
         let hits = answers.iter().filter(|a| a.is_some()).count();
         if hits > 0 {
@@ -280,6 +283,40 @@ impl Engine {
         headers.insert(COALESCED_HEADER, HeaderValue::from(coalesced));
         Ok(response)
     }
+}
+
+/// Text beyond which tokenizing moves off the async workers: cl100k runs at roughly 10–50 MB/s,
+/// so a few thousand long inputs would otherwise stall every connection on that worker.
+const INLINE_TOKENIZE_BYTES: usize = 64 * 1024;
+
+/// Counts (or estimates) each miss's tokens; `bool` says whether the count is exact.
+async fn size_misses(
+    tokenizer: Tokenizer,
+    misses: Vec<(usize, u128, request::Input)>,
+) -> Result<Vec<(usize, Miss, bool)>, ProxyError> {
+    let count = move |misses: Vec<(usize, u128, request::Input)>| {
+        misses
+            .into_iter()
+            .map(|(position, hash, input)| {
+                let exact = tokenizer.count(&input);
+                let size = exact.unwrap_or_else(|| tokens::estimate(&input));
+                (position, Miss { hash, input, size }, exact.is_some())
+            })
+            .collect::<Vec<_>>()
+    };
+    let text_bytes: usize = misses
+        .iter()
+        .map(|(_, _, i)| match i {
+            request::Input::Text(s) => s.len(),
+            request::Input::Tokens(_) => 0,
+        })
+        .sum();
+    if text_bytes <= INLINE_TOKENIZE_BYTES || matches!(tokenizer, Tokenizer::Unknown) {
+        return Ok(count(misses));
+    }
+    tokio::task::spawn_blocking(move || count(misses))
+        .await
+        .map_err(|e| ProxyError::Internal(format!("tokenizing failed: {e}")))
 }
 
 /// The caller's headers as they go upstream on a merged call: end-to-end ones only, and not

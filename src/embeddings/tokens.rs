@@ -59,11 +59,6 @@ impl Tokenizer {
             (Tokenizer::Unknown, Input::Text(_)) => None,
         }
     }
-
-    /// The exact count, or an estimate for sizing calls when the tokenizer is unknown.
-    pub fn count_or_estimate(&self, input: &Input) -> u64 {
-        self.count(input).unwrap_or_else(|| estimate(input))
-    }
 }
 
 pub fn estimate(input: &Input) -> u64 {
@@ -127,7 +122,7 @@ mod tests {
     fn other_models_estimate_text_but_count_token_ids() {
         let t = Tokenizer::for_model(Some("bge-large"));
         assert_eq!(t.count(&Input::Text("abcdefgh".into())), None);
-        assert_eq!(t.count_or_estimate(&Input::Text("abcdefgh".into())), 2);
+        assert_eq!(estimate(&Input::Text("abcdefgh".into())), 2);
         assert_eq!(t.count(&Input::Tokens(vec![5; 7])), Some(7));
     }
 
