@@ -91,33 +91,34 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), embedcar::Error> {
+    // Signal handlers go in before anything is announced, so a SIGTERM sent as soon as the
+    // "listening" line appears is a graceful shutdown, not the default kill.
+    let shutdown = shutdown_signal()?;
     let state = embedcar::AppState::new(config)?;
     let (listener, admin) = embedcar::bind(&state.config).await?;
-    embedcar::run(state, listener, admin, shutdown_signal()).await
+    embedcar::run(state, listener, admin, shutdown).await
 }
 
-/// Resolves on SIGTERM (what Kubernetes and Docker send) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops embedcar");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// Registers for SIGTERM (what Kubernetes and Docker send) and SIGINT (Ctrl-C) now, and returns
+/// a future that resolves on the first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 fn init_tracing(config: &Config) {

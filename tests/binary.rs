@@ -189,6 +189,13 @@ fn check_config_prints_the_effective_configuration() {
 }
 
 #[test]
+fn the_example_config_lists_every_default() {
+    let text = include_str!("../config/embedcar.toml");
+    let example: embedcar::Config = toml::from_str(text).expect("the example parses");
+    assert_eq!(example, embedcar::Config::default());
+}
+
+#[test]
 fn the_example_config_is_valid() {
     let out = Command::new(BIN)
         .args([
