@@ -14,6 +14,7 @@ pub mod layers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod retry;
 pub mod router;
 pub mod server;
 pub mod stack;
