@@ -102,7 +102,10 @@ pub fn parse(body: &[u8], model_required: bool) -> Result<Parsed, ProxyError> {
         Some(Value::String(s)) if s == "base64" => Encoding::Base64,
         Some(other) => {
             return Err(invalid(
-                format!("{other} is not one of ['float', 'base64'] - 'encoding_format'"),
+                format!(
+                    "{} is not one of ['float', 'base64'] - 'encoding_format'",
+                    quoted(&other)
+                ),
                 Some("encoding_format"),
             ))
         }
@@ -114,7 +117,8 @@ pub fn parse(body: &[u8], model_required: bool) -> Result<Parsed, ProxyError> {
             _ => {
                 return Err(invalid(
                     format!(
-                        "{v} is not a valid value for 'dimensions': expected a positive integer"
+                        "{} is not a valid value for 'dimensions': expected a positive integer",
+                        quoted(&v)
                     ),
                     Some("dimensions"),
                 ))
@@ -159,6 +163,22 @@ fn parse_inputs(v: Value) -> Result<Vec<Input>, ProxyError> {
             _ => Err(invalid_input()),
         },
         _ => Err(invalid_input()),
+    }
+}
+
+/// A caller's value for an error message, the way OpenAI quotes it (`'int8'`), and cut short:
+/// an error must not echo a request body back.
+fn quoted(v: &Value) -> String {
+    const MAX_CHARS: usize = 40;
+    let text = match v {
+        Value::String(s) => format!("'{s}'"),
+        other => other.to_string(),
+    };
+    if text.chars().count() <= MAX_CHARS {
+        text
+    } else {
+        let cut: String = text.chars().take(MAX_CHARS).collect();
+        format!("{cut}...")
     }
 }
 
