@@ -46,11 +46,30 @@ use crate::{
 /// Largest upstream reply read: 2048 float JSON vectors of 3072 dimensions, with room to spare.
 const MAX_REPLY_BYTES: u64 = 512 * 1024 * 1024;
 
-/// Statuses that blame the request's content, so splitting the batch can find the offender.
-/// (401, 403, 404, 429 and 5xx blame the credential, the model or the moment: every part
-/// would fail alike, so they go to every caller as they are.)
-fn blames_input(status: StatusCode) -> bool {
-    matches!(status.as_u16(), 400 | 413 | 422)
+/// Whether an upstream refusal may be about one input rather than the whole request: a status
+/// that blames the content (400, 413, 422), and no request-level field named as the culprit.
+/// (401, 403, 404, 429 and 5xx blame the credential, the model or the moment; a `param` such as
+/// `dimensions` or `encoding_format` blames the request: every part would fail alike, so those
+/// go to every caller as they are.)
+fn blames_input(failure: &Failure) -> bool {
+    if !matches!(failure.status.as_u16(), 400 | 413 | 422) {
+        return false;
+    }
+    let param = serde_json::from_slice::<serde_json::Value>(&failure.body)
+        .ok()
+        .and_then(|v| v["error"]["param"].as_str().map(str::to_string));
+    match param {
+        None => true,
+        Some(p) => p == "input" || p.starts_with("input") || p.starts_with("$.input"),
+    }
+}
+
+/// Extra upstream calls allowed to isolate refused inputs in a batch of `n`: enough to bisect
+/// down to a couple of offenders (about 2·log2 n each), few enough that a refusal that was about
+/// the whole request after all costs a handful of calls, not 2n.
+fn isolation_budget(n: usize) -> usize {
+    let depth = usize::BITS - n.max(1).leading_zeros();
+    4 * depth as usize + 2
 }
 
 /// What a waiting caller receives for one input.
@@ -139,6 +158,9 @@ struct LaneState {
     queue: VecDeque<u128>,
     flights: HashMap<u128, Flight>,
     dispatching: bool,
+    /// Removed from the lanes map: a submitter that finds this looks the lane up again, so two
+    /// live lanes never serve one key.
+    retired: bool,
 }
 
 pub struct Lane {
@@ -205,22 +227,30 @@ impl Batcher {
         template: impl FnOnce() -> Template,
         misses: Vec<Miss>,
     ) -> Vec<Ticket> {
-        let lane = {
-            let mut lanes = lock(&self.ctx.lanes);
-            lanes
-                .entry((key.clone(), kind))
-                .or_insert_with(|| {
-                    Arc::new(Lane {
-                        template: Arc::new(template()),
-                        state: Mutex::new(LaneState::default()),
-                    })
-                })
-                .clone()
-        };
+        let mut template = Some(template);
         let mut tickets = Vec::with_capacity(misses.len());
         let mut queued = 0;
-        let start_dispatcher = {
+        let (lane, start_dispatcher) = loop {
+            let lane = {
+                let mut lanes = lock(&self.ctx.lanes);
+                lanes
+                    .entry((key.clone(), kind))
+                    .or_insert_with(|| {
+                        let make = template
+                            .take()
+                            .expect("a lane is created at most once here");
+                        Arc::new(Lane {
+                            template: Arc::new(make()),
+                            state: Mutex::new(LaneState::default()),
+                        })
+                    })
+                    .clone()
+            };
             let mut state = lock(&lane.state);
+            if state.retired {
+                continue;
+            }
+            let scope = lane.template.cache_scope;
             for miss in misses {
                 let (tx, rx) = oneshot::channel();
                 let joined = match state.flights.get_mut(&miss.hash) {
@@ -228,19 +258,27 @@ impl Batcher {
                         flight.waiters.push(tx);
                         true
                     }
-                    None => {
-                        state.flights.insert(
-                            miss.hash,
-                            Flight {
-                                input: Arc::new(miss.input),
-                                size: miss.size,
-                                waiters: vec![tx],
-                            },
-                        );
-                        state.queue.push_back(miss.hash);
-                        queued += 1;
-                        false
-                    }
+                    // A batch may have filled the cache and left the lane since the caller
+                    // looked: the cache is filled before flights leave, so one of the two holds.
+                    None => match self.ctx.cache.get(&(scope, miss.hash)) {
+                        Some(hit) => {
+                            let _ = tx.send(Ok(hit));
+                            false
+                        }
+                        None => {
+                            state.flights.insert(
+                                miss.hash,
+                                Flight {
+                                    input: Arc::new(miss.input),
+                                    size: miss.size,
+                                    waiters: vec![tx],
+                                },
+                            );
+                            state.queue.push_back(miss.hash);
+                            queued += 1;
+                            false
+                        }
+                    },
                 };
                 tickets.push(Ticket { rx, joined });
             }
@@ -248,7 +286,8 @@ impl Batcher {
             if start {
                 state.dispatching = true;
             }
-            start
+            drop(state);
+            break (lane, start);
         };
         self.ctx.metrics.embeddings_queue_depth.add(queued);
         if start_dispatcher {
@@ -345,13 +384,13 @@ fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
 /// Removes the lane from the map when it has nothing queued, in flight or dispatching.
 fn retire_if_idle(ctx: &Ctx, key: &BatchKey, kind: InputKind, lane: &Arc<Lane>) {
     let mut lanes = lock(&ctx.lanes);
-    let state = lock(&lane.state);
+    let mut state = lock(&lane.state);
     let idle = !state.dispatching && state.queue.is_empty() && state.flights.is_empty();
-    drop(state);
     if idle {
         let k = (key.clone(), kind);
         if lanes.get(&k).is_some_and(|l| Arc::ptr_eq(l, lane)) {
             lanes.remove(&k);
+            state.retired = true;
         }
     }
 }
@@ -420,7 +459,8 @@ async fn run_batch(
         hashes: items.iter().map(|i| i.hash).collect(),
         done: false,
     };
-    let outcomes = call_isolating(&ctx, &lane.template, &items).await;
+    let mut budget = isolation_budget(items.len());
+    let outcomes = call_isolating(&ctx, &lane.template, &items, &mut budget).await;
     drop(slot);
     // Fill the cache before the flights leave the lane, so a caller arriving in between finds
     // one or the other, never neither.
@@ -436,21 +476,24 @@ async fn run_batch(
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Sends `items` in one call; if the upstream blames the content, halves and retries each half
-/// until the offending inputs stand alone.
+/// Sends `items` in one call; if the upstream blames an input, halves and resends each half
+/// until the offending inputs stand alone, within `budget` extra calls. Parts left when the
+/// budget runs out get the refusal.
 fn call_isolating<'a>(
     ctx: &'a Ctx,
     template: &'a Template,
     items: &'a [Item],
+    budget: &'a mut usize,
 ) -> BoxFuture<'a, Vec<Outcome>> {
     Box::pin(async move {
         match call_once(ctx, template, items).await {
             Ok(done) => done.into_iter().map(Ok).collect(),
-            Err(failure) if items.len() > 1 && blames_input(failure.status) => {
+            Err(failure) if items.len() > 1 && *budget >= 2 && blames_input(&failure) => {
+                *budget -= 2;
                 ctx.metrics.embeddings_isolation_splits.inc();
                 let (left, right) = items.split_at(items.len() / 2);
-                let mut out = call_isolating(ctx, template, left).await;
-                out.extend(call_isolating(ctx, template, right).await);
+                let mut out = call_isolating(ctx, template, left, budget).await;
+                out.extend(call_isolating(ctx, template, right, budget).await);
                 out
             }
             Err(failure) => vec![Err(failure); items.len()],
@@ -599,4 +642,40 @@ async fn call_once(
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(status: u16, body: &str) -> Failure {
+        Failure {
+            status: StatusCode::from_u16(status).unwrap(),
+            headers: HeaderMap::new(),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    #[test]
+    fn only_refusals_that_may_be_about_an_input_are_split() {
+        let input_error = r#"{"error":{"message":"bad","type":"invalid_request_error","param":"input","code":null}}"#;
+        let no_param = r#"{"error":{"message":"too long","param":null}}"#;
+        let request_error = r#"{"error":{"message":"bad","param":"dimensions"}}"#;
+        assert!(blames_input(&failure(400, input_error)));
+        assert!(blames_input(&failure(400, no_param)));
+        assert!(blames_input(&failure(422, "not json")));
+        assert!(!blames_input(&failure(400, request_error)));
+        assert!(!blames_input(&failure(401, input_error)));
+        assert!(!blames_input(&failure(429, no_param)));
+        assert!(!blames_input(&failure(500, no_param)));
+    }
+
+    #[test]
+    fn the_isolation_budget_grows_with_the_log_of_the_batch() {
+        assert_eq!(isolation_budget(1), 6);
+        assert_eq!(isolation_budget(2), 10);
+        assert_eq!(isolation_budget(2048), 50);
+        // One offender in 2048 needs 2 calls per level over 11 levels.
+        assert!(isolation_budget(2048) >= 2 * 11);
+    }
 }
