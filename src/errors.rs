@@ -38,6 +38,15 @@ pub enum ProxyError {
     #[error("embedcar is shutting down")]
     ShuttingDown,
 
+    #[error("the rate limit for this credential would not let the request through before its deadline; retry after {retry_after:?}")]
+    RateLimited { retry_after: Duration },
+
+    #[error("the upstream is failing; embedcar stopped sending to it for a while; retry after {retry_after:?}")]
+    CircuitOpen { retry_after: Duration },
+
+    #[error("too many requests are queued in embedcar; retry later")]
+    QueueFull { retry_after: Duration },
+
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
 
@@ -66,9 +75,11 @@ impl ProxyError {
         match self {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ProxyError::Overloaded { .. } | ProxyError::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::Overloaded { .. }
+            | ProxyError::ShuttingDown
+            | ProxyError::CircuitOpen { .. }
+            | ProxyError::QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamInvalidReply(_) => {
                 StatusCode::BAD_GATEWAY
@@ -87,6 +98,9 @@ impl ProxyError {
             ProxyError::ClientBodyTimeout(_) => ("invalid_request_error", "request_body_timeout"),
             ProxyError::Overloaded { .. } => ("server_error", "proxy_overloaded"),
             ProxyError::ShuttingDown => ("server_error", "proxy_shutting_down"),
+            ProxyError::RateLimited { .. } => ("requests", "rate_limited"),
+            ProxyError::CircuitOpen { .. } => ("server_error", "upstream_circuit_open"),
+            ProxyError::QueueFull { .. } => ("server_error", "queue_full"),
             ProxyError::UpstreamTimeout(_) => ("server_error", "upstream_timeout"),
             ProxyError::UpstreamUnreachable(_) => ("server_error", "upstream_unreachable"),
             ProxyError::UpstreamInvalidReply(_) => ("server_error", "upstream_invalid_reply"),
@@ -99,7 +113,10 @@ impl ProxyError {
     /// When the caller should come back, for the statuses where waiting helps.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            ProxyError::Overloaded { retry_after, .. } => Some(*retry_after),
+            ProxyError::Overloaded { retry_after, .. }
+            | ProxyError::RateLimited { retry_after }
+            | ProxyError::CircuitOpen { retry_after }
+            | ProxyError::QueueFull { retry_after } => Some(*retry_after),
             ProxyError::ShuttingDown => Some(Duration::from_secs(1)),
             _ => None,
         }
@@ -184,6 +201,15 @@ mod tests {
                 retry_after: Duration::from_millis(1500),
             },
             ProxyError::ShuttingDown,
+            ProxyError::RateLimited {
+                retry_after: Duration::from_secs(2),
+            },
+            ProxyError::CircuitOpen {
+                retry_after: Duration::from_secs(5),
+            },
+            ProxyError::QueueFull {
+                retry_after: Duration::from_secs(1),
+            },
             ProxyError::UpstreamTimeout(Duration::from_secs(3)),
             ProxyError::UpstreamUnreachable("refused".into()),
             ProxyError::UpstreamInvalidReply("truncated".into()),

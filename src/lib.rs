@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod breaker;
 pub mod config;
 pub mod embeddings;
 pub mod errors;
@@ -14,6 +15,7 @@ pub mod layers;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod rate_gate;
 pub mod retry;
 pub mod router;
 pub mod server;

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Request latency buckets, in seconds: from a cache hit (sub-millisecond) to a long completion.
@@ -60,6 +60,20 @@ pub struct Metrics {
     pub embeddings_isolation_splits: IntCounter,
     /// Tokens of the inputs answered, by source (`upstream`: billed; `cache`: saved).
     pub embeddings_tokens: IntCounterVec,
+
+    /// Upstream attempts repeated, by reason; retries refused by the budget.
+    pub retries: IntCounterVec,
+    pub retry_budget_exhausted: IntCounter,
+    /// Time spent waiting at a rate gate; gates shut by the upstream's feedback; requests refused
+    /// because the gate would not open before their deadline.
+    pub gate_wait: Histogram,
+    pub gate_closures: IntCounter,
+    pub gate_rejections: IntCounter,
+    /// Circuit breaker: 0 closed, 1 open, 2 half-open; transitions by the state entered.
+    pub breaker_state: IntGauge,
+    pub breaker_transitions: IntCounterVec,
+    /// The upstream's `x-ratelimit-remaining-{requests,tokens}`, as last seen.
+    pub upstream_ratelimit_remaining: IntGaugeVec,
 }
 
 /// Inputs per upstream call: from a lone input to the API's 2048 cap.
@@ -186,6 +200,56 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "embedcar_retries_total",
+                "Upstream attempts repeated, by reason (status code, connect_error, timeout, io_error).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let retry_budget_exhausted = counter(
+            "embedcar_retry_budget_exhausted_total",
+            "Retries not made because the retry budget was spent.",
+        );
+        let gate_wait = Histogram::with_opts(
+            HistogramOpts::new(
+                "embedcar_rate_gate_wait_seconds",
+                "Time spent waiting at a rate gate.",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let gate_closures = counter(
+            "embedcar_rate_gate_closures_total",
+            "Rate gates shut by the upstream's 429 or rate-limit headers.",
+        );
+        let gate_rejections = counter(
+            "embedcar_rate_gate_rejections_total",
+            "Requests refused with 429 because the gate would not open before their deadline.",
+        );
+        let breaker_state = IntGauge::new(
+            "embedcar_circuit_breaker_state",
+            "Upstream circuit breaker: 0 closed, 1 open, 2 half-open.",
+        )
+        .expect("valid metric");
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "embedcar_circuit_breaker_transitions_total",
+                "Circuit breaker transitions, by the state entered.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let upstream_ratelimit_remaining = IntGaugeVec::new(
+            Opts::new(
+                "embedcar_upstream_ratelimit_remaining",
+                "The upstream's x-ratelimit-remaining-{requests,tokens}, as last seen.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+
         let m = Metrics {
             registry,
             requests,
@@ -207,8 +271,16 @@ impl Metrics {
             embeddings_batch_inputs,
             embeddings_isolation_splits,
             embeddings_tokens,
+            retries,
+            retry_budget_exhausted,
+            gate_wait,
+            gate_closures,
+            gate_rejections,
+            breaker_state,
+            breaker_transitions,
+            upstream_ratelimit_remaining,
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 19] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -228,6 +300,14 @@ impl Metrics {
             Box::new(m.embeddings_batch_inputs.clone()),
             Box::new(m.embeddings_isolation_splits.clone()),
             Box::new(m.embeddings_tokens.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.retry_budget_exhausted.clone()),
+            Box::new(m.gate_wait.clone()),
+            Box::new(m.gate_closures.clone()),
+            Box::new(m.gate_rejections.clone()),
+            Box::new(m.breaker_state.clone()),
+            Box::new(m.breaker_transitions.clone()),
+            Box::new(m.upstream_ratelimit_remaining.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -1,0 +1,230 @@
+//! Rate gates per upstream credential: requests per minute and tokens per minute (governor's
+//! GCRA, tokens as cells), and the upstream's own word: a 429, or a rate-limit header at zero,
+//! shuts the credential's gate until the reset for every caller at once, so one caller's 429
+//! does not become a hundred.
+//!
+//! Waiting at a gate counts against the caller's deadline. A caller who could not get through
+//! before its deadline is told so at once (429 with Retry-After), not after waiting for nothing.
+
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use governor::{
+    clock::Clock, middleware::NoOpMiddleware, state::keyed::DashMapStateStore, Quota, RateLimiter,
+};
+use tokio::time::Instant;
+
+use crate::{errors::ProxyError, metrics::Metrics};
+
+/// A credential's identity at the gates (the SHA-256 fingerprint the batch keys use).
+pub type CredentialId = [u8; 32];
+
+/// governor's clock on tokio's time, so that gates follow tokio's paused clock in tests and
+/// share one notion of "now" with the deadlines they are weighed against.
+#[derive(Clone)]
+pub struct TokioClock {
+    origin: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+}
+
+type Limiter = RateLimiter<
+    CredentialId,
+    DashMapStateStore<CredentialId>,
+    TokioClock,
+    NoOpMiddleware<Duration>,
+>;
+
+pub struct RateGates {
+    clock: TokioClock,
+    requests: Option<Limiter>,
+    tokens: Option<(Limiter, NonZeroU32)>,
+    /// Gates the upstream shut, until when.
+    shut: Mutex<HashMap<CredentialId, Instant>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RateGates {
+    /// `requests_per_minute` / `tokens_per_minute` of 0 mean no limit of that kind.
+    pub fn new(requests_per_minute: u32, tokens_per_minute: u32, metrics: Arc<Metrics>) -> Self {
+        let clock = TokioClock {
+            origin: Instant::now(),
+        };
+        let limiter = |per_minute: u32| {
+            NonZeroU32::new(per_minute).map(|n| {
+                (
+                    RateLimiter::dashmap_with_clock(Quota::per_minute(n), clock.clone()),
+                    n,
+                )
+            })
+        };
+        RateGates {
+            requests: limiter(requests_per_minute).map(|(l, _)| l),
+            tokens: limiter(tokens_per_minute),
+            clock,
+            shut: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Shuts `credential`'s gate for `for_` (from a 429 or a budget at zero). A later, shorter
+    /// closure does not reopen a longer one.
+    pub fn shut(&self, credential: &CredentialId, for_: Duration) {
+        let until = Instant::now() + for_;
+        let mut shut = self.shut.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = shut.entry(*credential).or_insert(until);
+        if *entry < until {
+            *entry = until;
+        }
+        self.metrics.gate_closures.inc();
+        // Forget closures long past, so the map holds only live ones.
+        let now = Instant::now();
+        shut.retain(|_, t| *t > now);
+    }
+
+    /// When `credential`'s gate opens again, if the upstream shut it.
+    pub fn shut_until(&self, credential: &CredentialId) -> Option<Instant> {
+        let shut = self.shut.lock().unwrap_or_else(|p| p.into_inner());
+        shut.get(credential)
+            .copied()
+            .filter(|t| *t > Instant::now())
+    }
+
+    /// Passes one request of `tokens` tokens for `credential`, waiting as needed, but never
+    /// past `deadline`: if the gate would not open in time, fails at once with 429.
+    pub async fn pass(
+        &self,
+        credential: &CredentialId,
+        tokens: u64,
+        deadline: Instant,
+    ) -> Result<(), ProxyError> {
+        let started = Instant::now();
+        loop {
+            let now = Instant::now();
+            let wait = self.wait(credential, tokens);
+            match wait {
+                None => {
+                    if now > started {
+                        self.metrics
+                            .gate_wait
+                            .observe(now.duration_since(started).as_secs_f64());
+                    }
+                    return Ok(());
+                }
+                Some(wait) if now + wait > deadline => {
+                    self.metrics.gate_rejections.inc();
+                    return Err(ProxyError::RateLimited { retry_after: wait });
+                }
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// How long until `credential` may send `tokens` more tokens now; `None` when it may go
+    /// now (and then the request and its tokens are counted).
+    fn wait(&self, credential: &CredentialId, tokens: u64) -> Option<Duration> {
+        if let Some(until) = self.shut_until(credential) {
+            return Some(until - Instant::now());
+        }
+        let now = self.clock.now();
+        // Requests first: when the token budget then says wait, the cell wasted is the cheap one.
+        if let Some(limiter) = &self.requests {
+            if let Err(not_until) = limiter.check_key(credential) {
+                return Some(not_until.wait_time_from(now));
+            }
+        }
+        if let Some((limiter, burst)) = &self.tokens {
+            // A call larger than a whole minute's budget could never pass; let it go as a
+            // full minute's worth.
+            let cells = u32::try_from(tokens)
+                .unwrap_or(u32::MAX)
+                .clamp(1, burst.get());
+            let cells = NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN);
+            match limiter.check_key_n(credential, cells) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => return Some(not_until.wait_time_from(now)),
+                Err(_) => return Some(Duration::from_secs(60)),
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gates(rpm: u32, tpm: u32) -> RateGates {
+        RateGates::new(rpm, tpm, Arc::new(Metrics::new()))
+    }
+
+    const A: CredentialId = [1; 32];
+    const B: CredentialId = [2; 32];
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_per_minute_are_spread_and_never_exceeded() {
+        let g = gates(60, 0);
+        let start = Instant::now();
+        let far = start + Duration::from_secs(3600);
+        let mut passed = 0;
+        while Instant::now() < start + Duration::from_secs(60) {
+            g.pass(&A, 1, far).await.unwrap();
+            passed += 1;
+        }
+        // A full burst at once, then one per second: at most 60 + 60 in the first minute.
+        assert!((100..=121).contains(&passed), "{passed}");
+        // Another credential has its own budget.
+        let t = Instant::now();
+        g.pass(&B, 1, far).await.unwrap();
+        assert_eq!(Instant::now(), t);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_per_minute_count_tokens_as_cells() {
+        let g = gates(0, 1000);
+        let far = Instant::now() + Duration::from_secs(3600);
+        g.pass(&A, 1000, far).await.unwrap();
+        let t = Instant::now();
+        g.pass(&A, 500, far).await.unwrap();
+        let waited = Instant::now() - t;
+        assert!(
+            waited >= Duration::from_secs(29) && waited <= Duration::from_secs(31),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_cannot_pass_before_its_deadline_is_refused_at_once() {
+        let g = gates(1, 0);
+        let soon = Instant::now() + Duration::from_secs(5);
+        g.pass(&A, 1, soon).await.unwrap();
+        let t = Instant::now();
+        let err = g.pass(&A, 1, soon).await.err().expect("refused");
+        assert_eq!(Instant::now(), t, "refused without waiting");
+        assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
+        assert!(err.retry_after().unwrap() > Duration::from_secs(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_closure_holds_every_caller_of_that_credential_until_the_reset() {
+        let g = gates(0, 0);
+        let far = Instant::now() + Duration::from_secs(3600);
+        g.shut(&A, Duration::from_secs(2));
+        g.shut(&A, Duration::from_millis(500)); // shorter: does not reopen early
+        let t = Instant::now();
+        g.pass(&A, 1, far).await.unwrap();
+        assert_eq!(Instant::now() - t, Duration::from_secs(2));
+        let t = Instant::now();
+        g.pass(&B, 1, far).await.unwrap();
+        assert_eq!(Instant::now(), t, "other credentials are not held");
+    }
+}
