@@ -208,7 +208,7 @@ mod tests {
         let soon = Instant::now() + Duration::from_secs(5);
         g.pass(&A, 1, soon).await.unwrap();
         let t = Instant::now();
-        let err = g.pass(&A, 1, soon).await.err().expect("refused");
+        let err = g.pass(&A, 1, soon).await.expect_err("refused");
         assert_eq!(Instant::now(), t, "refused without waiting");
         assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
         assert!(err.retry_after().unwrap() > Duration::from_secs(50));
