@@ -59,6 +59,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
+    pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
     pub credentials: CredentialsConfig,
     pub embeddings: EmbeddingsConfig,
     pub cache: CacheConfig,
@@ -100,6 +102,91 @@ pub struct LimitsConfig {
     pub max_concurrency: usize,
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// Every request's deadline, shortened by the client's own `x-stainless-read-timeout` /
+    /// `x-stainless-timeout` hint: embeddings get their vectors (queueing, gates, retries
+    /// included) or a 504 by then; pass-through requests get the upstream's response head.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Per upstream credential; 0 = no limit.
+    pub requests_per_minute: u32,
+    pub tokens_per_minute: u32,
+    /// Embeddings inputs waiting for an upstream call at most; beyond, 503 at once.
+    pub max_queued_inputs: usize,
+    /// Pass-through requests waiting for an upstream slot at most; beyond, 503 at once.
+    pub max_waiting_requests: usize,
+}
+
+/// Retries of upstream calls (embeddings calls, and pass-through requests whose body was small
+/// enough to keep).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts per call, the first included; 1 = no retries.
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub base_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Cap on a delay the upstream asks for (Retry-After, retry-after-ms, rate-limit resets).
+    #[serde(with = "humantime_serde")]
+    pub max_server_delay: Duration,
+    /// Retries may add this share of the recent request rate...
+    pub budget_ratio: f32,
+    /// ...plus this many per second.
+    pub budget_min_per_second: u32,
+    /// Pass-through request bodies up to this size are kept so the request can be retried.
+    pub max_buffered_body: u64,
+    /// Add `x-should-retry: false` to a failure embedcar already retried (or chose not to), so
+    /// the official clients do not retry it again.
+    pub should_retry_header: bool,
+}
+
+/// The upstream circuit breaker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Consecutive failures (connection errors, 5xx, timeouts) that open it; 0 = never.
+    pub failure_threshold: u32,
+    /// How long it stays open before a probe.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_QUEUED_INPUTS: usize = 100_000;
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 1024;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const DEFAULT_BASE_BACKOFF: Duration = Duration::from_millis(250);
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(8);
+pub const DEFAULT_MAX_SERVER_DELAY: Duration = Duration::from_secs(30);
+pub const DEFAULT_BUDGET_RATIO: f32 = 0.2;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+pub const DEFAULT_MAX_BUFFERED_BODY: u64 = 256 * 1024;
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            base_backoff: DEFAULT_BASE_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            max_server_delay: DEFAULT_MAX_SERVER_DELAY,
+            budget_ratio: DEFAULT_BUDGET_RATIO,
+            budget_min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+            max_buffered_body: DEFAULT_MAX_BUFFERED_BODY,
+            should_retry_header: true,
+        }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            cooldown: DEFAULT_BREAKER_COOLDOWN,
+        }
+    }
 }
 
 /// Where embedcar's own upstream key comes from, if it holds one. The key itself never appears
@@ -144,9 +231,6 @@ pub struct EmbeddingsConfig {
     /// Split a request over the per-call input or token cap into several calls (else it passes
     /// through for the upstream to judge).
     pub split_oversized: bool,
-    /// Longest a caller waits for its vectors, queueing included, before 504.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
     /// Headers that differ per request, attempt or client build without changing the answer:
     /// left out when deciding whether two callers may share an upstream call. A trailing `*`
     /// matches a prefix.
@@ -179,7 +263,6 @@ pub const DEFAULT_MAX_INPUTS_PER_CALL: usize = 2048;
 pub const DEFAULT_MAX_TOKENS_PER_CALL: u64 = 300_000;
 pub const DEFAULT_MAX_INPUT_TOKENS: u64 = 8192;
 pub const DEFAULT_LINGER: Duration = Duration::ZERO;
-pub const DEFAULT_EMBEDDINGS_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Per-request, per-attempt and per-build headers of the official clients and of tracing.
 pub const DEFAULT_IGNORE_HEADERS: &[&str] = &[
     "user-agent",
@@ -215,7 +298,6 @@ impl Default for EmbeddingsConfig {
             max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
             linger: DEFAULT_LINGER,
             split_oversized: true,
-            request_timeout: DEFAULT_EMBEDDINGS_REQUEST_TIMEOUT,
             ignore_headers: DEFAULT_IGNORE_HEADERS
                 .iter()
                 .map(|s| s.to_string())
@@ -285,6 +367,11 @@ impl Default for LimitsConfig {
         Self {
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             max_wait: DEFAULT_MAX_WAIT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            max_queued_inputs: DEFAULT_MAX_QUEUED_INPUTS,
+            max_waiting_requests: DEFAULT_MAX_WAITING_REQUESTS,
         }
     }
 }
@@ -401,6 +488,14 @@ impl Config {
             if value.is_zero() {
                 return Err(ConfigError(format!("{key}: must be longer than 0s")));
             }
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(ConfigError("retry.max_attempts: must be at least 1".into()));
+        }
+        if !(0.0..=1000.0).contains(&self.retry.budget_ratio) {
+            return Err(ConfigError(
+                "retry.budget_ratio: must be between 0 and 1000".into(),
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(

@@ -355,3 +355,404 @@ mod tests {
         assert!(budget.withdraw());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The attempt loop
+
+/// Whether another attempt could change the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// 2xx: done.
+    Success,
+    /// An answer another attempt would not change (most 4xx).
+    Final,
+    /// Worth another attempt, after the server's delay if it named one.
+    Retryable {
+        reason: RetryReason,
+        server_delay: Option<Duration>,
+    },
+}
+
+/// What an attempt says about the upstream's health, for the circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Good,
+    /// Connection errors, timeouts, 5xx.
+    Bad,
+    /// Answers about the request, not the upstream (4xx, 429 included).
+    Neutral,
+}
+
+/// One attempt's result and how to judge it.
+pub struct Tried<T> {
+    pub value: T,
+    pub verdict: Verdict,
+    pub health: Health,
+    /// The reply's status and rate-limit headers, when there was a reply.
+    pub rate_limit: Option<(StatusCode, RateLimitHeaders)>,
+}
+
+impl<T> Tried<T> {
+    /// Judges a reply by its status and headers.
+    pub fn reply(value: T, status: StatusCode, headers: &HeaderMap) -> Tried<T> {
+        let rate_limit = RateLimitHeaders::parse(headers);
+        let verdict = if status.is_success() {
+            Verdict::Success
+        } else if let Some(reason) = RetryReason::of_status(status) {
+            Verdict::Retryable {
+                reason,
+                server_delay: rate_limit.closed_for(status).or(rate_limit.retry_after),
+            }
+        } else {
+            Verdict::Final
+        };
+        let health = if status.is_server_error() {
+            Health::Bad
+        } else if status.is_success() {
+            Health::Good
+        } else {
+            Health::Neutral
+        };
+        Tried {
+            value,
+            verdict,
+            health,
+            rate_limit: Some((status, rate_limit)),
+        }
+    }
+
+    /// An exchange that produced no usable reply (connection error, timeout, broken body).
+    pub fn broken(value: T, reason: RetryReason) -> Tried<T> {
+        Tried {
+            value,
+            verdict: Verdict::Retryable {
+                reason,
+                server_delay: None,
+            },
+            health: Health::Bad,
+            rate_limit: None,
+        }
+    }
+}
+
+/// The loop's result: the last attempt's value, and whether it is a retryable failure that
+/// embedcar will not retry any further (then the caller should not either).
+pub struct Finished<T> {
+    pub value: T,
+    pub gave_up: bool,
+}
+
+/// The retry loop with everything it answers to: the circuit breaker, the rate gates, the
+/// budget and the caller's deadline.
+pub struct Retrier {
+    pub gates: crate::rate_gate::RateGates,
+    pub breaker: Option<crate::breaker::CircuitBreaker>,
+    budget: RetryBudget,
+    backoff: Backoff,
+    max_attempts: u32,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// The span of time the retry budget looks back over.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+impl Retrier {
+    pub fn new(
+        config: &crate::config::Config,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> Retrier {
+        let r = &config.retry;
+        let b = &config.breaker;
+        Retrier {
+            gates: crate::rate_gate::RateGates::new(
+                config.limits.requests_per_minute,
+                config.limits.tokens_per_minute,
+                metrics.clone(),
+            ),
+            breaker: (b.failure_threshold > 0).then(|| {
+                crate::breaker::CircuitBreaker::new(
+                    b.failure_threshold,
+                    b.cooldown,
+                    metrics.clone(),
+                )
+            }),
+            budget: RetryBudget::new(BUDGET_WINDOW, r.budget_min_per_second, r.budget_ratio),
+            backoff: Backoff {
+                base: r.base_backoff,
+                max: r.max_backoff,
+                max_server_delay: r.max_server_delay,
+            },
+            max_attempts: r.max_attempts,
+            metrics,
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or may not be repeated (attempts,
+    /// budget, deadline). Each attempt first passes the breaker and the credential's rate gate
+    /// (for `tokens` tokens), both bounded by `deadline`. With `retryable` false (a body that was
+    /// streamed and is gone) there is one attempt, and a retryable failure is left for the
+    /// caller to retry.
+    pub async fn run<T, F, Fut>(
+        &self,
+        credential: &crate::rate_gate::CredentialId,
+        tokens: u64,
+        deadline: tokio::time::Instant,
+        retryable: bool,
+        mut attempt: F,
+    ) -> Result<Finished<T>, crate::errors::ProxyError>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: std::future::Future<Output = Tried<T>>,
+    {
+        self.budget.deposit();
+        let mut number = 0;
+        loop {
+            number += 1;
+            let pass = match &self.breaker {
+                Some(b) => Some(b.admit()?),
+                None => None,
+            };
+            self.gates.pass(credential, tokens, deadline).await?;
+            let tried = attempt(number).await;
+            if let Some((status, headers)) = &tried.rate_limit {
+                self.observe_rate_limit(credential, *status, headers);
+            }
+            if let Some(pass) = pass {
+                match tried.health {
+                    Health::Good => pass.succeeded(),
+                    Health::Bad => pass.failed(),
+                    Health::Neutral => pass.neutral(),
+                }
+            }
+            let (reason, server_delay) = match tried.verdict {
+                Verdict::Success | Verdict::Final => {
+                    return Ok(Finished {
+                        value: tried.value,
+                        gave_up: false,
+                    })
+                }
+                Verdict::Retryable {
+                    reason,
+                    server_delay,
+                } => (reason, server_delay),
+            };
+            if !retryable {
+                return Ok(Finished {
+                    value: tried.value,
+                    gave_up: false,
+                });
+            }
+            let delay = self.backoff.delay(number, server_delay);
+            let in_time = tokio::time::Instant::now() + delay < deadline;
+            if number >= self.max_attempts || !in_time {
+                return Ok(Finished {
+                    value: tried.value,
+                    gave_up: true,
+                });
+            }
+            if !self.budget.withdraw() {
+                self.metrics.retry_budget_exhausted.inc();
+                return Ok(Finished {
+                    value: tried.value,
+                    gave_up: true,
+                });
+            }
+            self.metrics
+                .retries
+                .with_label_values(&[reason.label()])
+                .inc();
+            drop(tried.value);
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Shuts the credential's gate when the upstream says it is out of budget, and shows the
+    /// remaining budget in metrics.
+    fn observe_rate_limit(
+        &self,
+        credential: &crate::rate_gate::CredentialId,
+        status: StatusCode,
+        headers: &RateLimitHeaders,
+    ) {
+        if let Some(n) = headers.remaining_requests {
+            self.metrics
+                .upstream_ratelimit_remaining
+                .with_label_values(&["requests"])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Some(n) = headers.remaining_tokens {
+            self.metrics
+                .upstream_ratelimit_remaining
+                .with_label_values(&["tokens"])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Some(closed) = headers.closed_for(status) {
+            self.gates
+                .shut(credential, closed.min(self.backoff.max_server_delay));
+        }
+    }
+}
+
+/// Marks a failure embedcar has already retried as far as it will: the official clients honour
+/// `x-should-retry: false` and do not multiply the attempts.
+pub fn mark_final(headers: &mut HeaderMap) {
+    headers.insert("x-should-retry", http::HeaderValue::from_static("false"));
+}
+
+#[cfg(test)]
+mod loop_tests {
+    use super::*;
+    use std::sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    };
+    use tokio::time::Instant;
+
+    fn retrier(tweak: impl FnOnce(&mut crate::config::Config)) -> Retrier {
+        let mut c = crate::config::Config::default();
+        c.retry.base_backoff = Duration::from_millis(100);
+        tweak(&mut c);
+        Retrier::new(&c, Arc::new(crate::metrics::Metrics::new()))
+    }
+
+    fn reply(status: u16, headers: &[(&'static str, &'static str)]) -> Tried<u16> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        Tried::reply(status, StatusCode::from_u16(status).unwrap(), &h)
+    }
+
+    const KEY: crate::rate_gate::CredentialId = [7; 32];
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_until_success() {
+        let r = retrier(|_| {});
+        let far = Instant::now() + Duration::from_secs(60);
+        let calls = AtomicU32::new(0);
+        let done = r
+            .run(&KEY, 1, far, true, |n| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 3 {
+                        reply(503, &[])
+                    } else {
+                        reply(200, &[])
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(done.value, 200);
+        assert!(!done.gave_up);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_are_capped_and_the_last_failure_is_final() {
+        let r = retrier(|c| c.breaker.failure_threshold = 0);
+        let far = Instant::now() + Duration::from_secs(60);
+        let done = r
+            .run(&KEY, 1, far, true, |_| async { reply(502, &[]) })
+            .await
+            .unwrap();
+        assert_eq!(done.value, 502);
+        assert!(done.gave_up);
+        let done = r
+            .run(&KEY, 1, far, true, |_| async { reply(400, &[]) })
+            .await
+            .unwrap();
+        assert!(!done.gave_up, "a 400 is an answer, not a failure to retry");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_servers_delay_is_honoured_and_shuts_the_gate() {
+        let r = retrier(|_| {});
+        let far = Instant::now() + Duration::from_secs(60);
+        let start = Instant::now();
+        let done = r
+            .run(&KEY, 1, far, true, |n| async move {
+                if n == 1 {
+                    reply(429, &[("retry-after", "2")])
+                } else {
+                    reply(200, &[])
+                }
+            })
+            .await
+            .unwrap();
+        assert_eq!(done.value, 200);
+        assert_eq!(Instant::now() - start, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_is_started_that_would_end_past_the_deadline() {
+        let r = retrier(|_| {});
+        let soon = Instant::now() + Duration::from_secs(1);
+        let done = r
+            .run(&KEY, 1, soon, true, |_| async {
+                reply(503, &[("retry-after", "5")])
+            })
+            .await
+            .unwrap();
+        assert!(done.gave_up);
+        assert!(Instant::now() < soon);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_cannot_be_resent_gets_one_attempt() {
+        let r = retrier(|_| {});
+        let far = Instant::now() + Duration::from_secs(60);
+        let calls = AtomicU32::new(0);
+        let done = r
+            .run(&KEY, 1, far, false, |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { reply(503, &[]) }
+            })
+            .await
+            .unwrap();
+        assert!(!done.gave_up, "the caller may still retry it");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_upstream_exhausts_the_budget_and_opens_the_breaker() {
+        let r = retrier(|c| {
+            c.retry.budget_min_per_second = 1;
+            c.retry.budget_ratio = 0.0;
+            c.retry.max_attempts = 10;
+            c.retry.base_backoff = Duration::from_millis(1);
+            c.retry.max_backoff = Duration::from_millis(1);
+            c.breaker.failure_threshold = 1000;
+        });
+        let far = Instant::now() + Duration::from_secs(600);
+        let calls = AtomicU32::new(0);
+        for _ in 0..5 {
+            r.run(&KEY, 1, far, true, |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { reply(500, &[]) }
+            })
+            .await
+            .unwrap();
+        }
+        // 5 first attempts plus at most the floor's worth of retries (1/s over the 10 s window),
+        // not the 50 that 10 attempts each would make.
+        let n = calls.load(Ordering::SeqCst);
+        assert!((6..=16).contains(&n), "{n} attempts");
+
+        let r = retrier(|c| {
+            c.breaker.failure_threshold = 3;
+            c.retry.max_attempts = 1;
+        });
+        for _ in 0..3 {
+            r.run(&KEY, 1, far, true, |_| async { reply(500, &[]) })
+                .await
+                .unwrap();
+        }
+        let refused = r
+            .run(&KEY, 1, far, true, |_| async { reply(200, &[]) })
+            .await
+            .err()
+            .expect("the breaker is open");
+        assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

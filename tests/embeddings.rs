@@ -845,7 +845,7 @@ async fn a_caller_that_disconnects_leaves_no_input_sent_on_its_behalf() {
 async fn a_caller_whose_deadline_passes_gets_a_504_and_its_input_is_not_sent() {
     let upstream = FakeUpstream::start().await;
     let mut config = config(&upstream, 1);
-    config.embeddings.request_timeout = Duration::from_millis(300);
+    config.limits.request_timeout = Duration::from_millis(300);
     let proxy = start_proxy(config).await;
     let url = embeddings_url(&proxy.url());
     let input = text("waited too long");

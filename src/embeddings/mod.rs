@@ -75,6 +75,7 @@ pub struct Engine {
     metrics: Arc<Metrics>,
     proxy: Arc<Proxy>,
     config: crate::config::EmbeddingsConfig,
+    request_timeout: std::time::Duration,
     share_cache: bool,
 }
 
@@ -110,6 +111,7 @@ impl Engine {
             metrics,
             proxy,
             config: e.clone(),
+            request_timeout: config.limits.request_timeout,
             share_cache: config.cache.share_across_credentials,
         }
     }
@@ -160,7 +162,7 @@ impl Engine {
         path: EmbeddingsPath,
         request: EmbeddingsRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = Instant::now() + self.request_timeout;
         let target = parts
             .uri
             .path_and_query()
@@ -248,7 +250,7 @@ impl Engine {
                         .deadline_expired
                         .with_label_values(&["embeddings"])
                         .inc();
-                    return Err(ProxyError::DeadlineExceeded(self.config.request_timeout));
+                    return Err(ProxyError::DeadlineExceeded(self.request_timeout));
                 }
                 Ok(Err(_)) => {
                     return Err(ProxyError::Internal(
