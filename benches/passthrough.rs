@@ -1,1 +1,1408 @@
-fn main(){}
+//! Pass-through overhead of embedcar, measured side by side with a direct call.
+//!
+//! Run with `cargo bench --bench passthrough` (see benches/README.md).
+//!
+//! For each scenario the same small request (`POST /v1/bench/passthrough` with the one-sentence
+//! embeddings body, echoed back by the fake upstream; see [`DEFAULT_PATH`] for why not
+//! `/v1/embeddings`) is sent three ways, one after the other, and the differences are what the
+//! proxy costs:
+//!
+//! * DIRECT: load generator → fake upstream (the baseline);
+//! * TCP RELAY: load generator → a bare byte-copying relay on core 0 → fake upstream: the floor,
+//!   what the extra hop alone costs on this machine (`BENCH_FLOOR=0` skips it);
+//! * EMBEDCAR: load generator → embedcar on core 0 → fake upstream.
+//!
+//! Scenarios:
+//!
+//! * `closed 64`: 64 keep-alive connections, each sending its next request as soon as the
+//!   previous answer is read: maximum throughput. embedcar's CPU time per request at saturation
+//!   (a target) is taken here.
+//! * `open 500/s`, `open 2000/s`: requests on a fixed timetable over 64 connections. Latency runs
+//!   from the *scheduled* send time, not from when a connection got round to sending, so a
+//!   stall shows up in the figures instead of silently slowing the schedule down (coordinated
+//!   omission).
+//!
+//! Pinning, so that runs are comparable: embedcar runs alone on core 0 (`taskset -c 0`; its
+//! tokio runtime then sizes itself to one worker), this process — load generator, fake upstream
+//! and the open-loop pacer thread — on core 1 (`sched_setaffinity` on the main thread before any
+//! other thread exists; threads inherit it). Without two usable cores or without `taskset`, it
+//! warns and runs unpinned. Other load on the machine still skews the figures: each run compares
+//! the cores' busy time with our processes' own and prints a warning when they differ.
+//!
+//! The load generator is hyper's low-level HTTP/1.1 client (`client::conn::http1`), one task per
+//! connection, on a current-thread runtime: exact connection counts and little overhead of its
+//! own. embedcar is the real release binary with its default configuration, started fresh for
+//! each run (so its peak memory is per scenario) and read from the outside: CPU time from its
+//! process CPU clock (exact; `/proc/<pid>/stat` utime + stime is shown beside it as a
+//! cross-check), peak RSS from `VmHWM` in `/proc/<pid>/status`.
+//!
+//! Environment: `BENCH_SECONDS` (measured seconds per run, default 8), `BENCH_WARMUP_SECONDS`
+//! (default 1.5), `BENCH_CONNECTIONS` (default 64), `BENCH_RATES` (default `500,2000`),
+//! `BENCH_PATH` (default `/v1/bench/passthrough`), `BENCH_PIN=0` (do not pin), `BENCH_FLOOR=0`
+//! (no relay runs). `EMBEDCAR_*` variables reach embedcar unchanged.
+//!
+//! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
+//! more than 1% errors in a run); a missed target is reported, not failed.
+
+#[allow(dead_code)]
+#[path = "../tests/support/fake_upstream.rs"]
+mod fake_upstream;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// The route every scenario sends to. embedcar's embeddings engine owns `POST /v1/embeddings`
+/// (with identical inputs every request after the first would be a cache hit, and the fake would
+/// hardly be called), so the pass-through is measured on a path the engine does not claim: the
+/// same request, which the fake upstream echoes back (same size, `content-length` framing).
+/// `BENCH_PATH=/v1/embeddings` with `EMBEDCAR_EMBEDDINGS__ENABLED=false` measures the embeddings
+/// path itself passed through.
+const DEFAULT_PATH: &str = "/v1/bench/passthrough";
+/// The request body: the one-sentence embeddings request of the issue.
+const BODY: &[u8] =
+    br#"{"input":"The food was delicious and the waiter was friendly.","model":"text-embedding-3-small"}"#;
+const AUTH: &str = "Bearer sk-bench";
+
+const EMBEDCAR_CORE: usize = 0;
+const BENCH_CORE: usize = 1;
+
+/// The issue's targets on the 2-core reference machine.
+const TARGET_CPU_US: f64 = 25.0;
+const TARGET_ADDED_P50_MS: f64 = 0.1;
+const TARGET_ADDED_P50_RATE: f64 = 2000.0;
+const TARGET_MEMORY_MIB: f64 = 20.0;
+
+/// More failed requests than this share of all requests means the run measured nothing useful.
+const MAX_ERROR_RATE: f64 = 0.01;
+
+/// Busy time on a pinned core beyond what our own process used, above which a run is flagged as
+/// disturbed (other processes, or interrupt work not charged to a process).
+const MAX_FOREIGN_LOAD: f64 = 0.10;
+
+/// Latencies are recorded in nanoseconds, up to a minute, 3 significant digits.
+const HIST_MAX_NS: u64 = 60_000_000_000;
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------------
+
+struct Settings {
+    path: http::Uri,
+    measure: Duration,
+    warmup: Duration,
+    connections: usize,
+    rates: Vec<f64>,
+    pin: bool,
+    /// Also run the bare TCP relay (`BENCH_FLOOR=0` skips it).
+    floor: bool,
+    /// `cargo test --benches` runs this without `--bench`: a short smoke run, no verdicts.
+    smoke: bool,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let smoke = !std::env::args().any(|a| a == "--bench");
+        let secs = |name: &str, default: f64| {
+            let v = std::env::var(name)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .filter(|v| *v > 0.0 && v.is_finite())
+                .unwrap_or(default);
+            Duration::from_secs_f64(v)
+        };
+        let (measure, warmup) = if smoke {
+            (Duration::from_millis(300), Duration::from_millis(100))
+        } else {
+            (
+                secs("BENCH_SECONDS", 8.0),
+                secs("BENCH_WARMUP_SECONDS", 1.5),
+            )
+        };
+        let connections = std::env::var("BENCH_CONNECTIONS")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(64);
+        let rates = std::env::var("BENCH_RATES")
+            .ok()
+            .map(|s| {
+                s.split(',')
+                    .filter_map(|r| r.trim().parse::<f64>().ok())
+                    .filter(|r| *r > 0.0)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| vec![500.0, 2000.0]);
+        let pin = std::env::var("BENCH_PIN").map_or(true, |v| v != "0");
+        let floor = std::env::var("BENCH_FLOOR").map_or(true, |v| v != "0");
+        let path = std::env::var("BENCH_PATH")
+            .ok()
+            .and_then(|p| p.parse::<http::Uri>().ok())
+            .filter(|p| p.path().starts_with('/') && p.authority().is_none())
+            .unwrap_or_else(|| http::Uri::from_static(DEFAULT_PATH));
+        Settings {
+            path,
+            measure,
+            warmup,
+            connections,
+            rates,
+            pin,
+            floor,
+            smoke,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    /// N connections, each sending back to back.
+    Closed,
+    /// A fixed rate in requests per second.
+    Open(f64),
+}
+
+impl Load {
+    fn label(self, connections: usize) -> String {
+        match self {
+            Load::Closed => format!("closed {connections}"),
+            Load::Open(r) => format!("open {r}/s"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Direct,
+    /// The floor: a bare TCP relay on embedcar's core in embedcar's place.
+    Relay,
+    Through,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Relay => "tcp relay",
+            Path::Through => "embedcar",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pinning and /proc readings
+// ---------------------------------------------------------------------------------------------
+
+/// Pins the calling thread to `core`.
+fn pin_thread(core: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data; CPU_SET and sched_setaffinity only touch the set we pass.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Pins the calling thread (the main thread, before the runtime and the pacer exist, so every
+/// later thread inherits it) to `core`, once both cores are known to be usable. Returns why
+/// not, if it could not.
+fn pin_self(core: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data; the CPU_* helpers and sched_{get,set}affinity only read
+    // and write the set we pass, sized by size_of.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return Err(format!(
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        for c in [EMBEDCAR_CORE, BENCH_CORE] {
+            if !libc::CPU_ISSET(c, &allowed) {
+                return Err(format!("core {c} is not available to this process"));
+            }
+        }
+    }
+    pin_thread(core)
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU time (user + system, all threads, live and exited) of a process, in nanoseconds, from the
+/// process CPU-time clock (`clock_getcpuclockid`). This is the same quantity as utime + stime in
+/// `/proc/<pid>/stat`, but exact: the /proc figures are sampled at each timer tick (10 ms), and a
+/// fixed-rate load whose period divides the tick (2,000 req/s = 20 per tick) is sampled at the
+/// same phase every time, which biases them. `pid` 0 is this process.
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: only writes to the out-parameter.
+    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
+        return None;
+    }
+    clock_ns(clock)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: only writes to the out-parameter.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// Whose CPU time a run charges to the proxy under test.
+#[derive(Clone, Copy)]
+enum ProxyCpu {
+    None,
+    /// embedcar, a child process.
+    Process(u32),
+    /// The relay thread inside this process (its thread CPU clock).
+    Thread(libc::clockid_t),
+}
+
+impl ProxyCpu {
+    fn ns(self) -> Option<u64> {
+        match self {
+            ProxyCpu::None => None,
+            ProxyCpu::Process(pid) => cpu_ns(pid),
+            ProxyCpu::Thread(clock) => clock_ns(clock),
+        }
+    }
+
+    fn ticks(self) -> Option<u64> {
+        match self {
+            ProxyCpu::Process(pid) => cpu_ticks(&pid.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// utime + stime of a whole process (all its threads, live and exited), in clock ticks.
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may contain spaces): state is field 3,
+    // utime field 14, stime field 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A `kB` line of /proc/<pid>/status (VmHWM, VmRSS), in MiB.
+fn status_mib(pid: u32, key: &str) -> Option<f64> {
+    status_field(&pid.to_string(), key)?
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|kb| kb / 1024.0)
+}
+
+fn status_field(pid: &str, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Busy ticks (everything but idle and iowait) of each CPU, from /proc/stat.
+fn core_busy_ticks() -> Vec<u64> {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal (guest is already in user)
+            let total: u64 = v.iter().take(8).sum();
+            total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+        })
+        .collect()
+}
+
+/// One reading of everything the run measures, taken at the same instant (one runtime step).
+struct Sample {
+    at: Instant,
+    completed: u64,
+    self_ns: u64,
+    proxy_ns: Option<u64>,
+    proxy_ticks: Option<u64>,
+    cores: Vec<u64>,
+}
+
+impl Sample {
+    fn take(counters: &Counters, proxy: ProxyCpu) -> Sample {
+        Sample {
+            at: Instant::now(),
+            completed: counters.completed.load(Ordering::Relaxed),
+            self_ns: cpu_ns(0).unwrap_or(0),
+            proxy_ns: proxy.ns(),
+            proxy_ticks: proxy.ticks(),
+            cores: core_busy_ticks(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedcar as a child process
+// ---------------------------------------------------------------------------------------------
+
+struct Embedcar {
+    child: Child,
+    addr: SocketAddr,
+    cpus: String,
+}
+
+impl Embedcar {
+    /// Starts embedcar on core 0 (`pin`) or on every core.
+    fn start(upstream: &str, pin: bool) -> Result<Embedcar, String> {
+        let bin = env!("CARGO_BIN_EXE_embedcar");
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+        ];
+        let taskset = std::path::Path::new("/usr/bin/taskset");
+        let mut cmd = if pin && taskset.exists() {
+            // The visible way, the same as by hand: `taskset -c 0 embedcar ...` (taskset execs
+            // embedcar, so the pid is embedcar's).
+            let mut c = Command::new(taskset);
+            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(bin);
+            c
+        } else if pin {
+            // No taskset: the same affinity set between fork and exec.
+            let mut c = Command::new(bin);
+            // SAFETY: between fork and exec only async-signal-safe calls (a syscall) are made.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                c.pre_exec(|| {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(EMBEDCAR_CORE, &mut set);
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            c
+        } else {
+            // Unpinned: this process never restricted itself, so nothing to undo.
+            Command::new(bin)
+        };
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {bin}: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+        // Reads the start-up line, then keeps draining stdout (a full pipe would block embedcar)
+        // and shows warnings and errors, which would make the figures suspect.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(t) = &tx {
+                    if let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                        .and_then(|a| a.parse().ok())
+                    {
+                        let _ = t.send(addr);
+                        tx = None;
+                        continue;
+                    }
+                }
+                if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("[embedcar] {line}");
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                return Err(format!(
+                    "embedcar printed no `listening addr=...` line within 15 s (exit: {status:?})"
+                ));
+            }
+        };
+        let cpus = status_field(&child.id().to_string(), "Cpus_allowed_list").unwrap_or_default();
+        Ok(Embedcar { child, addr, cpus })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Still running?
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGTERM, a short wait for the graceful drain, then SIGKILL. Async: the fake upstream
+    /// runs on this runtime and must keep serving while embedcar drains.
+    async fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The floor: a bare TCP relay
+// ---------------------------------------------------------------------------------------------
+
+/// A byte-copying TCP relay (no HTTP: `copy_bidirectional` per connection) on its own thread and
+/// current-thread runtime, pinned to embedcar's core. Run in embedcar's place it pays the same
+/// hops, wake-ups and cross-core traffic but does no HTTP work: what it adds over direct is the
+/// least any proxy on core 0 can add on this machine, and the rest of embedcar's figure is
+/// embedcar's own.
+struct Relay {
+    addr: SocketAddr,
+    /// The relay thread's CPU-time clock.
+    clock: libc::clockid_t,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Relay {
+    fn start(upstream: SocketAddr, pin: bool) -> Result<Relay, String> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if pin {
+                if let Err(e) = pin_thread(EMBEDCAR_CORE) {
+                    eprintln!("warning: relay not pinned: {e}");
+                }
+            }
+            let mut clock: libc::clockid_t = 0;
+            // SAFETY: our own thread handle; only writes to the out-parameter.
+            unsafe {
+                libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("relay runtime");
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("relay bind: {e}")));
+                        return;
+                    }
+                };
+                let addr = listener.local_addr().expect("bound address");
+                let _ = ready_tx.send(Ok((addr, clock)));
+                let accept = async {
+                    while let Ok((mut inbound, _)) = listener.accept().await {
+                        tokio::spawn(async move {
+                            let _ = inbound.set_nodelay(true);
+                            let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = outbound.set_nodelay(true);
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = accept => {}
+                    _ = stop_rx => {}
+                }
+            });
+            // Dropping the runtime drops every connection task.
+        });
+        let (addr, clock) = ready_rx
+            .recv()
+            .map_err(|_| "relay thread died".to_string())??;
+        Ok(Relay {
+            addr,
+            clock,
+            stop,
+            thread,
+        })
+    }
+
+    fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load generator
+// ---------------------------------------------------------------------------------------------
+
+type Sender = SendRequest<Full<Bytes>>;
+
+#[derive(Default)]
+struct Counters {
+    /// 200 answers, fully read, over the whole run (warm-up included).
+    completed: AtomicU64,
+    /// Everything else: other statuses, connect and transport errors.
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        let mut first = self.first_error.lock().unwrap();
+        if first.is_none() {
+            *first = Some(what);
+        }
+    }
+}
+
+/// What a connection task hands back: its latency histogram (requests that started inside the
+/// measured window) and, for the open loop, how late each send was against its schedule.
+struct ConnResult {
+    latency: Histogram<u64>,
+    lag: Histogram<u64>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("histogram bounds")
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+async fn connect(addr: SocketAddr) -> Result<Sender, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake {addr}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// One request, body read to the end. `Err(true)` means the connection is unusable.
+async fn send_one(
+    sender: &mut Sender,
+    path: &http::Uri,
+    host: &HeaderValue,
+    counters: &Counters,
+) -> Result<(), bool> {
+    let req = Request::post(path.clone())
+        .header(HOST, host.clone())
+        .header(AUTHORIZATION, AUTH)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(BODY)))
+        .expect("valid request");
+    if let Err(e) = sender.ready().await {
+        counters.error(format!("connection closed: {e}"));
+        return Err(true);
+    }
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            counters.error(format!("request failed: {e}"));
+            return Err(true);
+        }
+    };
+    let status = resp.status();
+    match resp.into_body().collect().await {
+        Err(e) => {
+            counters.error(format!("body failed: {e}"));
+            Err(true)
+        }
+        Ok(_) if status != StatusCode::OK => {
+            counters.error(format!("status {status}"));
+            Err(false)
+        }
+        Ok(_) => {
+            counters.completed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+}
+
+/// Keeps a connection open across errors (reconnecting, with a short pause after a failure).
+struct Conn {
+    addr: SocketAddr,
+    path: http::Uri,
+    host: HeaderValue,
+    sender: Option<Sender>,
+    counters: Arc<Counters>,
+}
+
+impl Conn {
+    async fn send(&mut self) -> bool {
+        if self.sender.is_none() {
+            match connect(self.addr).await {
+                Ok(s) => self.sender = Some(s),
+                Err(e) => {
+                    self.counters.error(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    return false;
+                }
+            }
+        }
+        let sender = self.sender.as_mut().expect("connected");
+        match send_one(sender, &self.path, &self.host, &self.counters).await {
+            Ok(()) => true,
+            Err(broken) => {
+                if broken {
+                    self.sender = None;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Closed loop: send, read, repeat until `end`.
+async fn closed_conn(mut conn: Conn, window: (Instant, Instant)) -> ConnResult {
+    let mut latency = histogram();
+    while Instant::now() < window.1 {
+        let start = Instant::now();
+        let ok = conn.send().await;
+        if ok && start >= window.0 && start < window.1 {
+            latency.saturating_record(ns(start.elapsed()));
+        }
+    }
+    ConnResult {
+        latency,
+        lag: histogram(),
+    }
+}
+
+/// Open loop: take the next scheduled send time from the pacer (connections queue fairly on the
+/// lock, so the idle one that waited longest goes next), send, record from the schedule.
+async fn open_conn(
+    mut conn: Conn,
+    schedule: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>>,
+    window: (Instant, Instant),
+) -> ConnResult {
+    let (mut latency, mut lag) = (histogram(), histogram());
+    loop {
+        let Some(due) = schedule.lock().await.recv().await else {
+            break;
+        };
+        let sent = Instant::now();
+        let ok = conn.send().await;
+        if ok && due >= window.0 && due < window.1 {
+            latency.saturating_record(ns(due.elapsed()));
+            lag.saturating_record(ns(sent.saturating_duration_since(due)));
+        }
+    }
+    ConnResult { latency, lag }
+}
+
+/// The open loop's clock: a plain thread (on the bench core) that sleeps to each scheduled
+/// instant and hands it to the connections. tokio's timer has millisecond granularity, far too
+/// coarse for sub-millisecond latencies measured from the schedule; nanosleep with the timer
+/// slack set to 1 ns wakes within microseconds. Whatever lateness remains is counted in the
+/// latency (the same for DIRECT and THROUGH) and reported as `lag`.
+fn pacer(tx: mpsc::UnboundedSender<Instant>, start: Instant, rate: f64, end: Instant) {
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0);
+    }
+    let period_ns = 1e9 / rate;
+    for i in 0u64.. {
+        let due = start + Duration::from_nanos((i as f64 * period_ns) as u64);
+        if due >= end {
+            break;
+        }
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        if tx.send(due).is_err() {
+            break;
+        }
+    }
+}
+
+/// The outcome of one run.
+struct RunResult {
+    load: Load,
+    path: Path,
+    throughput: f64,
+    errors: u64,
+    total: u64,
+    first_error: Option<String>,
+    latency: Histogram<u64>,
+    lag: Histogram<u64>,
+    self_util: f64,
+    cores_util: Vec<f64>,
+    /// The proxy under test (embedcar or the relay); `None` for direct runs.
+    proxy: Option<ProxyFigures>,
+}
+
+struct ProxyFigures {
+    cpu_us_per_request: f64,
+    /// The same from /proc/<pid>/stat ticks: a cross-check (coarse, see [`cpu_ns`]).
+    stat_us_per_request: f64,
+    util: f64,
+    /// Peak RSS; NaN for the relay, which lives inside this process.
+    peak_mib: f64,
+}
+
+impl RunResult {
+    fn p(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1e6
+    }
+    fn lag_p(&self, q: f64) -> f64 {
+        self.lag.value_at_quantile(q) as f64 / 1e6
+    }
+    fn error_rate(&self) -> f64 {
+        if self.total == 0 {
+            1.0
+        } else {
+            self.errors as f64 / self.total as f64
+        }
+    }
+}
+
+async fn run(
+    s: &Settings,
+    load: Load,
+    path: Path,
+    target: SocketAddr,
+    proxy_cpu: ProxyCpu,
+) -> RunResult {
+    let counters = Arc::new(Counters::default());
+    let host = HeaderValue::from_str(&target.to_string()).expect("host header");
+    // Connect every connection before the clock starts.
+    let mut conns = Vec::with_capacity(s.connections);
+    for _ in 0..s.connections {
+        let sender = match connect(target).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                counters.error(e);
+                None
+            }
+        };
+        conns.push(Conn {
+            addr: target,
+            path: s.path.clone(),
+            host: host.clone(),
+            sender,
+            counters: counters.clone(),
+        });
+    }
+    let t0 = Instant::now() + Duration::from_millis(5);
+    let window = (t0 + s.warmup, t0 + s.warmup + s.measure);
+
+    let mut tasks = Vec::with_capacity(s.connections);
+    let mut pacer_thread = None;
+    match load {
+        Load::Closed => {
+            tokio::time::sleep_until(t0.into()).await;
+            for c in conns {
+                tasks.push(tokio::spawn(closed_conn(c, window)));
+            }
+        }
+        Load::Open(rate) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let rx = Arc::new(tokio::sync::Mutex::new(rx));
+            for c in conns {
+                tasks.push(tokio::spawn(open_conn(c, rx.clone(), window)));
+            }
+            pacer_thread = Some(std::thread::spawn(move || pacer(tx, t0, rate, window.1)));
+        }
+    }
+
+    tokio::time::sleep_until(window.0.into()).await;
+    let a = Sample::take(&counters, proxy_cpu);
+    tokio::time::sleep_until(window.1.into()).await;
+    let b = Sample::take(&counters, proxy_cpu);
+
+    let (mut latency, mut lag) = (histogram(), histogram());
+    for t in tasks {
+        let r = t.await.expect("connection task panicked");
+        latency.add(&r.latency).expect("same bounds");
+        lag.add(&r.lag).expect("same bounds");
+    }
+    if let Some(p) = pacer_thread {
+        let _ = p.join();
+    }
+
+    let tck = clk_tck();
+    let seconds = b.at.duration_since(a.at).as_secs_f64();
+    let completed = b.completed - a.completed;
+    let util = |ticks: u64| ticks as f64 / tck / seconds;
+    let cores_util = a
+        .cores
+        .iter()
+        .zip(&b.cores)
+        .map(|(x, y)| util(y.saturating_sub(*x)))
+        .collect();
+    let per_request = |us: f64| us / completed.max(1) as f64;
+    let proxy = match (a.proxy_ns, b.proxy_ns) {
+        (Some(x), Some(y)) => {
+            let ns = y.saturating_sub(x) as f64;
+            let ticks = match (a.proxy_ticks, b.proxy_ticks) {
+                (Some(x), Some(y)) => y.saturating_sub(x) as f64,
+                _ => f64::NAN,
+            };
+            Some(ProxyFigures {
+                cpu_us_per_request: per_request(ns / 1e3),
+                stat_us_per_request: per_request(ticks / tck * 1e6),
+                util: ns / 1e9 / seconds,
+                peak_mib: match proxy_cpu {
+                    ProxyCpu::Process(pid) => status_mib(pid, "VmHWM").unwrap_or(f64::NAN),
+                    _ => f64::NAN,
+                },
+            })
+        }
+        _ => None,
+    };
+    // The relay thread's CPU is not the load generator's.
+    let self_ns = b.self_ns.saturating_sub(a.self_ns) as f64
+        - match proxy_cpu {
+            ProxyCpu::Thread(_) => proxy.as_ref().map_or(0.0, |p| p.util * 1e9 * seconds),
+            _ => 0.0,
+        };
+    let errors = counters.errors.load(Ordering::Relaxed);
+    let first_error = counters.first_error.lock().unwrap().take();
+    RunResult {
+        load,
+        path,
+        throughput: completed as f64 / seconds,
+        errors,
+        total: counters.completed.load(Ordering::Relaxed) + errors,
+        first_error,
+        latency,
+        lag,
+        self_util: self_ns / 1e9 / seconds,
+        cores_util,
+        proxy,
+    }
+}
+
+/// One request each way before measuring anything: both paths answer 200 with the echo of the
+/// request (or, on an embeddings path, an OpenAI-shaped embeddings list). Returns the reply size.
+async fn check_path(target: SocketAddr, path: &http::Uri, what: &str) -> Result<usize, String> {
+    let mut sender = connect(target).await?;
+    let req = Request::post(path.clone())
+        .header(HOST, target.to_string())
+        .header(AUTHORIZATION, AUTH)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from_static(BODY)))
+        .expect("valid request");
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("{what}: {e}"))?;
+    let status = resp.status();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{what}: {e}"))?
+        .to_bytes();
+    let echo = body.as_ref() == BODY;
+    let embeddings = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|j| j.pointer("/data/0/embedding").map(|_| ()))
+        .is_some();
+    if status != StatusCode::OK || !(echo || embeddings) {
+        return Err(format!(
+            "{what}: status {status}, unexpected body {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(body.len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+fn f3(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "-".into()
+    }
+}
+
+fn f1(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        "-".into()
+    }
+}
+
+fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
+    let mut out = String::new();
+    let header = [
+        "scenario",
+        "path",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "+p50 ms",
+        "+p99 ms",
+        "tput x",
+        "lag p50",
+        "lag p99",
+        "proxy us/req",
+        "(stat)",
+        "proxy core%",
+        "proxy MiB",
+        "bench%",
+        "core0%",
+        "core1%",
+        "errors",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in results {
+        let direct = results
+            .iter()
+            .find(|d| d.load == r.load && d.path == Path::Direct);
+        let (added50, added99, ratio) = match (r.path, direct) {
+            (Path::Through | Path::Relay, Some(d)) => (
+                f3(r.p(0.5) - d.p(0.5)),
+                f3(r.p(0.99) - d.p(0.99)),
+                format!("{:.2}", r.throughput / d.throughput),
+            ),
+            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        let ec = r.proxy.as_ref();
+        let core = |i: usize| r.cores_util.get(i).map_or("-".into(), |u| f1(u * 100.0));
+        let mut errors = r.errors.to_string();
+        if r.errors > 0 {
+            errors.push_str(" (!)");
+        }
+        rows.push(vec![
+            r.load.label(s.connections),
+            r.path.label().into(),
+            format!("{:.0}", r.throughput),
+            f3(r.p(0.5)),
+            f3(r.p(0.99)),
+            added50,
+            added99,
+            ratio,
+            match r.load {
+                Load::Open(_) => f3(r.lag_p(0.5)),
+                Load::Closed => "-".into(),
+            },
+            match r.load {
+                Load::Open(_) => f3(r.lag_p(0.99)),
+                Load::Closed => "-".into(),
+            },
+            ec.map_or("-".into(), |e| f1(e.cpu_us_per_request)),
+            ec.map_or("-".into(), |e| f1(e.stat_us_per_request)),
+            ec.map_or("-".into(), |e| f1(e.util * 100.0)),
+            ec.map_or("-".into(), |e| f1(e.peak_mib)),
+            f1(r.self_util * 100.0),
+            core(EMBEDCAR_CORE),
+            core(BENCH_CORE),
+            errors,
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c < 2 {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    let legend = [
+        "req/s        200 answers per second in the measured window",
+        "p50, p99     latency; open loop: from the scheduled send time",
+        "+p50, +p99   minus the direct run of the same scenario",
+        "tput x       throughput / direct throughput",
+        "lag          how late the load generator sent vs. its schedule (part of the latency)",
+        "proxy ...    the proxy under test: embedcar (child process on core 0) or the tcp relay",
+        "             (a thread on core 0: no HTTP, just bytes; the floor of any proxy here)",
+        "us/req       proxy CPU time (user+system, all threads) per request, process CPU clock",
+        "(stat)       the same from /proc/<pid>/stat utime+stime (tick-sampled cross-check)",
+        "core%        proxy CPU time / wall time; 100 = its core is saturated",
+        "MiB          embedcar peak RSS (VmHWM; a fresh process per run)",
+        "bench%       load generator + fake upstream CPU / wall time (core 1)",
+        "core0/1%     whole-core busy time (/proc/stat), other load included",
+    ];
+    let _ = writeln!(out);
+    for l in legend {
+        let _ = writeln!(out, "  {l}");
+    }
+    for r in results {
+        let label = format!("{} {}", r.load.label(s.connections), r.path.label());
+        let proxy = r.proxy.as_ref().map_or(0.0, |p| p.util);
+        if !pinned {
+            // Our threads move between cores: only the total says anything.
+            let other = r.cores_util.iter().sum::<f64>() - proxy - r.self_util;
+            if other > MAX_FOREIGN_LOAD {
+                let _ = writeln!(
+                    out,
+                    "warning: during {label}, other processes or interrupts took {:.0}% of a \
+                     core: its figures are disturbed",
+                    other * 100.0
+                );
+            }
+            continue;
+        }
+        let other = |core: usize, ours: f64| {
+            r.cores_util
+                .get(core)
+                .map_or(0.0, |busy| (busy - ours).max(0.0))
+        };
+        // A direct run does not use core 0 (only the proxy lives there).
+        let core0 = match &r.proxy {
+            Some(_) => other(EMBEDCAR_CORE, proxy),
+            None => 0.0,
+        };
+        let core1 = other(BENCH_CORE, r.self_util);
+        if core0.max(core1) > MAX_FOREIGN_LOAD {
+            let _ = writeln!(
+                out,
+                "warning: during {label}, other processes or interrupts took {:.0}% of core 0 \
+                 and {:.0}% of core 1: its figures are disturbed",
+                core0 * 100.0,
+                core1 * 100.0
+            );
+        }
+    }
+    out
+}
+
+/// The issue's targets, one line each. `None` when a figure is missing.
+fn targets(results: &[RunResult]) -> Vec<String> {
+    let find = |load: Load, path: Path| {
+        results
+            .iter()
+            .find(move |r| r.load == load && r.path == path)
+    };
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let mut lines = Vec::new();
+    match find(Load::Closed, Path::Through).and_then(|r| r.proxy.as_ref()) {
+        Some(e) => lines.push(format!(
+            "TARGET cpu_per_request_us <= {TARGET_CPU_US} (closed loop, saturation): {:.1} {}",
+            e.cpu_us_per_request,
+            verdict(e.cpu_us_per_request <= TARGET_CPU_US)
+        )),
+        None => lines.push(format!(
+            "TARGET cpu_per_request_us <= {TARGET_CPU_US}: not measured"
+        )),
+    }
+    let rate = Load::Open(TARGET_ADDED_P50_RATE);
+    match (find(rate, Path::Direct), find(rate, Path::Through)) {
+        (Some(d), Some(t)) => {
+            let added = t.p(0.5) - d.p(0.5);
+            lines.push(format!(
+                "TARGET added_p50_ms_at_{TARGET_ADDED_P50_RATE}rps <= {TARGET_ADDED_P50_MS}: {added:.3} {}",
+                verdict(added <= TARGET_ADDED_P50_MS)
+            ));
+        }
+        _ => lines.push(format!(
+            "TARGET added_p50_ms_at_{TARGET_ADDED_P50_RATE}rps <= {TARGET_ADDED_P50_MS}: not measured (BENCH_RATES lacks {TARGET_ADDED_P50_RATE})"
+        )),
+    }
+    let peak = results
+        .iter()
+        .filter(|r| r.path == Path::Through)
+        .filter_map(|r| r.proxy.as_ref().map(|e| e.peak_mib))
+        .fold(f64::NAN, f64::max);
+    if peak.is_finite() {
+        lines.push(format!(
+            "TARGET peak_memory_mib < {TARGET_MEMORY_MIB}: {peak:.1} {}",
+            verdict(peak < TARGET_MEMORY_MIB)
+        ));
+    } else {
+        lines.push(format!(
+            "TARGET peak_memory_mib < {TARGET_MEMORY_MIB}: not measured"
+        ));
+    }
+    lines
+}
+
+/// The same figures for the bare TCP relay, to tell embedcar's own cost from the machine's.
+fn floor_notes(results: &[RunResult]) -> Vec<String> {
+    let find = |load: Load, path: Path| {
+        results
+            .iter()
+            .find(move |r| r.load == load && r.path == path)
+    };
+    let mut lines = Vec::new();
+    let cpu = |r: Option<&RunResult>| {
+        r.and_then(|r| r.proxy.as_ref())
+            .map(|p| p.cpu_us_per_request)
+    };
+    if let (Some(relay), Some(ec)) = (
+        cpu(find(Load::Closed, Path::Relay)),
+        cpu(find(Load::Closed, Path::Through)),
+    ) {
+        lines.push(format!(
+            "FLOOR cpu_per_request_us, closed loop: tcp relay {relay:.1}, embedcar {ec:.1} ({:+.1} above the relay)",
+            ec - relay
+        ));
+    }
+    let mut loads: Vec<Load> = Vec::new();
+    for r in results {
+        if matches!(r.load, Load::Open(_)) && !loads.contains(&r.load) {
+            loads.push(r.load);
+        }
+    }
+    for load in loads {
+        if let (Some(d), Some(relay), Some(ec)) = (
+            find(load, Path::Direct),
+            find(load, Path::Relay),
+            find(load, Path::Through),
+        ) {
+            let (relay50, ec50) = (relay.p(0.5) - d.p(0.5), ec.p(0.5) - d.p(0.5));
+            let Load::Open(rate) = load else { continue };
+            lines.push(format!(
+                "FLOOR added_p50_ms at {rate}/s: tcp relay {relay50:.3}, embedcar {ec50:.3} ({:+.3} above the relay)",
+                ec50 - relay50
+            ));
+        }
+    }
+    lines
+}
+
+// ---------------------------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let s = Settings::from_env();
+    // Pin before the runtime (and any other thread) exists, so that every thread inherits it.
+    let pinned = if s.pin {
+        match pin_self(BENCH_CORE) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("warning: not pinning ({e}); figures are less comparable");
+                false
+            }
+        }
+    } else {
+        false
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(bench(s, pinned)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("passthrough bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
+    let fake = fake_upstream::FakeUpstream::start_with(fake_upstream::FakeOptions {
+        // The log of requests would grow without bound and slow the fake down.
+        record_requests: false,
+        ..fake_upstream::FakeOptions::default()
+    })
+    .await;
+    let upstream = fake.url();
+
+    let reply_len = check_path(fake.addr(), &s.path, "direct").await?;
+    println!("embedcar pass-through benchmark");
+    println!(
+        "  request: POST {}, {} byte JSON body, {reply_len} byte reply; {} connections; warm-up {:.1} s + {:.1} s measured per run{}",
+        s.path,
+        BODY.len(),
+        s.connections,
+        s.warmup.as_secs_f64(),
+        s.measure.as_secs_f64(),
+        if s.smoke { " (test mode: `--bench` not given, figures not meaningful)" } else { "" }
+    );
+    println!(
+        "  bench process (load generator + fake upstream {upstream}): pid {}, cpus {}",
+        std::process::id(),
+        status_field("self", "Cpus_allowed_list").unwrap_or_default()
+    );
+    let config: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("EMBEDCAR_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "  embedcar config: defaults{}",
+        if config.is_empty() {
+            String::new()
+        } else {
+            format!(" + {}", config.join(" "))
+        }
+    );
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        let one: f64 = l
+            .split_whitespace()
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0.0);
+        println!("  load average before the run: {}", l.trim());
+        if one > 0.5 {
+            println!("  warning: the machine is busy; other load on the two cores skews every figure (see core0%/core1%)");
+        }
+    }
+
+    let mut loads = vec![Load::Closed];
+    loads.extend(s.rates.iter().map(|r| Load::Open(*r)));
+    let mut results = Vec::new();
+    let mut embedcar_cpus = String::new();
+    for load in loads {
+        let direct = run(&s, load, Path::Direct, fake.addr(), ProxyCpu::None).await;
+        results.push(direct);
+
+        if s.floor {
+            let relay = Relay::start(fake.addr(), pinned)?;
+            let r = run(
+                &s,
+                load,
+                Path::Relay,
+                relay.addr,
+                ProxyCpu::Thread(relay.clock),
+            )
+            .await;
+            relay.stop();
+            results.push(r);
+        }
+
+        let mut ec = Embedcar::start(&upstream, pinned)?;
+        embedcar_cpus = ec.cpus.clone();
+        if let Err(e) = check_path(ec.addr, &s.path, "through embedcar").await {
+            ec.stop().await;
+            return Err(e);
+        }
+        let through = run(
+            &s,
+            load,
+            Path::Through,
+            ec.addr,
+            ProxyCpu::Process(ec.pid()),
+        )
+        .await;
+        let died = !ec.alive();
+        ec.stop().await;
+        if died {
+            return Err(format!(
+                "embedcar exited during the {} run",
+                load.label(s.connections)
+            ));
+        }
+        results.push(through);
+    }
+    drop(fake);
+
+    println!(
+        "  embedcar: {} (fresh process per run), cpus {embedcar_cpus}; pinned: {}",
+        env!("CARGO_BIN_EXE_embedcar"),
+        if pinned {
+            format!("embedcar core {EMBEDCAR_CORE}, bench core {BENCH_CORE}")
+        } else {
+            "no".into()
+        }
+    );
+    println!();
+    print!("{}", report(&s, &results, pinned));
+    println!();
+    if !s.smoke {
+        for line in targets(&results) {
+            println!("{line}");
+        }
+        for line in floor_notes(&results) {
+            println!("{line}");
+        }
+    }
+
+    let mut broken = false;
+    for r in &results {
+        if r.errors > 0 {
+            let label = r.load.label(s.connections);
+            let path = r.path.label();
+            eprintln!(
+                "errors in {label} {path}: {} of {} ({:.2}%), first: {}",
+                r.errors,
+                r.total,
+                r.error_rate() * 100.0,
+                r.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        if r.error_rate() > MAX_ERROR_RATE {
+            broken = true;
+        }
+    }
+    Ok(if broken {
+        eprintln!(
+            "more than {}% errors in a run: the measurement is not valid",
+            MAX_ERROR_RATE * 100.0
+        );
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
