@@ -35,7 +35,11 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub use crate::config::Config;
 use crate::{
-    embeddings::Engine, limits::ConcurrencyLimit, metrics::Metrics, proxy::Proxy,
+    embeddings::Engine,
+    limits::ConcurrencyLimit,
+    metrics::Metrics,
+    proxy::{Proxy, ProxySettings},
+    retry::Retrier,
     upstream::Upstream,
 };
 
@@ -58,19 +62,28 @@ impl AppState {
         let limit = ConcurrencyLimit::new(
             config.limits.max_concurrency,
             config.limits.max_wait,
+            config.limits.max_waiting_requests,
             metrics.clone(),
         );
+        let retrier = Arc::new(Retrier::new(&config, metrics.clone()));
         let proxy = Arc::new(Proxy::new(
             upstream.clone(),
             limit.clone(),
+            retrier.clone(),
             metrics.clone(),
-            config.upstream.first_byte_timeout,
-            config.upstream.body_idle_timeout,
+            ProxySettings {
+                first_byte_timeout: config.upstream.first_byte_timeout,
+                body_idle_timeout: config.upstream.body_idle_timeout,
+                request_timeout: config.limits.request_timeout,
+                max_buffered_body: config.retry.max_buffered_body,
+                should_retry_header: config.retry.should_retry_header,
+            },
         ));
         let engine = config.embeddings.enabled.then(|| {
             Arc::new(Engine::new(
                 &config,
                 upstream,
+                retrier,
                 limit,
                 metrics.clone(),
                 proxy.clone(),

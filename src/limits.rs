@@ -5,7 +5,15 @@
 //! get a slot within its wait budget is answered at once with 503 and Retry-After, which the
 //! official clients treat as retryable.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use http::HeaderMap;
 
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -22,7 +30,42 @@ pub struct ConcurrencyLimit {
     slots: Arc<Semaphore>,
     max: usize,
     max_wait: Duration,
+    /// Requests waiting for a slot now, and how many may.
+    waiting: Arc<AtomicUsize>,
+    max_waiting: usize,
     metrics: Arc<Metrics>,
+}
+
+/// Decrements the waiting count however the wait ends (a slot, a timeout, the caller leaving).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Headers in which the official clients say how long they will wait, in seconds: the Python
+/// client's read timeout and the Node client's overall timeout.
+const CLIENT_TIMEOUT_HINTS: [&str; 2] = ["x-stainless-read-timeout", "x-stainless-timeout"];
+
+/// A request's time budget: the configured timeout, shortened by the client's own hint when it
+/// gave one (work past the point where the client has given up is wasted).
+pub fn time_budget(headers: &HeaderMap, configured: Duration) -> Duration {
+    CLIENT_TIMEOUT_HINTS
+        .iter()
+        .filter_map(|name| {
+            headers
+                .get(*name)?
+                .to_str()
+                .ok()?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|secs| secs.is_finite() && *secs > 0.0)
+        .map(|secs| Duration::from_secs_f64(secs.min(1e9)))
+        .fold(configured, Duration::min)
 }
 
 /// A held upstream slot; the slot frees when this drops (at the end of the response body).
@@ -38,11 +81,13 @@ impl Drop for Slot {
 }
 
 impl ConcurrencyLimit {
-    pub fn new(max: usize, max_wait: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(max: usize, max_wait: Duration, max_waiting: usize, metrics: Arc<Metrics>) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max)),
             max,
             max_wait,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            max_waiting,
             metrics,
         }
     }
@@ -53,6 +98,13 @@ impl ConcurrencyLimit {
         let permit = match self.slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.max_waiting {
+                    self.waiting.fetch_sub(1, Ordering::Relaxed);
+                    return Err(ProxyError::QueueFull {
+                        retry_after: OVERLOADED_RETRY_AFTER,
+                    });
+                }
+                let _waiting = Waiting(&self.waiting);
                 let mut until = started + self.max_wait;
                 if let Some(d) = deadline {
                     until = until.min(d);
@@ -115,7 +167,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_caller_waits_for_a_slot_within_its_budget_then_is_shed() {
-        let limit = ConcurrencyLimit::new(1, Duration::from_secs(2), Arc::new(Metrics::new()));
+        let limit = ConcurrencyLimit::new(1, Duration::from_secs(2), 100, Arc::new(Metrics::new()));
         let held = limit.acquire(None).await.unwrap();
         assert_eq!(limit.available(), 0);
 
@@ -136,8 +188,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn beyond_the_waiting_bound_callers_are_shed_at_once() {
+        let limit = ConcurrencyLimit::new(1, Duration::from_secs(10), 2, Arc::new(Metrics::new()));
+        let _held = limit.acquire(None).await.unwrap();
+        let waiters: Vec<_> = (0..2)
+            .map(|_| {
+                let l = limit.clone();
+                tokio::spawn(async move { l.acquire(None).await.map(|_| ()) })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let started = Instant::now();
+        let err = limit.acquire(None).await.err().expect("shed");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(err.code(), "queue_full");
+        for w in waiters {
+            w.abort();
+        }
+    }
+
+    #[test]
+    fn the_clients_timeout_hint_shortens_the_budget() {
+        let mut h = HeaderMap::new();
+        let configured = Duration::from_secs(60);
+        assert_eq!(time_budget(&h, configured), configured);
+        h.insert("x-stainless-read-timeout", "1.5".parse().unwrap());
+        assert_eq!(time_budget(&h, configured), Duration::from_millis(1500));
+        h.insert("x-stainless-timeout", "600".parse().unwrap());
+        assert_eq!(time_budget(&h, configured), Duration::from_millis(1500));
+        h.insert("x-stainless-read-timeout", "nonsense".parse().unwrap());
+        assert_eq!(time_budget(&h, configured), configured);
+        h.insert("x-stainless-timeout", "0".parse().unwrap());
+        assert_eq!(time_budget(&h, configured), configured, "0 is no hint");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_nearer_deadline_shortens_the_wait() {
-        let limit = ConcurrencyLimit::new(1, Duration::from_secs(10), Arc::new(Metrics::new()));
+        let limit =
+            ConcurrencyLimit::new(1, Duration::from_secs(10), 100, Arc::new(Metrics::new()));
         let _held = limit.acquire(None).await.unwrap();
         let started = Instant::now();
         let deadline = started + Duration::from_millis(300);

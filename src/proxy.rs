@@ -10,14 +10,18 @@
 use std::{sync::Arc, time::Duration};
 
 use http::{header, HeaderMap, HeaderName, Request, Response, Version};
+use http_body::Body as _;
 use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::{
     body::{find_cause, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout, ProxyBody},
+    embeddings::keys::credential_fingerprint,
     errors::ProxyError,
-    limits::ConcurrencyLimit,
+    limits::{time_budget, ConcurrencyLimit},
     metrics::{Metrics, Route},
+    retry::{mark_final, Health, Retrier, RetryReason, Tried, Verdict},
     upstream::Upstream,
 };
 
@@ -37,34 +41,51 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub struct Proxy {
     upstream: Arc<Upstream>,
     limit: ConcurrencyLimit,
+    retrier: Arc<Retrier>,
     metrics: Arc<Metrics>,
-    first_byte_timeout: Duration,
-    body_idle_timeout: Duration,
+    settings: ProxySettings,
 }
+
+/// The pass-through's timings and retry policy, from the config.
+pub struct ProxySettings {
+    pub first_byte_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_buffered_body: u64,
+    pub should_retry_header: bool,
+}
+
+/// One attempt's outcome: the upstream's response, or the error to answer with.
+type Sent = Result<Response<Incoming>, ProxyError>;
 
 impl Proxy {
     pub fn new(
         upstream: Arc<Upstream>,
         limit: ConcurrencyLimit,
+        retrier: Arc<Retrier>,
         metrics: Arc<Metrics>,
-        first_byte_timeout: Duration,
-        body_idle_timeout: Duration,
+        settings: ProxySettings,
     ) -> Self {
         Self {
             upstream,
             limit,
+            retrier,
             metrics,
-            first_byte_timeout,
-            body_idle_timeout,
+            settings,
         }
     }
 
-    /// Sends `req` to the upstream and returns its response as it arrives.
+    /// Sends `req` to the upstream and returns its response as it arrives. A body small enough
+    /// to keep (declared length up to `retry.max_buffered_body`) is kept, so that a connection
+    /// error, a timeout or a retryable status before the response starts is retried; a larger
+    /// or streamed body gets one attempt.
     pub async fn forward(
         &self,
         req: Request<ProxyBody>,
         route: Route,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        let budget = time_budget(req.headers(), self.settings.request_timeout);
+        let deadline = Instant::now() + budget;
         let (mut parts, body) = req.into_parts();
         parts.uri = self
             .upstream
@@ -83,38 +104,61 @@ impl Proxy {
         if let Some(credential) = &self.upstream.credential {
             credential.apply(&mut parts.headers);
         }
+        let credential = credential_fingerprint(&parts.headers);
 
-        let slot = self.limit.acquire(None).await?;
-        let started = Instant::now();
-        let sent = tokio::time::timeout(
-            self.first_byte_timeout,
-            self.upstream
-                .client
-                .request(Request::from_parts(parts, body)),
-        )
-        .await;
-        let elapsed = started.elapsed();
-        let mut response = match sent {
-            Err(_) => {
-                self.metrics.observe_upstream(route, "timeout", elapsed);
-                self.metrics
-                    .deadline_expired
-                    .with_label_values(&["first_byte"])
-                    .inc();
-                return Err(ProxyError::UpstreamTimeout(self.first_byte_timeout));
+        let kept = body
+            .size_hint()
+            .exact()
+            .filter(|n| *n <= self.settings.max_buffered_body);
+        let (mut streamed, kept) = match kept {
+            Some(_) => {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| read_error(&*e))?
+                    .to_bytes();
+                (None, Some(bytes))
             }
-            Ok(Err(e)) => return Err(self.classify_send_error(route, elapsed, &e)),
-            Ok(Ok(r)) => r,
+            None => (Some(body), None),
         };
-        self.metrics
-            .observe_upstream(route, response.status().as_str(), elapsed);
+        let retryable = kept.is_some();
 
+        let slot = self.limit.acquire(Some(deadline)).await?;
+        let finished = self
+            .retrier
+            .run(&credential, 0, deadline, retryable, |_| {
+                let body = match (&kept, streamed.take()) {
+                    (Some(bytes), _) => crate::body::full(bytes.clone()),
+                    (None, Some(body)) => body,
+                    (None, None) => crate::body::empty(),
+                };
+                let request = Request::from_parts(clone_parts(&parts), body);
+                self.attempt(request, route, deadline)
+            })
+            .await?;
+
+        let gave_up = finished.gave_up && self.settings.should_retry_header;
+        let mut response = match finished.value {
+            Ok(r) => r,
+            Err(e) if gave_up => {
+                // Answered here, not by the router, to carry the header: count it as it would.
+                self.metrics.shed.with_label_values(&[e.code()]).inc();
+                tracing::warn!(error = %e, status = e.status().as_u16(), "request failed after retries");
+                let mut r = e.into_response();
+                mark_final(r.headers_mut());
+                return Ok(r);
+            }
+            Err(e) => return Err(e),
+        };
         strip_hop_by_hop(response.headers_mut());
+        if gave_up {
+            mark_final(response.headers_mut());
+        }
         *response.version_mut() = Version::HTTP_11;
         let metrics = self.metrics.clone();
         Ok(response.map(|incoming| {
-            let watched =
-                IdleTimeout::new(incoming, self.body_idle_timeout).map_err(move |e: BoxError| {
+            let watched = IdleTimeout::new(incoming, self.settings.body_idle_timeout).map_err(
+                move |e: BoxError| {
                     if e.is::<BodyIdleTimeout>() {
                         metrics
                             .deadline_expired
@@ -122,9 +166,61 @@ impl Proxy {
                             .inc();
                     }
                     e
-                });
+                },
+            );
             Guarded::new(watched, slot).boxed_unsync()
         }))
+    }
+
+    /// One exchange, up to the response head, within the first-byte timeout and the deadline.
+    async fn attempt(
+        &self,
+        request: Request<ProxyBody>,
+        route: Route,
+        deadline: Instant,
+    ) -> Tried<Sent> {
+        let started = Instant::now();
+        let wait = self
+            .settings
+            .first_byte_timeout
+            .min(deadline.saturating_duration_since(started));
+        let sent = tokio::time::timeout(wait, self.upstream.client.request(request)).await;
+        let elapsed = started.elapsed();
+        match sent {
+            Err(_) => {
+                self.metrics.observe_upstream(route, "timeout", elapsed);
+                self.metrics
+                    .deadline_expired
+                    .with_label_values(&["first_byte"])
+                    .inc();
+                Tried::broken(Err(ProxyError::UpstreamTimeout(wait)), RetryReason::Timeout)
+            }
+            Ok(Err(e)) => {
+                let reason = if e.is_connect() {
+                    RetryReason::Connect
+                } else {
+                    RetryReason::Io
+                };
+                let err = self.classify_send_error(route, elapsed, &e);
+                match err {
+                    // The caller's own body failed: nothing the upstream did, nothing to retry.
+                    ProxyError::BodyTooLarge { .. } | ProxyError::ClientBodyTimeout(_) => Tried {
+                        value: Err(err),
+                        verdict: Verdict::Final,
+                        health: Health::Neutral,
+                        rate_limit: None,
+                    },
+                    _ => Tried::broken(Err(err), reason),
+                }
+            }
+            Ok(Ok(response)) => {
+                self.metrics
+                    .observe_upstream(route, response.status().as_str(), elapsed);
+                let status = response.status();
+                let headers = response.headers().clone();
+                Tried::reply(Ok(response), status, &headers)
+            }
+        }
     }
 
     /// Turns a failed exchange into the caller's error: our own body limits first (the request
@@ -150,6 +246,31 @@ impl Proxy {
         };
         self.metrics.observe_upstream(route, outcome, elapsed);
         ProxyError::UpstreamUnreachable(error_chain(e))
+    }
+}
+
+/// A copy of a request head for another attempt (extensions are not carried: nothing below
+/// reads them).
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let mut request = Request::new(());
+    *request.method_mut() = parts.method.clone();
+    *request.uri_mut() = parts.uri.clone();
+    *request.version_mut() = parts.version;
+    *request.headers_mut() = parts.headers.clone();
+    request.into_parts().0
+}
+
+/// The caller's error for a request body that could not be read.
+pub fn read_error(e: &(dyn std::error::Error + 'static)) -> ProxyError {
+    if let Some(t) = find_cause::<BodyTooLarge>(e) {
+        return ProxyError::BodyTooLarge { limit: t.limit };
+    }
+    if let Some(idle) = find_cause::<BodyIdleTimeout>(e) {
+        return ProxyError::ClientBodyTimeout(idle.0);
+    }
+    ProxyError::InvalidRequest {
+        message: "the request body could not be read".into(),
+        param: None,
     }
 }
 

@@ -40,8 +40,13 @@ use crate::{
     limits::{ConcurrencyLimit, Slot},
     metrics::{Metrics, Route},
     proxy::{error_chain, strip_hop_by_hop},
+    rate_gate::CredentialId,
+    retry::{mark_final, Health, Retrier, RetryReason, Tried, Verdict},
     upstream::Upstream,
 };
+
+/// Retry-After for a caller shed because the queue is full.
+const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Largest upstream reply read: 2048 float JSON vectors of 3072 dimensions, with room to spare.
 const MAX_REPLY_BYTES: u64 = 512 * 1024 * 1024;
@@ -130,6 +135,8 @@ pub struct Template {
     pub user: Option<String>,
     pub tokenizer: Tokenizer,
     pub cache_scope: u128,
+    /// Whose rate gate the calls pass.
+    pub credential: CredentialId,
 }
 
 /// An input the caller could not find in the cache.
@@ -151,6 +158,10 @@ struct Flight {
     input: Arc<Input>,
     size: u64,
     waiters: Vec<oneshot::Sender<Outcome>>,
+    /// The nearest and farthest deadline among the callers who ever waited for it: retries
+    /// stop at the nearest; the flight is hopeless once the farthest cannot be met.
+    earliest: Instant,
+    latest: Instant,
 }
 
 #[derive(Default)]
@@ -170,6 +181,9 @@ pub struct Lane {
 
 /// Settings the dispatchers and calls need.
 pub struct BatchSettings {
+    /// Inputs queued across all lanes at most; beyond, callers are shed with 503.
+    pub max_queued: usize,
+    pub should_retry_header: bool,
     pub max_inputs: usize,
     pub max_tokens: u64,
     pub linger: Duration,
@@ -180,6 +194,7 @@ pub struct BatchSettings {
 
 struct Ctx {
     upstream: Arc<Upstream>,
+    retrier: Arc<Retrier>,
     limit: ConcurrencyLimit,
     metrics: Arc<Metrics>,
     cache: Arc<VectorCache>,
@@ -196,11 +211,13 @@ struct Item {
     hash: u128,
     input: Arc<Input>,
     size: u64,
+    deadline: Instant,
 }
 
 impl Batcher {
     pub fn new(
         upstream: Arc<Upstream>,
+        retrier: Arc<Retrier>,
         limit: ConcurrencyLimit,
         metrics: Arc<Metrics>,
         cache: Arc<VectorCache>,
@@ -209,6 +226,7 @@ impl Batcher {
         Batcher {
             ctx: Arc::new(Ctx {
                 upstream,
+                retrier,
                 limit,
                 metrics,
                 cache,
@@ -219,15 +237,23 @@ impl Batcher {
     }
 
     /// Queues `misses` under `key` (joining flights already there) and returns a ticket per
-    /// miss, in order. `template` is only called when the lane is new.
+    /// miss, in order. `template` is called when a lane is created: usually never, since the
+    /// lane exists; possibly twice, if the lane this call created was used and retired by
+    /// others before this call could queue in it.
     pub fn submit(
         &self,
         key: BatchKey,
         kind: InputKind,
-        template: impl FnOnce() -> Template,
+        template: impl Fn() -> Template,
         misses: Vec<Miss>,
-    ) -> Vec<Ticket> {
-        let mut template = Some(template);
+        deadline: Instant,
+    ) -> Result<Vec<Ticket>, ProxyError> {
+        let depth = usize::try_from(self.ctx.metrics.embeddings_queue_depth.get()).unwrap_or(0);
+        if depth + misses.len() > self.ctx.settings.max_queued {
+            return Err(ProxyError::QueueFull {
+                retry_after: QUEUE_FULL_RETRY_AFTER,
+            });
+        }
         let mut tickets = Vec::with_capacity(misses.len());
         let mut queued = 0;
         let (lane, start_dispatcher) = loop {
@@ -236,11 +262,8 @@ impl Batcher {
                 lanes
                     .entry((key.clone(), kind))
                     .or_insert_with(|| {
-                        let make = template
-                            .take()
-                            .expect("a lane is created at most once here");
                         Arc::new(Lane {
-                            template: Arc::new(make()),
+                            template: Arc::new(template()),
                             state: Mutex::new(LaneState::default()),
                         })
                     })
@@ -256,6 +279,8 @@ impl Batcher {
                 let joined = match state.flights.get_mut(&miss.hash) {
                     Some(flight) => {
                         flight.waiters.push(tx);
+                        flight.earliest = flight.earliest.min(deadline);
+                        flight.latest = flight.latest.max(deadline);
                         true
                     }
                     // A batch may have filled the cache and left the lane since the caller
@@ -272,6 +297,8 @@ impl Batcher {
                                     input: Arc::new(miss.input),
                                     size: miss.size,
                                     waiters: vec![tx],
+                                    earliest: deadline,
+                                    latest: deadline,
                                 },
                             );
                             state.queue.push_back(miss.hash);
@@ -293,7 +320,7 @@ impl Batcher {
         if start_dispatcher {
             tokio::spawn(dispatch(self.ctx.clone(), key, kind, lane));
         }
-        tickets
+        Ok(tickets)
     }
 
     /// Lanes alive now (busy, or with flights in the air).
@@ -318,6 +345,13 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
                 break;
             }
         }
+        // A gate the upstream shut holds the whole lane before it takes a slot; callers who
+        // cannot wait that long are told at once.
+        if let Some(until) = ctx.retrier.gates.shut_until(&lane.template.credential) {
+            refuse_hopeless(&ctx, &lane, until);
+            tokio::time::sleep_until(until).await;
+            continue;
+        }
         let slot = ctx.limit.acquire_unbounded().await;
         if !ctx.settings.linger.is_zero() {
             tokio::time::sleep(ctx.settings.linger).await;
@@ -336,6 +370,34 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
         ));
     }
     retire_if_idle(&ctx, &key, kind, &lane);
+}
+
+/// Answers with 429 the queued flights whose every caller's deadline comes before `until`.
+fn refuse_hopeless(ctx: &Ctx, lane: &Lane, until: Instant) {
+    let failure = Arc::new(Failure::from_error(ProxyError::RateLimited {
+        retry_after: until.saturating_duration_since(Instant::now()),
+    }));
+    let mut refused = Vec::new();
+    {
+        let mut state = lock(&lane.state);
+        let LaneState { queue, flights, .. } = &mut *state;
+        queue.retain(|hash| match flights.get(hash) {
+            Some(f) if f.latest < until => {
+                if let Some(f) = flights.remove(hash) {
+                    refused.extend(f.waiters);
+                }
+                false
+            }
+            _ => true,
+        });
+    }
+    if refused.is_empty() {
+        return;
+    }
+    ctx.metrics.gate_rejections.inc_by(refused.len() as u64);
+    for w in refused {
+        let _ = w.send(Err(failure.clone()));
+    }
 }
 
 /// Takes queued inputs up to the caps, dropping those nobody waits for any more.
@@ -371,6 +433,7 @@ fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
             hash,
             input: flight.input.clone(),
             size: flight.size,
+            deadline: flight.earliest,
         });
     }
     drop(state);
@@ -513,13 +576,50 @@ struct UpstreamBody<'a> {
     user: Option<&'a str>,
 }
 
-/// One upstream call for `items`, answered with one embedding per item, in order.
-async fn call_once(
-    ctx: &Ctx,
-    template: &Template,
-    items: &[Item],
-) -> Result<Vec<Arc<Embedded>>, Arc<Failure>> {
+/// What one upstream call gives each of its inputs' callers.
+type CallResult = Result<Vec<Arc<Embedded>>, Arc<Failure>>;
+
+/// One upstream call for `items` (retried as the retrier allows), answered with one embedding
+/// per item, in order. A failure embedcar gave up retrying carries `x-should-retry: false`.
+async fn call_once(ctx: &Ctx, template: &Template, items: &[Item]) -> CallResult {
+    let deadline = items
+        .iter()
+        .map(|i| i.deadline)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let tokens = items.iter().map(|i| i.size).sum();
+    let finished = ctx
+        .retrier
+        .run(&template.credential, tokens, deadline, true, |_| {
+            attempt(ctx, template, items)
+        })
+        .await;
+    match finished {
+        Err(refused) => Err(Arc::new(Failure::from_error(refused))),
+        Ok(f) => match f.value {
+            Err(failure) if f.gave_up && ctx.settings.should_retry_header => {
+                let mut headers = failure.headers.clone();
+                mark_final(&mut headers);
+                Err(Arc::new(Failure {
+                    status: failure.status,
+                    headers,
+                    body: failure.body.clone(),
+                }))
+            }
+            other => other,
+        },
+    }
+}
+
+/// One attempt of an upstream call.
+async fn attempt(ctx: &Ctx, template: &Template, items: &[Item]) -> Tried<CallResult> {
     let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
+    let internal = |e: ProxyError| Tried {
+        value: Err(fail(e)),
+        verdict: Verdict::Final,
+        health: Health::Neutral,
+        rate_limit: None,
+    };
     let body = UpstreamBody {
         input: items.iter().map(|i| &*i.input).collect(),
         model: template.model.as_deref(),
@@ -530,21 +630,25 @@ async fn call_once(
         dimensions: template.dimensions,
         user: template.user.as_deref(),
     };
-    let body = serde_json::to_vec(&body).map_err(|e| {
-        fail(ProxyError::Internal(format!(
-            "cannot write the request: {e}"
-        )))
-    })?;
-    let uri = ctx
+    let body = match serde_json::to_vec(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return internal(ProxyError::Internal(format!(
+                "cannot write the request: {e}"
+            )))
+        }
+    };
+    let uri = match ctx
         .upstream
         .base
         .join(template.target.parse().ok().as_ref())
-        .map_err(|e| fail(ProxyError::Internal(format!("bad upstream URI: {e}"))))?;
-    let mut request = Request::post(uri).body(body::full(body)).map_err(|e| {
-        fail(ProxyError::Internal(format!(
-            "cannot build the request: {e}"
-        )))
-    })?;
+    {
+        Ok(u) => u,
+        Err(e) => return internal(ProxyError::Internal(format!("bad upstream URI: {e}"))),
+    };
+    let mut request = Request::new(body::full(body));
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri;
     *request.headers_mut() = template.headers.clone();
     request.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -567,19 +671,25 @@ async fn call_once(
         Err(_) => {
             ctx.metrics
                 .observe_upstream(Route::Embeddings, "timeout", started.elapsed());
-            return Err(fail(ProxyError::UpstreamTimeout(
-                ctx.settings.first_byte_timeout,
-            )));
+            return Tried::broken(
+                Err(fail(ProxyError::UpstreamTimeout(
+                    ctx.settings.first_byte_timeout,
+                ))),
+                RetryReason::Timeout,
+            );
         }
         Ok(Err(e)) => {
-            let outcome = if e.is_connect() {
-                "connect_error"
+            let (outcome, reason) = if e.is_connect() {
+                ("connect_error", RetryReason::Connect)
             } else {
-                "io_error"
+                ("io_error", RetryReason::Io)
             };
             ctx.metrics
                 .observe_upstream(Route::Embeddings, outcome, started.elapsed());
-            return Err(fail(ProxyError::UpstreamUnreachable(error_chain(&e))));
+            return Tried::broken(
+                Err(fail(ProxyError::UpstreamUnreachable(error_chain(&e)))),
+                reason,
+            );
         }
         Ok(Ok(r)) => r,
     };
@@ -589,35 +699,55 @@ async fn call_once(
         started.elapsed(),
     );
     let (mut parts, incoming) = response.into_parts();
-    let bytes = Limited::new(
+    let bytes = match Limited::new(
         IdleTimeout::new(incoming, ctx.settings.body_idle_timeout),
         MAX_REPLY_BYTES,
     )
     .collect()
     .await
-    .map_err(|e| {
-        fail(ProxyError::UpstreamUnreachable(format!(
-            "the reply body failed: {}",
-            error_chain(&*e)
-        )))
-    })?
-    .to_bytes();
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Tried::broken(
+                Err(fail(ProxyError::UpstreamUnreachable(format!(
+                    "the reply body failed: {}",
+                    error_chain(&*e)
+                )))),
+                RetryReason::Io,
+            )
+        }
+    };
 
     if !parts.status.is_success() {
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::CONTENT_LENGTH);
-        return Err(Arc::new(Failure {
-            status: parts.status,
-            headers: parts.headers,
-            body: bytes,
-        }));
+        let status = parts.status;
+        let headers = parts.headers.clone();
+        return Tried::reply(
+            Err(Arc::new(Failure {
+                status,
+                headers: parts.headers,
+                body: bytes,
+            })),
+            status,
+            &headers,
+        );
     }
+    let reply = match render::parse_reply(&bytes, items.len()) {
+        Ok(r) => r,
+        // A 200 whose body is cut or garbled: the exchange broke, another attempt may not.
+        Err(e) => {
+            return Tried::broken(
+                Err(fail(ProxyError::UpstreamInvalidReply(e))),
+                RetryReason::Io,
+            )
+        }
+    };
     let render::ParsedReply {
         vectors,
         model,
         prompt_tokens: reported,
-    } = render::parse_reply(&bytes, items.len())
-        .map_err(|e| fail(ProxyError::UpstreamInvalidReply(e)))?;
+    } = reply;
     let tokens: Vec<u64> = match template.tokenizer {
         Tokenizer::Exact(_) => items.iter().map(|i| i.size).collect(),
         Tokenizer::Unknown => {
@@ -631,7 +761,7 @@ async fn call_once(
         .with_label_values(&["upstream"])
         .inc_by(tokens.iter().sum());
     let model: Arc<str> = model.into();
-    Ok(vectors
+    let embedded = vectors
         .into_iter()
         .zip(tokens)
         .map(|(v, t)| {
@@ -641,7 +771,8 @@ async fn call_once(
                 model: model.clone(),
             })
         })
-        .collect())
+        .collect();
+    Tried::reply(Ok(embedded), parts.status, &parts.headers)
 }
 
 #[cfg(test)]

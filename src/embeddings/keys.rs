@@ -72,6 +72,8 @@ pub struct KeyInputs<'a> {
     pub model: Option<&'a str>,
     pub dimensions: Option<u32>,
     pub user: Option<&'a str>,
+    /// The fingerprint to use instead of the caller's headers' (embedcar holds the key).
+    pub credential: Option<[u8; 32]>,
 }
 
 impl BatchKey {
@@ -83,7 +85,9 @@ impl BatchKey {
                 .map(str::to_string)
         };
         BatchKey(Arc::new(KeyParts {
-            credential: credential_fingerprint(k.headers),
+            credential: k
+                .credential
+                .unwrap_or_else(|| credential_fingerprint(k.headers)),
             organization: text("openai-organization"),
             project: text("openai-project"),
             target: k.target.to_string(),
@@ -112,6 +116,11 @@ impl BatchKey {
         h.digest128()
     }
 
+    /// The credential's fingerprint, which the rate gates key on.
+    pub fn credential(&self) -> &[u8; 32] {
+        &self.0.credential
+    }
+
     pub fn model(&self) -> Option<&str> {
         self.0.model.as_deref()
     }
@@ -120,7 +129,7 @@ impl BatchKey {
 /// SHA-256 over both credential headers, each with its name, so `Authorization: X` and
 /// `api-key: X` differ. A request with neither gets the fingerprint of nothing: all
 /// unauthenticated callers share one tenant, as they share one upstream answer (a 401).
-fn credential_fingerprint(headers: &HeaderMap) -> [u8; 32] {
+pub fn credential_fingerprint(headers: &HeaderMap) -> [u8; 32] {
     let mut h = Sha256::new();
     for name in [header::AUTHORIZATION.as_str(), "api-key"] {
         for v in headers.get_all(name) {
@@ -209,6 +218,7 @@ mod tests {
                 model: Some(model),
                 dimensions: None,
                 user: None,
+                credential: None,
             },
             &ignored,
         )

@@ -29,12 +29,14 @@ use self::{
     tokens::Tokenizer,
 };
 use crate::{
-    body::{self, find_cause, BodyIdleTimeout, BodyTooLarge, ProxyBody},
+    body::{self, ProxyBody},
     config::Config,
     errors::ProxyError,
-    limits::ConcurrencyLimit,
+    limits::{time_budget, ConcurrencyLimit},
     metrics::{Metrics, Route},
     proxy::{strip_hop_by_hop, Proxy},
+    rate_gate::CredentialId,
+    retry::Retrier,
     upstream::Upstream,
 };
 
@@ -76,6 +78,7 @@ pub struct Engine {
     proxy: Arc<Proxy>,
     config: crate::config::EmbeddingsConfig,
     request_timeout: std::time::Duration,
+    held_credential: Option<CredentialId>,
     share_cache: bool,
 }
 
@@ -83,19 +86,28 @@ impl Engine {
     pub fn new(
         config: &Config,
         upstream: Arc<Upstream>,
+        retrier: Arc<Retrier>,
         limit: ConcurrencyLimit,
         metrics: Arc<Metrics>,
         proxy: Arc<Proxy>,
     ) -> Engine {
-        tokens::warm_up();
         let cache = Arc::new(VectorCache::new(&config.cache));
         let e = &config.embeddings;
+        // With a held key every caller is the same upstream tenant, whatever dummy key it sends.
+        let held_credential = upstream.credential.as_ref().map(|c| {
+            let mut h = HeaderMap::new();
+            c.apply(&mut h);
+            keys::credential_fingerprint(&h)
+        });
         let batcher = Batcher::new(
             upstream,
+            retrier,
             limit,
             metrics.clone(),
             cache.clone(),
             BatchSettings {
+                max_queued: config.limits.max_queued_inputs,
+                should_retry_header: config.retry.should_retry_header,
                 max_inputs: e.max_inputs_per_call,
                 max_tokens: e.max_tokens_per_call,
                 linger: e.linger,
@@ -112,6 +124,7 @@ impl Engine {
             proxy,
             config: e.clone(),
             request_timeout: config.limits.request_timeout,
+            held_credential,
             share_cache: config.cache.share_across_credentials,
         }
     }
@@ -130,7 +143,7 @@ impl Engine {
         let bytes = body
             .collect()
             .await
-            .map_err(|e| read_error(&*e))?
+            .map_err(|e| crate::proxy::read_error(&*e))?
             .to_bytes();
         let model_required = path == EmbeddingsPath::OpenAi;
         let request = match request::parse(&bytes, model_required)? {
@@ -162,7 +175,8 @@ impl Engine {
         path: EmbeddingsPath,
         request: EmbeddingsRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let deadline = Instant::now() + self.request_timeout;
+        let budget = time_budget(&parts.headers, self.request_timeout);
+        let deadline = Instant::now() + budget;
         let target = parts
             .uri
             .path_and_query()
@@ -181,10 +195,12 @@ impl Engine {
                 model: model_key.as_deref(),
                 dimensions: request.dimensions,
                 user: request.user.as_deref(),
+                credential: self.held_credential,
             },
             &self.ignored,
         );
         let scope = key.cache_scope(self.share_cache);
+        tokens::load_for(model_key.as_deref()).await;
         let tokenizer = Tokenizer::for_model(model_key.as_deref());
         let count = request.inputs.len();
         self.metrics.embeddings_inputs.inc_by(count as u64);
@@ -234,8 +250,11 @@ impl Engine {
                 user: request.user.clone(),
                 tokenizer,
                 cache_scope: scope,
+                credential: *key.credential(),
             };
-            let tickets = self.batcher.submit(key.clone(), kind, template, group);
+            let tickets = self
+                .batcher
+                .submit(key.clone(), kind, template, group, deadline)?;
             waiting.extend(positions.into_iter().zip(tickets));
         }
         let coalesced = waiting.iter().filter(|(_, t)| t.joined).count();
@@ -250,7 +269,7 @@ impl Engine {
                         .deadline_expired
                         .with_label_values(&["embeddings"])
                         .inc();
-                    return Err(ProxyError::DeadlineExceeded(self.request_timeout));
+                    return Err(ProxyError::DeadlineExceeded(budget));
                 }
                 Ok(Err(_)) => {
                     return Err(ProxyError::Internal(
@@ -346,19 +365,6 @@ fn too_long(limit: u64, tokens: u64) -> ProxyError {
             "This model's maximum context length is {limit} tokens, however you requested {tokens} tokens ({tokens} in your prompt; 0 for the completion). Please reduce your prompt; or completion length."
         ),
         param: Some("input".into()),
-    }
-}
-
-fn read_error(e: &(dyn std::error::Error + 'static)) -> ProxyError {
-    if let Some(t) = find_cause::<BodyTooLarge>(e) {
-        return ProxyError::BodyTooLarge { limit: t.limit };
-    }
-    if let Some(idle) = find_cause::<BodyIdleTimeout>(e) {
-        return ProxyError::ClientBodyTimeout(idle.0);
-    }
-    ProxyError::InvalidRequest {
-        message: "the request body could not be read".into(),
-        param: None,
     }
 }
 

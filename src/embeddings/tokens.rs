@@ -36,11 +36,22 @@ pub fn uses_cl100k(model: &str) -> bool {
     model.contains("text-embedding-3") || model.contains("text-embedding-ada-002")
 }
 
-/// Loads the cl100k tables in the background so the first request does not pay for it.
-pub fn warm_up() {
-    std::thread::spawn(|| {
+/// Whether the cl100k tables are in memory.
+static LOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Loads the cl100k tables (about 25 MiB) on the first request that needs them, on a blocking
+/// thread: a proxy that never serves OpenAI embeddings never pays for them, and loading never
+/// stalls an async worker.
+pub async fn load_for(model: Option<&str>) {
+    use std::sync::atomic::Ordering;
+    if LOADED.load(Ordering::Acquire) || !model.is_some_and(uses_cl100k) {
+        return;
+    }
+    let _ = tokio::task::spawn_blocking(|| {
         tiktoken_rs::cl100k_base_singleton();
-    });
+    })
+    .await;
+    LOADED.store(true, Ordering::Release);
 }
 
 impl Tokenizer {
