@@ -104,7 +104,6 @@ impl Proxy {
         if let Some(credential) = &self.upstream.credential {
             credential.apply(&mut parts.headers);
         }
-        let credential = credential_fingerprint(&parts.headers);
 
         let kept = body
             .size_hint()
@@ -126,15 +125,21 @@ impl Proxy {
         let slot = self.limit.acquire(Some(deadline)).await?;
         let finished = self
             .retrier
-            .run(&credential, 0, deadline, retryable, |_| {
-                let body = match (&kept, streamed.take()) {
-                    (Some(bytes), _) => crate::body::full(bytes.clone()),
-                    (None, Some(body)) => body,
-                    (None, None) => crate::body::empty(),
-                };
-                let request = Request::from_parts(clone_parts(&parts), body);
-                self.attempt(request, route, deadline)
-            })
+            .run(
+                || credential_fingerprint(&parts.headers),
+                0,
+                deadline,
+                retryable,
+                |_| {
+                    let body = match (&kept, streamed.take()) {
+                        (Some(bytes), _) => crate::body::full(bytes.clone()),
+                        (None, Some(body)) => body,
+                        (None, None) => crate::body::empty(),
+                    };
+                    let request = Request::from_parts(clone_parts(&parts), body);
+                    self.attempt(request, route, deadline)
+                },
+            )
             .await?;
 
         let gave_up = finished.gave_up && self.settings.should_retry_header;

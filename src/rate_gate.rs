@@ -9,7 +9,10 @@
 use std::{
     collections::HashMap,
     num::NonZeroU32,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -50,6 +53,9 @@ pub struct RateGates {
     tokens: Option<(Limiter, NonZeroU32)>,
     /// Gates the upstream shut, until when.
     shut: Mutex<HashMap<CredentialId, Instant>>,
+    /// Whether any gate was ever shut: until then, with no limits configured, every request
+    /// passes without a look at its credential (a fingerprint and a lock saved per request).
+    ever_shut: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -72,6 +78,7 @@ impl RateGates {
             tokens: limiter(tokens_per_minute),
             clock,
             shut: Mutex::new(HashMap::new()),
+            ever_shut: AtomicBool::new(false),
             metrics,
         }
     }
@@ -80,6 +87,7 @@ impl RateGates {
     /// closure does not reopen a longer one.
     pub fn shut(&self, credential: &CredentialId, for_: Duration) {
         let until = Instant::now() + for_;
+        self.ever_shut.store(true, Ordering::Relaxed);
         let mut shut = self.shut.lock().unwrap_or_else(|p| p.into_inner());
         let entry = shut.entry(*credential).or_insert(until);
         if *entry < until {
@@ -93,10 +101,18 @@ impl RateGates {
 
     /// When `credential`'s gate opens again, if the upstream shut it.
     pub fn shut_until(&self, credential: &CredentialId) -> Option<Instant> {
+        if !self.ever_shut.load(Ordering::Relaxed) {
+            return None;
+        }
         let shut = self.shut.lock().unwrap_or_else(|p| p.into_inner());
         shut.get(credential)
             .copied()
             .filter(|t| *t > Instant::now())
+    }
+
+    /// Whether every request passes: no limits configured and no gate ever shut.
+    pub fn wide_open(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none() && !self.ever_shut.load(Ordering::Relaxed)
     }
 
     /// Passes one request of `tokens` tokens for `credential`, waiting as needed, but never

@@ -494,7 +494,7 @@ impl Retrier {
     /// caller to retry.
     pub async fn run<T, F, Fut>(
         &self,
-        credential: &crate::rate_gate::CredentialId,
+        credential: impl Fn() -> crate::rate_gate::CredentialId,
         tokens: u64,
         deadline: tokio::time::Instant,
         retryable: bool,
@@ -505,6 +505,9 @@ impl Retrier {
         Fut: std::future::Future<Output = Tried<T>>,
     {
         self.budget.deposit();
+        // The credential's fingerprint is only worked out if a gate needs it.
+        let known = std::sync::OnceLock::new();
+        let credential = || *known.get_or_init(&credential);
         let mut number = 0;
         loop {
             number += 1;
@@ -512,10 +515,12 @@ impl Retrier {
                 Some(b) => Some(b.admit()?),
                 None => None,
             };
-            self.gates.pass(credential, tokens, deadline).await?;
+            if !self.gates.wide_open() {
+                self.gates.pass(&credential(), tokens, deadline).await?;
+            }
             let tried = attempt(number).await;
             if let Some((status, headers)) = &tried.rate_limit {
-                self.observe_rate_limit(credential, *status, headers);
+                self.observe_rate_limit(&credential, *status, headers);
             }
             if let Some(pass) = pass {
                 match tried.health {
@@ -570,7 +575,7 @@ impl Retrier {
     /// remaining budget in metrics.
     fn observe_rate_limit(
         &self,
-        credential: &crate::rate_gate::CredentialId,
+        credential: &dyn Fn() -> crate::rate_gate::CredentialId,
         status: StatusCode,
         headers: &RateLimitHeaders,
     ) {
@@ -588,7 +593,7 @@ impl Retrier {
         }
         if let Some(closed) = headers.closed_for(status) {
             self.gates
-                .shut(credential, closed.min(self.backoff.max_server_delay));
+                .shut(&credential(), closed.min(self.backoff.max_server_delay));
         }
     }
 }
@@ -631,16 +636,22 @@ mod loop_tests {
         let far = Instant::now() + Duration::from_secs(60);
         let calls = AtomicU32::new(0);
         let done = r
-            .run(&KEY, 1, far, true, |n| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    if n < 3 {
-                        reply(503, &[])
-                    } else {
-                        reply(200, &[])
+            .run(
+                || KEY,
+                1,
+                far,
+                true,
+                |n| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n < 3 {
+                            reply(503, &[])
+                        } else {
+                            reply(200, &[])
+                        }
                     }
-                }
-            })
+                },
+            )
             .await
             .unwrap();
         assert_eq!(done.value, 200);
@@ -653,13 +664,13 @@ mod loop_tests {
         let r = retrier(|c| c.breaker.failure_threshold = 0);
         let far = Instant::now() + Duration::from_secs(60);
         let done = r
-            .run(&KEY, 1, far, true, |_| async { reply(502, &[]) })
+            .run(|| KEY, 1, far, true, |_| async { reply(502, &[]) })
             .await
             .unwrap();
         assert_eq!(done.value, 502);
         assert!(done.gave_up);
         let done = r
-            .run(&KEY, 1, far, true, |_| async { reply(400, &[]) })
+            .run(|| KEY, 1, far, true, |_| async { reply(400, &[]) })
             .await
             .unwrap();
         assert!(!done.gave_up, "a 400 is an answer, not a failure to retry");
@@ -671,13 +682,19 @@ mod loop_tests {
         let far = Instant::now() + Duration::from_secs(60);
         let start = Instant::now();
         let done = r
-            .run(&KEY, 1, far, true, |n| async move {
-                if n == 1 {
-                    reply(429, &[("retry-after", "2")])
-                } else {
-                    reply(200, &[])
-                }
-            })
+            .run(
+                || KEY,
+                1,
+                far,
+                true,
+                |n| async move {
+                    if n == 1 {
+                        reply(429, &[("retry-after", "2")])
+                    } else {
+                        reply(200, &[])
+                    }
+                },
+            )
             .await
             .unwrap();
         assert_eq!(done.value, 200);
@@ -689,9 +706,13 @@ mod loop_tests {
         let r = retrier(|_| {});
         let soon = Instant::now() + Duration::from_secs(1);
         let done = r
-            .run(&KEY, 1, soon, true, |_| async {
-                reply(503, &[("retry-after", "5")])
-            })
+            .run(
+                || KEY,
+                1,
+                soon,
+                true,
+                |_| async { reply(503, &[("retry-after", "5")]) },
+            )
             .await
             .unwrap();
         assert!(done.gave_up);
@@ -704,10 +725,16 @@ mod loop_tests {
         let far = Instant::now() + Duration::from_secs(60);
         let calls = AtomicU32::new(0);
         let done = r
-            .run(&KEY, 1, far, false, |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { reply(503, &[]) }
-            })
+            .run(
+                || KEY,
+                1,
+                far,
+                false,
+                |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { reply(503, &[]) }
+                },
+            )
             .await
             .unwrap();
         assert!(!done.gave_up, "the caller may still retry it");
@@ -727,10 +754,16 @@ mod loop_tests {
         let far = Instant::now() + Duration::from_secs(600);
         let calls = AtomicU32::new(0);
         for _ in 0..5 {
-            r.run(&KEY, 1, far, true, |_| {
-                calls.fetch_add(1, Ordering::SeqCst);
-                async { reply(500, &[]) }
-            })
+            r.run(
+                || KEY,
+                1,
+                far,
+                true,
+                |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { reply(500, &[]) }
+                },
+            )
             .await
             .unwrap();
         }
@@ -744,12 +777,12 @@ mod loop_tests {
             c.retry.max_attempts = 1;
         });
         for _ in 0..3 {
-            r.run(&KEY, 1, far, true, |_| async { reply(500, &[]) })
+            r.run(|| KEY, 1, far, true, |_| async { reply(500, &[]) })
                 .await
                 .unwrap();
         }
         let refused = r
-            .run(&KEY, 1, far, true, |_| async { reply(200, &[]) })
+            .run(|| KEY, 1, far, true, |_| async { reply(200, &[]) })
             .await
             .err()
             .expect("the breaker is open");

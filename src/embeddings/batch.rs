@@ -590,9 +590,13 @@ async fn call_once(ctx: &Ctx, template: &Template, items: &[Item]) -> CallResult
     let tokens = items.iter().map(|i| i.size).sum();
     let finished = ctx
         .retrier
-        .run(&template.credential, tokens, deadline, true, |_| {
-            attempt(ctx, template, items)
-        })
+        .run(
+            || template.credential,
+            tokens,
+            deadline,
+            true,
+            |_| attempt(ctx, template, items),
+        )
         .await;
     match finished {
         Err(refused) => Err(Arc::new(Failure::from_error(refused))),
