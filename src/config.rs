@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Async worker threads; 0 = one per CPU the process may use (its affinity / cgroup share).
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -345,6 +347,7 @@ impl Default for ServerConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            worker_threads: 0,
         }
     }
 }

@@ -70,10 +70,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match build_runtime(config.server.worker_threads) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("embedcar: cannot start the runtime: {e}");
@@ -119,6 +116,26 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+/// The async runtime: `workers` threads, or one per CPU this process may use. With a single CPU
+/// (a sidecar's usual share) the single-threaded scheduler does the same work without the
+/// cross-thread queues and wake-ups of the multi-threaded one.
+fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let workers = match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
 }
 
 fn init_tracing(config: &Config) {
