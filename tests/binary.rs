@@ -211,3 +211,30 @@ fn the_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_single_threaded_embedcar_serves_embeddings_and_drains() {
+    let upstream = FakeUpstream::start().await;
+    let mut process = spawn(&upstream.url(), &[("EMBEDCAR_SERVER__WORKER_THREADS", "1")]);
+    let c = client();
+    let url = format!("http://{}/v1/embeddings", process.addr);
+    let callers: Vec<_> = (0..20)
+        .map(|i| {
+            let req = post_json(
+                &url,
+                &serde_json::json!({"input": format!("single {i}"), "model": "text-embedding-3-small"}),
+            );
+            let c = c.clone();
+            tokio::spawn(async move { c.request(req).await.map(|r| r.status()) })
+        })
+        .collect();
+    for caller in callers {
+        assert_eq!(caller.await.unwrap().unwrap(), StatusCode::OK);
+    }
+    signal(&process, "-TERM");
+    let status = tokio::task::spawn_blocking(move || process.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
