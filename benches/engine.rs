@@ -1,0 +1,1739 @@
+//! The embeddings engine under load, measured side by side with a direct call.
+//!
+//! Run with `cargo bench --bench engine` (see benches/README.md).
+//!
+//! Three parts, one run:
+//!
+//! * **Fan-in** (the issue's scenario): 1,000 callers each ask for one input at the same moment
+//!   (`POST /v1/embeddings`, model `text-embedding-3-small`, `encoding_format: "base64"` as the
+//!   official clients send, a distinct input per caller so neither the cache nor coalescing
+//!   trivialises it). The upstream (the fake, 1536-dimension vectors) answers after 50 ms and
+//!   serves at most 4 connections at once (`max_connections: Some(4)`: a fifth connection waits
+//!   in the kernel backlog). Both paths run against the same fake, one after the other:
+//!   - DIRECT: the callers share a client pool of 4 keep-alive connections to the upstream (a
+//!     semaphore of 4, FIFO; a caller waits for a free connection). That is the best a direct
+//!     client can do with 4 upstream slots: no connection set-up, no backlog. One request, one
+//!     input, per upstream call.
+//!   - EMBEDCAR: every caller has its own keep-alive connection to embedcar (opened before the
+//!     clock starts, as 1,000 threads or processes each with a client would), embedcar runs with
+//!     `EMBEDCAR_LIMITS__MAX_CONCURRENCY=4` and otherwise its defaults.
+//!
+//!   Figures: time until the last caller has its vector, each caller's latency from the common
+//!   start (p50/p99/max), upstream embeddings calls and inputs (the fake's counters), the most
+//!   upstream requests in flight at once, embeddings per second (callers / completion time), and
+//!   embedcar's CPU time per caller. Every reply is checked afterwards against the vector the
+//!   fake computes for that input.
+//! * **Saturation**: embedcar's own CPU time per single-input base64 request through the engine,
+//!   the pass-through benchmark's method: a closed loop of 64 keep-alive connections, each
+//!   sending its next request as soon as the previous reply is read, the upstream answering at
+//!   once (no connection cap), embedcar with its default configuration. Two variants, a fresh
+//!   embedcar each: every input distinct (every request a cache miss, sent upstream, batched
+//!   with whatever else is queued at that moment) and inputs drawn from 1,024 warmed ones (every
+//!   request a cache hit, no upstream call). CPU time from embedcar's process CPU clock, peak
+//!   memory from `VmHWM`.
+//! * **Render**: microseconds to write one 1536-dimension vector (values in [-0.1, 0.1] from a
+//!   deterministic generator, 256 different vectors in turn) as float JSON
+//!   (`embedcar::embeddings::render::write_floats`, shortest round-trip float32 text) and as
+//!   base64 (`write_base64`), and a whole one-vector reply each way (`render_reply`), in this
+//!   process: the median (and the minimum) of 31 rounds of 1,000 vectors.
+//!
+//! Pinning as in benches/passthrough.rs: embedcar alone on core 0 (`taskset -c 0`), this
+//! process (load generator, fake upstream, render loop) on core 1 (`sched_setaffinity` before
+//! any other thread exists). Other load on the machine skews the figures: each run compares the
+//! cores' busy time (/proc/stat) with our processes' own and prints a warning when they differ by
+//! more than 10% of a core (plus two clock ticks of slack for short windows); a render figure
+//! whose median is far above its minimum is flagged too.
+//!
+//! Environment: `BENCH_CALLERS` (default 1000), `BENCH_DELAY_MS` (50), `BENCH_SLOTS` (4),
+//! `BENCH_DIMS` (1536), `BENCH_SECONDS` (measured seconds per saturation run, default 8),
+//! `BENCH_WARMUP_SECONDS` (1.5), `BENCH_CONNECTIONS` (64), `BENCH_HOT_INPUTS` (1024),
+//! `BENCH_PIN=0` (do not pin). `EMBEDCAR_*` variables reach embedcar (the fan-in run sets
+//! `EMBEDCAR_LIMITS__MAX_CONCURRENCY` itself).
+//!
+//! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
+//! a run hung, a reply carried a wrong vector, more than 1% errors); a missed target is
+//! reported, not failed.
+
+#[allow(dead_code)]
+#[path = "../tests/support/fake_upstream.rs"]
+mod fake_upstream;
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use embedcar::embeddings::render::{render_reply, write_base64, write_floats};
+use embedcar::embeddings::request::Encoding;
+use fake_upstream::{Behavior, EmbeddingInput, FakeOptions, FakeUpstream};
+use hdrhistogram::Histogram;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+const MODEL: &str = "text-embedding-3-small";
+const AUTH: &str = "Bearer sk-bench";
+const ROUTE: &str = "/v1/embeddings";
+
+const EMBEDCAR_CORE: usize = 0;
+const BENCH_CORE: usize = 1;
+
+/// The issue's targets.
+const TARGET_CALLERS_PER_CALL: f64 = 20.0;
+const TARGET_SPEEDUP: f64 = 10.0;
+const TARGET_CPU_US: f64 = 40.0;
+const TARGET_FLOAT_US: f64 = 15.0;
+
+/// More failed requests than this share of all requests means the run measured nothing useful.
+const MAX_ERROR_RATE: f64 = 0.01;
+
+/// Busy time on a pinned core beyond what our own processes used, above which a run is flagged
+/// as disturbed (other processes, or interrupt work not charged to a process).
+const MAX_FOREIGN_LOAD: f64 = 0.10;
+
+/// A render figure whose median is this much above its minimum was disturbed.
+const MAX_RENDER_SPREAD: f64 = 1.25;
+
+/// Latencies are recorded in nanoseconds, up to ten minutes, 3 significant digits.
+const HIST_MAX_NS: u64 = 600_000_000_000;
+
+/// Vectors in turn in the render loop, so that it does not render one vector from cache.
+const RENDER_VECTORS: usize = 256;
+const RENDER_ROUNDS: usize = 31;
+const RENDER_ITERS: usize = 1000;
+
+// ---------------------------------------------------------------------------------------------
+// Settings
+// ---------------------------------------------------------------------------------------------
+
+struct Settings {
+    callers: usize,
+    delay: Duration,
+    slots: usize,
+    dims: usize,
+    measure: Duration,
+    warmup: Duration,
+    connections: usize,
+    hot_inputs: usize,
+    pin: bool,
+    render_rounds: usize,
+    render_iters: usize,
+    /// `cargo test --benches` runs this without `--bench`: a short smoke run, no verdicts.
+    smoke: bool,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let smoke = !std::env::args().any(|a| a == "--bench");
+        let secs = |name: &str, default: f64| {
+            let v = std::env::var(name)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .filter(|v| *v > 0.0 && v.is_finite())
+                .unwrap_or(default);
+            Duration::from_secs_f64(v)
+        };
+        let count = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .filter(|n| *n > 0)
+                .unwrap_or(default)
+        };
+        let mut s = Settings {
+            callers: count("BENCH_CALLERS", 1000),
+            delay: Duration::from_millis(count("BENCH_DELAY_MS", 50) as u64),
+            slots: count("BENCH_SLOTS", 4),
+            dims: count("BENCH_DIMS", 1536),
+            measure: secs("BENCH_SECONDS", 8.0),
+            warmup: secs("BENCH_WARMUP_SECONDS", 1.5),
+            connections: count("BENCH_CONNECTIONS", 64),
+            hot_inputs: count("BENCH_HOT_INPUTS", 1024),
+            pin: std::env::var("BENCH_PIN").map_or(true, |v| v != "0"),
+            render_rounds: RENDER_ROUNDS,
+            render_iters: RENDER_ITERS,
+            smoke,
+        };
+        if smoke {
+            s.callers = s.callers.min(40);
+            s.measure = Duration::from_millis(300);
+            s.warmup = Duration::from_millis(100);
+            s.hot_inputs = s.hot_inputs.min(64);
+            s.render_rounds = 3;
+            s.render_iters = 20;
+        }
+        s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pinning and /proc readings (as in benches/passthrough.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// Pins the calling thread (the main thread, before the runtime exists, so every later thread
+/// inherits it) to `core`, once both cores are known to be usable. Returns why not, if it could
+/// not.
+fn pin_self(core: usize) -> Result<(), String> {
+    // SAFETY: cpu_set_t is plain data; the CPU_* helpers and sched_{get,set}affinity only read
+    // and write the set we pass, sized by size_of.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return Err(format!(
+                "sched_getaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        for c in [EMBEDCAR_CORE, BENCH_CORE] {
+            if !libc::CPU_ISSET(c, &allowed) {
+                return Err(format!("core {c} is not available to this process"));
+            }
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(format!(
+                "sched_setaffinity: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// CPU time (user + system, all threads, live and exited) of a process, in nanoseconds, from the
+/// process CPU-time clock: exact, where /proc's utime + stime are sampled per tick. `pid` 0 is
+/// this process.
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: only writes to the out-parameter.
+    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
+        return None;
+    }
+    clock_ns(clock)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: only writes to the out-parameter.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return None;
+    }
+    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// The calling thread's CPU time, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID).unwrap_or(0)
+}
+
+/// utime + stime of a whole process, in clock ticks (a cross-check of [`cpu_ns`]).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name (which may contain spaces): state is field 3,
+    // utime field 14, stime field 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+/// A `kB` line of /proc/<pid>/status (VmHWM, VmRSS), in MiB.
+fn status_mib(pid: u32, key: &str) -> Option<f64> {
+    status_field(&pid.to_string(), key)?
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|kb| kb / 1024.0)
+}
+
+fn status_field(pid: &str, key: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// Busy ticks (everything but idle and iowait) of each CPU, from /proc/stat.
+fn core_busy_ticks() -> Vec<u64> {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return Vec::new();
+    };
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let v: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            // user nice system idle iowait irq softirq steal (guest is already in user)
+            let total: u64 = v.iter().take(8).sum();
+            total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+        })
+        .collect()
+}
+
+/// A reading of the machine and of embedcar at one instant: the start or end of a window.
+struct Snapshot {
+    at: Instant,
+    self_ns: u64,
+    proxy_ns: Option<u64>,
+    proxy_ticks: Option<u64>,
+    cores: Vec<u64>,
+    upstream_calls: usize,
+    upstream_inputs: usize,
+    completed: u64,
+    hits: u64,
+}
+
+impl Snapshot {
+    fn take(proxy: Option<u32>, fake: &FakeUpstream, counters: Option<&Counters>) -> Snapshot {
+        Snapshot {
+            at: Instant::now(),
+            self_ns: cpu_ns(0).unwrap_or(0),
+            proxy_ns: proxy.and_then(cpu_ns),
+            proxy_ticks: proxy.and_then(cpu_ticks),
+            cores: core_busy_ticks(),
+            upstream_calls: fake.embedding_calls(),
+            upstream_inputs: fake.embedding_inputs(),
+            completed: counters.map_or(0, |c| c.completed.load(Ordering::Relaxed)),
+            hits: counters.map_or(0, |c| c.hits.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// What happened on the machine between two snapshots.
+struct Window {
+    seconds: f64,
+    /// embedcar's CPU time in the window (process CPU clock), nanoseconds.
+    proxy_ns: Option<f64>,
+    /// The same from /proc/<pid>/stat ticks, nanoseconds.
+    proxy_stat_ns: Option<f64>,
+    /// This process's CPU time / wall time (load generator + fake upstream, core 1).
+    self_util: f64,
+    /// Whole-core busy time / wall time, per core.
+    cores_util: Vec<f64>,
+    upstream_calls: usize,
+    upstream_inputs: usize,
+    completed: u64,
+    hits: u64,
+}
+
+impl Window {
+    fn between(a: &Snapshot, b: &Snapshot) -> Window {
+        let tck = clk_tck();
+        let seconds = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
+        let proxy_ns = match (a.proxy_ns, b.proxy_ns) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64),
+            _ => None,
+        };
+        let proxy_stat_ns = match (a.proxy_ticks, b.proxy_ticks) {
+            (Some(x), Some(y)) => Some(y.saturating_sub(x) as f64 / tck * 1e9),
+            _ => None,
+        };
+        Window {
+            seconds,
+            proxy_ns,
+            proxy_stat_ns,
+            self_util: b.self_ns.saturating_sub(a.self_ns) as f64 / 1e9 / seconds,
+            cores_util: a
+                .cores
+                .iter()
+                .zip(&b.cores)
+                .map(|(x, y)| y.saturating_sub(*x) as f64 / tck / seconds)
+                .collect(),
+            upstream_calls: b.upstream_calls.saturating_sub(a.upstream_calls),
+            upstream_inputs: b.upstream_inputs.saturating_sub(a.upstream_inputs),
+            completed: b.completed.saturating_sub(a.completed),
+            hits: b.hits.saturating_sub(a.hits),
+        }
+    }
+
+    fn proxy_util(&self) -> f64 {
+        self.proxy_ns.map_or(0.0, |ns| ns / 1e9 / self.seconds)
+    }
+
+    /// A warning when other processes (or interrupts) used the pinned cores noticeably during
+    /// the window. /proc/stat counts in ticks, so short windows get two ticks of slack.
+    fn disturbance(&self, label: &str, pinned: bool) -> Option<String> {
+        let slack = MAX_FOREIGN_LOAD + 2.0 / clk_tck() / self.seconds;
+        let proxy = self.proxy_util();
+        if !pinned {
+            let other = self.cores_util.iter().sum::<f64>() - proxy - self.self_util;
+            return (other > slack).then(|| {
+                format!(
+                    "warning: during {label}, other processes or interrupts took {:.0}% of a \
+                     core: its figures are disturbed",
+                    other * 100.0
+                )
+            });
+        }
+        let other = |core: usize, ours: f64| {
+            self.cores_util
+                .get(core)
+                .map_or(0.0, |busy| (busy - ours).max(0.0))
+        };
+        // A direct run does not use core 0 (only embedcar lives there).
+        let core0 = match self.proxy_ns {
+            Some(_) => other(EMBEDCAR_CORE, proxy),
+            None => 0.0,
+        };
+        let core1 = other(BENCH_CORE, self.self_util);
+        (core0.max(core1) > slack).then(|| {
+            format!(
+                "warning: during {label}, other processes or interrupts took {:.0}% of core 0 \
+                 and {:.0}% of core 1 ({:.2} s window): its figures are disturbed",
+                core0 * 100.0,
+                core1 * 100.0,
+                self.seconds
+            )
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedcar as a child process
+// ---------------------------------------------------------------------------------------------
+
+struct Embedcar {
+    child: Child,
+    addr: SocketAddr,
+    admin: Option<SocketAddr>,
+    cpus: String,
+}
+
+impl Embedcar {
+    /// Starts embedcar on core 0 (`pin`) or on every core, with `env` on top of ours.
+    fn start(upstream: &str, pin: bool, env: &[(&str, String)]) -> Result<Embedcar, String> {
+        let bin = env!("CARGO_BIN_EXE_embedcar");
+        let args = [
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+        ];
+        let taskset = std::path::Path::new("/usr/bin/taskset");
+        let mut cmd = if pin && taskset.exists() {
+            // `taskset -c 0 embedcar ...`: taskset execs embedcar, so the pid is embedcar's.
+            let mut c = Command::new(taskset);
+            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(bin);
+            c
+        } else if pin {
+            // No taskset: the same affinity set between fork and exec.
+            let mut c = Command::new(bin);
+            // SAFETY: between fork and exec only async-signal-safe calls (a syscall) are made.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                c.pre_exec(|| {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(EMBEDCAR_CORE, &mut set);
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            c
+        } else {
+            Command::new(bin)
+        };
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {bin}: {e}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, Option<SocketAddr>)>();
+        // Reads the start-up line, then keeps draining stdout (a full pipe would block embedcar)
+        // and shows warnings and errors, which would make the figures suspect.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(t) = &tx {
+                    let field = |name: &str| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(name))
+                            .and_then(|a| a.parse::<SocketAddr>().ok())
+                    };
+                    if let Some(addr) = field("addr=") {
+                        let _ = t.send((addr, field("admin_addr=")));
+                        tx = None;
+                        continue;
+                    }
+                }
+                if line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("[embedcar] {line}");
+                }
+            }
+        });
+        let (addr, admin) = match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                return Err(format!(
+                    "embedcar printed no `listening addr=...` line within 15 s (exit: {status:?})"
+                ));
+            }
+        };
+        let cpus = status_field(&child.id().to_string(), "Cpus_allowed_list").unwrap_or_default();
+        Ok(Embedcar {
+            child,
+            addr,
+            admin,
+            cpus,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn peak_mib(&self) -> f64 {
+        status_mib(self.pid(), "VmHWM").unwrap_or(f64::NAN)
+    }
+
+    /// The sum of every series of one metric on the admin port's `/metrics`.
+    async fn metric(&self, name: &str) -> Option<f64> {
+        let admin = self.admin?;
+        let mut sender = connect(admin).await.ok()?;
+        let req = Request::get("/metrics")
+            .header(HOST, admin.to_string())
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let resp = sender.send_request(req).await.ok()?;
+        let body = resp.into_body().collect().await.ok()?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        let mut sum = None;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                continue;
+            }
+            if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+                *sum.get_or_insert(0.0) += v;
+            }
+        }
+        sum
+    }
+
+    /// SIGTERM, a short wait for the graceful drain, then SIGKILL. Async: the fake upstream
+    /// runs on this runtime and must keep serving while embedcar drains.
+    async fn stop(mut self) {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP client side
+// ---------------------------------------------------------------------------------------------
+
+type Sender = SendRequest<Full<Bytes>>;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("histogram bounds")
+}
+
+fn ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+async fn connect<B>(addr: SocketAddr) -> Result<SendRequest<B>, String>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake {addr}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// The request body of one caller asking for one input, base64 like the official clients.
+fn body_for(input: &str) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({
+            "input": input,
+            "model": MODEL,
+            "encoding_format": "base64",
+        }))
+        .expect("JSON"),
+    )
+}
+
+/// A 200 reply: its body and how many inputs embedcar answered from its cache.
+struct Reply {
+    body: Bytes,
+    cache_hits: u64,
+}
+
+/// `Err((message, broken))`: `broken` means the connection is unusable.
+async fn send(
+    sender: &mut Sender,
+    host: &HeaderValue,
+    body: Bytes,
+) -> Result<Reply, (String, bool)> {
+    let req = Request::post(ROUTE)
+        .header(HOST, host.clone())
+        .header(AUTHORIZATION, AUTH)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(body))
+        .expect("valid request");
+    if let Err(e) = sender.ready().await {
+        return Err((format!("connection closed: {e}"), true));
+    }
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| (format!("request failed: {e}"), true))?;
+    let status = resp.status();
+    let cache_hits = resp
+        .headers()
+        .get("x-embedcar-cache-hits")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| (format!("body failed: {e}"), true))?
+        .to_bytes();
+    if status != StatusCode::OK {
+        return Err((
+            format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            ),
+            false,
+        ));
+    }
+    Ok(Reply { body, cache_hits })
+}
+
+/// Whether a reply is the one-vector list the fake computes for `input` (exact float32).
+fn check_reply(body: &[u8], input: &str, dims: usize) -> Result<(), String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("reply is not JSON: {e}"))?;
+    let data = v["data"].as_array().ok_or("reply has no data")?;
+    if data.len() != 1 || data[0]["index"] != 0 {
+        return Err(format!("{} items in data", data.len()));
+    }
+    let got = fake_upstream::decode_embedding(&data[0]["embedding"])
+        .ok_or("embedding is not base64 float32")?;
+    let want = fake_upstream::expected_embedding(&EmbeddingInput::Text(input.to_string()), dims);
+    if got != want {
+        return Err(format!("wrong vector for {input:?}"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fan-in: many callers, one input each, a slow upstream with few slots
+// ---------------------------------------------------------------------------------------------
+
+fn caller_input(i: usize) -> String {
+    format!("caller {i}: the food was delicious and the waiter was friendly.")
+}
+
+struct FanIn {
+    path: &'static str,
+    callers: usize,
+    ok: usize,
+    errors: usize,
+    first_error: Option<String>,
+    wrong: usize,
+    first_wrong: Option<String>,
+    /// From the common start to the last caller's complete reply.
+    completion: Duration,
+    latency: Histogram<u64>,
+    peak_upstream: usize,
+    window: Window,
+    embedcar_mib: Option<f64>,
+}
+
+impl FanIn {
+    fn p_ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1e6
+    }
+}
+
+type CallerOutcome = (usize, Duration, Result<Bytes, String>);
+
+/// Collects the callers' outcomes (checked against the fake's vectors) into a [`FanIn`].
+fn fan_in_result(
+    path: &'static str,
+    s: &Settings,
+    outcomes: Vec<CallerOutcome>,
+    window: Window,
+    peak_upstream: usize,
+    embedcar_mib: Option<f64>,
+) -> FanIn {
+    let mut r = FanIn {
+        path,
+        callers: s.callers,
+        ok: 0,
+        errors: s.callers.saturating_sub(outcomes.len()),
+        first_error: (outcomes.len() < s.callers)
+            .then(|| format!("{} callers got no answer", s.callers - outcomes.len())),
+        wrong: 0,
+        first_wrong: None,
+        completion: Duration::ZERO,
+        latency: histogram(),
+        peak_upstream,
+        window,
+        embedcar_mib,
+    };
+    for (i, elapsed, outcome) in outcomes {
+        r.completion = r.completion.max(elapsed);
+        match outcome {
+            Ok(body) => {
+                r.ok += 1;
+                r.latency.saturating_record(ns(elapsed));
+                if let Err(e) = check_reply(&body, &caller_input(i), s.dims) {
+                    r.wrong += 1;
+                    r.first_wrong.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                r.errors += 1;
+                r.first_error.get_or_insert(e);
+            }
+        }
+    }
+    r
+}
+
+/// How long a fan-in run may take before it counts as hung: four times the direct run's
+/// expected duration, plus 20 s.
+fn fan_in_limit(s: &Settings) -> Duration {
+    let rounds = s.callers.div_ceil(s.slots) as u32;
+    s.delay * rounds * 4 + Duration::from_secs(20)
+}
+
+/// Waits for every caller task, or gives up at `limit` (aborting the rest).
+async fn join_callers(
+    tasks: Vec<tokio::task::JoinHandle<CallerOutcome>>,
+    limit: Duration,
+) -> Vec<CallerOutcome> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for mut t in tasks {
+        match tokio::time::timeout_at(deadline, &mut t).await {
+            Ok(Ok(o)) => outcomes.push(o),
+            Ok(Err(e)) => eprintln!("caller task failed: {e}"),
+            // Hung: counted as a caller without an answer.
+            Err(_) => t.abort(),
+        }
+    }
+    outcomes
+}
+
+/// DIRECT: every caller waits for one of `slots` pooled connections to the upstream, sends its
+/// request on it and gives it back.
+async fn fan_in_direct(s: &Settings, fake: &FakeUpstream) -> Result<FanIn, String> {
+    let addr = fake.addr();
+    let host = HeaderValue::from_str(&addr.to_string()).expect("host header");
+    let mut conns = Vec::with_capacity(s.slots);
+    for _ in 0..s.slots {
+        conns.push(connect::<Full<Bytes>>(addr).await?);
+    }
+    let pool = Arc::new((Semaphore::new(s.slots), Mutex::new(conns)));
+    fake.reset_stats();
+    let a = Snapshot::take(None, fake, None);
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(s.callers);
+    for i in 0..s.callers {
+        let pool = pool.clone();
+        let host = host.clone();
+        let body = body_for(&caller_input(i));
+        tasks.push(tokio::spawn(async move {
+            // Semaphore waiters are served in FIFO order: callers go in the order they asked.
+            let _permit = pool.0.acquire().await.expect("semaphore open");
+            let mut sender = pool.1.lock().unwrap().pop().expect("a pooled connection");
+            let result = send(&mut sender, &host, body).await;
+            if matches!(result, Err((_, true))) {
+                match connect(addr).await {
+                    Ok(fresh) => sender = fresh,
+                    Err(e) => eprintln!("direct: reconnect failed: {e}"),
+                }
+            }
+            pool.1.lock().unwrap().push(sender);
+            (i, t0.elapsed(), result.map(|r| r.body).map_err(|e| e.0))
+        }));
+    }
+    let outcomes = join_callers(tasks, fan_in_limit(s)).await;
+    let b = Snapshot::take(None, fake, None);
+    let peak = fake.peak_concurrency();
+    // Close the pool: the fake holds a connection slot for each open connection.
+    drop(pool);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(fan_in_result(
+        "direct",
+        s,
+        outcomes,
+        Window::between(&a, &b),
+        peak,
+        None,
+    ))
+}
+
+/// EMBEDCAR: every caller on its own connection to embedcar, all sending at once.
+async fn fan_in_through(
+    s: &Settings,
+    fake: &FakeUpstream,
+    ec: &mut Embedcar,
+) -> Result<FanIn, String> {
+    let host = HeaderValue::from_str(&ec.addr.to_string()).expect("host header");
+    // One request first: embedcar works end to end (and has one pooled upstream connection,
+    // as a running sidecar would). Its input is not one of the callers'.
+    {
+        let mut sender = connect(ec.addr).await?;
+        let reply = send(&mut sender, &host, body_for("warm-up"))
+            .await
+            .map_err(|e| format!("through embedcar: {}", e.0))?;
+        check_reply(&reply.body, "warm-up", s.dims)
+            .map_err(|e| format!("through embedcar: {e}"))?;
+    }
+    let mut senders = Vec::with_capacity(s.callers);
+    for _ in 0..s.callers {
+        senders.push(connect::<Full<Bytes>>(ec.addr).await?);
+    }
+    // Wait until embedcar has accepted them all, so that accepting is not part of the run.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ec.metric("embedcar_open_connections").await {
+            Some(n) if n >= s.callers as f64 => break,
+            Some(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Some(n) => {
+                eprintln!(
+                    "warning: embedcar has accepted only {n} of {} connections",
+                    s.callers
+                );
+                break;
+            }
+            None => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                break;
+            }
+        }
+    }
+    let bodies: Vec<Bytes> = (0..s.callers).map(|i| body_for(&caller_input(i))).collect();
+    fake.reset_stats();
+    let a = Snapshot::take(Some(ec.pid()), fake, None);
+    let t0 = Instant::now();
+    let mut tasks = Vec::with_capacity(s.callers);
+    for (i, (mut sender, body)) in senders.into_iter().zip(bodies).enumerate() {
+        let host = host.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = send(&mut sender, &host, body).await;
+            (i, t0.elapsed(), result.map(|r| r.body).map_err(|e| e.0))
+        }));
+    }
+    let outcomes = join_callers(tasks, fan_in_limit(s)).await;
+    let b = Snapshot::take(Some(ec.pid()), fake, None);
+    let peak = fake.peak_concurrency();
+    Ok(fan_in_result(
+        "embedcar",
+        s,
+        outcomes,
+        Window::between(&a, &b),
+        peak,
+        Some(ec.peak_mib()),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Saturation: a closed loop of single-input base64 requests
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq)]
+enum Inputs {
+    /// Every request a new input: a cache miss, sent upstream. embedcar's defaults (256
+    /// upstream slots), so an input rarely waits for a slot and most calls carry one input.
+    Distinct,
+    /// The same with `EMBEDCAR_LIMITS__MAX_CONCURRENCY` = the fan-in's slots: inputs wait for a
+    /// slot and leave together, so calls carry several inputs.
+    DistinctFewSlots,
+    /// Inputs drawn from a warmed set: every request a cache hit.
+    Repeated,
+}
+
+impl Inputs {
+    fn label(self) -> &'static str {
+        match self {
+            Inputs::Distinct => "misses",
+            Inputs::DistinctFewSlots => "misses, few slots",
+            Inputs::Repeated => "hits",
+        }
+    }
+
+    /// embedcar's environment for the run.
+    fn env(self, s: &Settings) -> Vec<(&'static str, String)> {
+        match self {
+            Inputs::DistinctFewSlots => {
+                vec![("EMBEDCAR_LIMITS__MAX_CONCURRENCY", s.slots.to_string())]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    fn input(self, conn: usize, seq: u64, hot: usize) -> String {
+        match self {
+            Inputs::Distinct | Inputs::DistinctFewSlots => {
+                format!(
+                    "saturation {conn} {seq}: the food was delicious and the waiter was friendly."
+                )
+            }
+            Inputs::Repeated => hot_input((conn + seq as usize * 7919) % hot),
+        }
+    }
+}
+
+fn hot_input(k: usize) -> String {
+    format!("hot {k}: the food was delicious and the waiter was friendly.")
+}
+
+#[derive(Default)]
+struct Counters {
+    completed: AtomicU64,
+    /// Inputs embedcar answered from its cache (`x-embedcar-cache-hits`).
+    hits: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Counters {
+    fn error(&self, what: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.first_error.lock().unwrap().get_or_insert(what);
+    }
+}
+
+struct Saturation {
+    inputs: Inputs,
+    throughput: f64,
+    latency: Histogram<u64>,
+    window: Window,
+    errors: u64,
+    total: u64,
+    first_error: Option<String>,
+    peak_mib: f64,
+}
+
+impl Saturation {
+    fn p_ms(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1e6
+    }
+
+    fn per_request_us(&self, ns: Option<f64>) -> f64 {
+        ns.map_or(f64::NAN, |ns| {
+            ns / 1e3 / self.window.completed.max(1) as f64
+        })
+    }
+
+    fn error_rate(&self) -> f64 {
+        if self.total == 0 {
+            1.0
+        } else {
+            self.errors as f64 / self.total as f64
+        }
+    }
+}
+
+/// One connection of the closed loop: send, read, repeat until the window ends.
+async fn closed_conn(
+    addr: SocketAddr,
+    conn: usize,
+    inputs: Inputs,
+    hot: usize,
+    counters: Arc<Counters>,
+    window: (Instant, Instant),
+) -> Histogram<u64> {
+    let host = HeaderValue::from_str(&addr.to_string()).expect("host header");
+    let mut latency = histogram();
+    let mut sender: Option<Sender> = None;
+    let mut seq = 0u64;
+    while Instant::now() < window.1 {
+        if sender.is_none() {
+            match connect(addr).await {
+                Ok(c) => sender = Some(c),
+                Err(e) => {
+                    counters.error(e);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            }
+        }
+        let body = body_for(&inputs.input(conn, seq, hot));
+        seq += 1;
+        let start = Instant::now();
+        match send(sender.as_mut().expect("connected"), &host, body).await {
+            Ok(reply) => {
+                counters.completed.fetch_add(1, Ordering::Relaxed);
+                counters.hits.fetch_add(reply.cache_hits, Ordering::Relaxed);
+                if start >= window.0 && start < window.1 {
+                    latency.saturating_record(ns(start.elapsed()));
+                }
+            }
+            Err((e, broken)) => {
+                counters.error(e);
+                if broken {
+                    sender = None;
+                }
+            }
+        }
+    }
+    latency
+}
+
+async fn saturation(
+    s: &Settings,
+    fake: &FakeUpstream,
+    inputs: Inputs,
+    pinned: bool,
+) -> Result<Saturation, String> {
+    let mut ec = Embedcar::start(&fake.url(), pinned, &inputs.env(s))?;
+    let result = saturation_on(s, fake, inputs, &mut ec).await;
+    let died = !ec.alive();
+    ec.stop().await;
+    if died {
+        return Err(format!(
+            "embedcar exited during the {} saturation run",
+            inputs.label()
+        ));
+    }
+    result
+}
+
+async fn saturation_on(
+    s: &Settings,
+    fake: &FakeUpstream,
+    inputs: Inputs,
+    ec: &mut Embedcar,
+) -> Result<Saturation, String> {
+    let host = HeaderValue::from_str(&ec.addr.to_string()).expect("host header");
+    {
+        let mut sender = connect(ec.addr).await?;
+        let reply = send(&mut sender, &host, body_for("saturation check"))
+            .await
+            .map_err(|e| format!("through embedcar: {}", e.0))?;
+        check_reply(&reply.body, "saturation check", s.dims)
+            .map_err(|e| format!("through embedcar: {e}"))?;
+        if inputs == Inputs::Repeated {
+            // Warm the cache with every hot input, 64 at a time.
+            for chunk in (0..s.hot_inputs).collect::<Vec<_>>().chunks(64) {
+                let mut warm = Vec::new();
+                for &k in chunk {
+                    let addr = ec.addr;
+                    let host = host.clone();
+                    warm.push(tokio::spawn(async move {
+                        let mut sender = connect(addr).await?;
+                        send(&mut sender, &host, body_for(&hot_input(k)))
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.0)
+                    }));
+                }
+                for w in warm {
+                    w.await.map_err(|e| e.to_string())??;
+                }
+            }
+        }
+    }
+    let counters = Arc::new(Counters::default());
+    let t0 = Instant::now() + Duration::from_millis(5);
+    let window = (t0 + s.warmup, t0 + s.warmup + s.measure);
+    tokio::time::sleep_until(t0.into()).await;
+    let mut tasks = Vec::with_capacity(s.connections);
+    for c in 0..s.connections {
+        tasks.push(tokio::spawn(closed_conn(
+            ec.addr,
+            c,
+            inputs,
+            s.hot_inputs,
+            counters.clone(),
+            window,
+        )));
+    }
+    tokio::time::sleep_until(window.0.into()).await;
+    let a = Snapshot::take(Some(ec.pid()), fake, Some(&counters));
+    tokio::time::sleep_until(window.1.into()).await;
+    let b = Snapshot::take(Some(ec.pid()), fake, Some(&counters));
+    let mut latency = histogram();
+    for t in tasks {
+        let h = t.await.map_err(|e| format!("connection task: {e}"))?;
+        latency.add(&h).expect("same bounds");
+    }
+    let window = Window::between(&a, &b);
+    let errors = counters.errors.load(Ordering::Relaxed);
+    let first_error = counters.first_error.lock().unwrap().take();
+    Ok(Saturation {
+        inputs,
+        throughput: window.completed as f64 / window.seconds,
+        latency,
+        errors,
+        total: counters.completed.load(Ordering::Relaxed) + errors,
+        first_error,
+        peak_mib: ec.peak_mib(),
+        window,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Render: µs per 1536-dimension vector
+// ---------------------------------------------------------------------------------------------
+
+/// `count` vectors of `dims` values in [-0.1, 0.1), from a fixed splitmix64 stream.
+fn render_vectors(count: usize, dims: usize) -> Vec<Vec<f32>> {
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (0..count)
+        .map(|_| {
+            (0..dims)
+                .map(|_| ((next() >> 40) as f64 / (1u64 << 24) as f64 * 0.2 - 0.1) as f32)
+                .collect()
+        })
+        .collect()
+}
+
+struct RenderFigure {
+    what: &'static str,
+    median_us: f64,
+    min_us: f64,
+    bytes: usize,
+    /// Thread CPU time / wall time over the measurement: below 1, the thread was preempted.
+    on_cpu: f64,
+}
+
+/// Median and minimum over `rounds` of the mean time of `iters` calls of `f` on the vectors in
+/// turn; `f` returns the bytes it wrote.
+fn time_render(
+    s: &Settings,
+    what: &'static str,
+    vectors: &[Vec<f32>],
+    mut f: impl FnMut(&[f32]) -> usize,
+) -> RenderFigure {
+    // Warm-up: caches, branch predictors, the allocator's free lists.
+    let mut bytes = 0;
+    for v in vectors {
+        bytes = f(v);
+    }
+    let mut per: Vec<f64> = Vec::with_capacity(s.render_rounds);
+    let (wall0, cpu0) = (Instant::now(), thread_cpu_ns());
+    for _ in 0..s.render_rounds {
+        let start = Instant::now();
+        for j in 0..s.render_iters {
+            std::hint::black_box(f(std::hint::black_box(&vectors[j % vectors.len()])));
+        }
+        per.push(start.elapsed().as_secs_f64() * 1e6 / s.render_iters as f64);
+    }
+    let on_cpu = (thread_cpu_ns() - cpu0) as f64 / ns(wall0.elapsed()).max(1) as f64;
+    per.sort_by(f64::total_cmp);
+    RenderFigure {
+        what,
+        median_us: per[per.len() / 2],
+        min_us: per[0],
+        bytes,
+        on_cpu,
+    }
+}
+
+fn render_bench(s: &Settings) -> Vec<RenderFigure> {
+    let vectors = render_vectors(RENDER_VECTORS, s.dims);
+    let mut out: Vec<u8> = Vec::with_capacity(s.dims * 16 + 256);
+    let mut buf = zmij::Buffer::new();
+    let mut figures = Vec::new();
+    figures.push(time_render(
+        s,
+        "float JSON vector (write_floats)",
+        &vectors,
+        |v| {
+            out.clear();
+            write_floats(&mut out, v, &mut buf);
+            out.len()
+        },
+    ));
+    figures.push(time_render(
+        s,
+        "base64 vector (write_base64)",
+        &vectors,
+        |v| {
+            out.clear();
+            write_base64(&mut out, v);
+            out.len()
+        },
+    ));
+    figures.push(time_render(
+        s,
+        "float reply, 1 vector (render_reply)",
+        &vectors,
+        |v| render_reply(std::iter::once(v), Encoding::Float, MODEL, 13).len(),
+    ));
+    figures.push(time_render(
+        s,
+        "base64 reply, 1 vector (render_reply)",
+        &vectors,
+        |v| render_reply(std::iter::once(v), Encoding::Base64, MODEL, 13).len(),
+    ));
+    // The floor under the float figure: the formatter alone, nothing copied (bytes: what
+    // write_floats would write).
+    figures.push(time_render(
+        s,
+        "zmij format_finite alone (no copy)",
+        &vectors,
+        |v| {
+            v.iter()
+                .map(|f| buf.format_finite(*f).len() + 1)
+                .sum::<usize>()
+                + 1
+        },
+    ));
+    figures
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+// ---------------------------------------------------------------------------------------------
+
+fn f3(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.3}")
+    } else {
+        "-".into()
+    }
+}
+
+fn f1(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:.1}")
+    } else {
+        "-".into()
+    }
+}
+
+/// Rows of cells as aligned columns: the first `left` columns left-aligned, the rest right.
+fn table(rows: &[Vec<String>], left: usize) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, String::len))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, v)| {
+                if c < left {
+                    format!("{v:<w$}", w = widths[c])
+                } else {
+                    format!("{v:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "  {}", line.join("  ").trim_end());
+    }
+    out
+}
+
+fn fan_in_table(runs: &[FanIn]) -> String {
+    let header = [
+        "fan-in",
+        "callers",
+        "done s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "emb/s",
+        "up calls",
+        "up inputs",
+        "callers/call",
+        "peak up",
+        "ec us/caller",
+        "ec MiB",
+        "bench%",
+        "core0%",
+        "core1%",
+        "errors",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in runs {
+        let w = &r.window;
+        let core = |i: usize| w.cores_util.get(i).map_or("-".into(), |u| f1(u * 100.0));
+        let mut errors = (r.errors + r.wrong).to_string();
+        if r.errors + r.wrong > 0 {
+            errors.push_str(" (!)");
+        }
+        rows.push(vec![
+            r.path.into(),
+            r.callers.to_string(),
+            f3(r.completion.as_secs_f64()),
+            f1(r.p_ms(0.5)),
+            f1(r.p_ms(0.99)),
+            f1(r.p_ms(1.0)),
+            format!("{:.0}", r.ok as f64 / r.completion.as_secs_f64().max(1e-9)),
+            w.upstream_calls.to_string(),
+            w.upstream_inputs.to_string(),
+            f1(r.callers as f64 / w.upstream_calls.max(1) as f64),
+            r.peak_upstream.to_string(),
+            w.proxy_ns
+                .map_or("-".into(), |ns| f1(ns / 1e3 / r.callers.max(1) as f64)),
+            r.embedcar_mib.map_or("-".into(), f1),
+            f1(w.self_util * 100.0),
+            if r.path == "direct" {
+                "-".into()
+            } else {
+                core(EMBEDCAR_CORE)
+            },
+            core(BENCH_CORE),
+            errors,
+        ]);
+    }
+    table(&rows, 1)
+}
+
+fn saturation_table(runs: &[Saturation], connections: usize) -> String {
+    let header = [
+        "saturation",
+        "conns",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "hits %",
+        "up calls/s",
+        "inputs/call",
+        "ec us/req",
+        "(stat)",
+        "ec core%",
+        "ec MiB",
+        "bench%",
+        "core0%",
+        "core1%",
+        "errors",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in runs {
+        let w = &r.window;
+        let core = |i: usize| w.cores_util.get(i).map_or("-".into(), |u| f1(u * 100.0));
+        let mut errors = r.errors.to_string();
+        if r.errors > 0 {
+            errors.push_str(" (!)");
+        }
+        rows.push(vec![
+            r.inputs.label().into(),
+            connections.to_string(),
+            format!("{:.0}", r.throughput),
+            f3(r.p_ms(0.5)),
+            f3(r.p_ms(0.99)),
+            f1(w.hits as f64 * 100.0 / w.completed.max(1) as f64),
+            format!("{:.0}", w.upstream_calls as f64 / w.seconds),
+            if w.upstream_calls > 0 {
+                f1(w.upstream_inputs as f64 / w.upstream_calls as f64)
+            } else {
+                "-".into()
+            },
+            f1(r.per_request_us(w.proxy_ns)),
+            f1(r.per_request_us(w.proxy_stat_ns)),
+            f1(w.proxy_util() * 100.0),
+            f1(r.peak_mib),
+            f1(w.self_util * 100.0),
+            core(EMBEDCAR_CORE),
+            core(BENCH_CORE),
+            errors,
+        ]);
+    }
+    table(&rows, 1)
+}
+
+fn render_table(figures: &[RenderFigure], dims: usize) -> String {
+    let mut rows: Vec<Vec<String>> = vec![vec![
+        format!("render ({dims} dimensions)"),
+        "us median".into(),
+        "us min".into(),
+        "bytes".into(),
+        "MB/s".into(),
+    ]];
+    for f in figures {
+        rows.push(vec![
+            f.what.into(),
+            f3(f.median_us),
+            f3(f.min_us),
+            f.bytes.to_string(),
+            format!("{:.0}", f.bytes as f64 / f.median_us),
+        ]);
+    }
+    table(&rows, 1)
+}
+
+const LEGEND: &[&str] = &[
+    "fan-in       every caller asks at the same instant; times run from that instant",
+    "done s       until the last caller has its whole reply",
+    "emb/s        callers answered / done s",
+    "up calls     upstream embeddings calls (the fake's count); up inputs: inputs in them",
+    "callers/call callers / upstream calls",
+    "peak up      most upstream requests in flight at once (the fake's count)",
+    "ec ...       embedcar (child process on core 0): us/caller, us/req = its CPU time",
+    "             (user+system, all threads, process CPU clock) per caller or request;",
+    "             (stat) the same from /proc/<pid>/stat; core% its CPU / wall time",
+    "ec MiB       embedcar peak RSS (VmHWM; a fresh process per run)",
+    "hits %       inputs embedcar answered from its cache (x-embedcar-cache-hits)",
+    "inputs/call  upstream inputs per upstream call in the saturation window",
+    "bench%       load generator + fake upstream CPU / wall time (core 1)",
+    "core0/1%     whole-core busy time (/proc/stat), other load included",
+];
+
+fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<String> {
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let mut lines = Vec::new();
+    let direct = fan.iter().find(|r| r.path == "direct");
+    let through = fan.iter().find(|r| r.path == "embedcar");
+    match through {
+        Some(t) if t.ok == t.callers => {
+            let ratio = t.callers as f64 / t.window.upstream_calls.max(1) as f64;
+            lines.push(format!(
+                "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: {} callers / {} calls = {ratio:.1} {}",
+                t.callers,
+                t.window.upstream_calls,
+                verdict(ratio >= TARGET_CALLERS_PER_CALL)
+            ));
+        }
+        _ => lines.push(format!(
+            "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: not measured (the embedcar fan-in run failed)"
+        )),
+    }
+    match (direct, through) {
+        (Some(d), Some(t)) if d.ok == d.callers && t.ok == t.callers => {
+            let x = d.completion.as_secs_f64() / t.completion.as_secs_f64().max(1e-9);
+            lines.push(format!(
+                "TARGET completion_speedup >= {TARGET_SPEEDUP}: direct {:.3} s / embedcar {:.3} s = {x:.1}x {}",
+                d.completion.as_secs_f64(),
+                t.completion.as_secs_f64(),
+                verdict(x >= TARGET_SPEEDUP)
+            ));
+        }
+        _ => lines.push(format!(
+            "TARGET completion_speedup >= {TARGET_SPEEDUP}: not measured (a fan-in run failed)"
+        )),
+    }
+    let cpu = |inputs: Inputs| {
+        sat.iter()
+            .find(|r| r.inputs == inputs)
+            .map(|r| r.per_request_us(r.window.proxy_ns))
+            .filter(|v| v.is_finite())
+    };
+    match cpu(Inputs::Distinct) {
+        Some(us) => lines.push(format!(
+            "TARGET engine_cpu_per_request_us <= {TARGET_CPU_US} (single-input base64, cache misses, closed loop): {us:.1} {}",
+            verdict(us <= TARGET_CPU_US)
+        )),
+        None => lines.push(format!(
+            "TARGET engine_cpu_per_request_us <= {TARGET_CPU_US}: not measured"
+        )),
+    }
+    match render.first() {
+        Some(f) => lines.push(format!(
+            "TARGET render_float_us_per_vector <= {TARGET_FLOAT_US} (1536 dims, median): {:.2} {}",
+            f.median_us,
+            verdict(f.median_us <= TARGET_FLOAT_US)
+        )),
+        None => lines.push(format!(
+            "TARGET render_float_us_per_vector <= {TARGET_FLOAT_US}: not measured"
+        )),
+    }
+    for (inputs, what) in [
+        (
+            Inputs::DistinctFewSlots,
+            "cache misses, few upstream slots (inputs batched)",
+        ),
+        (Inputs::Repeated, "cache hits (no upstream call)"),
+    ] {
+        if let Some(us) = cpu(inputs) {
+            lines.push(format!("NOTE engine_cpu_per_request_us, {what}: {us:.1}"));
+        }
+    }
+    if let Some(b) = render.get(1) {
+        lines.push(format!(
+            "NOTE render_base64_us_per_vector (1536 dims, median): {:.2}",
+            b.median_us
+        ));
+    }
+    lines
+}
+
+// ---------------------------------------------------------------------------------------------
+// main
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let s = Settings::from_env();
+    // Pin before the runtime (and any other thread) exists, so that every thread inherits it.
+    let pinned = if s.pin {
+        match pin_self(BENCH_CORE) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("warning: not pinning ({e}); figures are less comparable");
+                false
+            }
+        }
+    } else {
+        false
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(bench(s, pinned)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("engine bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
+    println!("embedcar embeddings engine benchmark");
+    println!(
+        "  fan-in: {} callers x 1 input, {MODEL}, base64, {} dimensions; upstream {} ms, {} connection slots; embedcar EMBEDCAR_LIMITS__MAX_CONCURRENCY={}{}",
+        s.callers,
+        s.dims,
+        s.delay.as_millis(),
+        s.slots,
+        s.slots,
+        if s.smoke { " (test mode: `--bench` not given, figures not meaningful)" } else { "" }
+    );
+    println!(
+        "  saturation: {} connections, closed loop, upstream at once, embedcar defaults; warm-up {:.1} s + {:.1} s measured per run; {} hot inputs",
+        s.connections,
+        s.warmup.as_secs_f64(),
+        s.measure.as_secs_f64(),
+        s.hot_inputs
+    );
+    println!(
+        "  bench process (load generator + fake upstream + render loop): pid {}, cpus {}",
+        std::process::id(),
+        status_field("self", "Cpus_allowed_list").unwrap_or_default()
+    );
+    let config: Vec<String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("EMBEDCAR_"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if !config.is_empty() {
+        println!("  embedcar environment: {}", config.join(" "));
+    }
+    if let Ok(l) = std::fs::read_to_string("/proc/loadavg") {
+        println!("  load average before the run: {}", l.trim());
+    }
+    let mut warnings = Vec::new();
+
+    // Render first, while nothing else runs in this process.
+    let render = render_bench(&s);
+    for f in &render {
+        if f.median_us > f.min_us * MAX_RENDER_SPREAD || f.on_cpu < 0.95 {
+            warnings.push(format!(
+                "warning: render {}: median {:.2} us vs min {:.2} us, on CPU {:.0}% of the time: disturbed",
+                f.what,
+                f.median_us,
+                f.min_us,
+                f.on_cpu * 100.0
+            ));
+        }
+    }
+
+    // Fan-in: the same fake for both paths.
+    let fake = FakeUpstream::start_with(FakeOptions {
+        dims: s.dims,
+        max_connections: Some(s.slots),
+        record_requests: false,
+        ..FakeOptions::default()
+    })
+    .await;
+    fake.set_behavior(Behavior::Delay(s.delay));
+    let mut fan = Vec::new();
+    let direct = fan_in_direct(&s, &fake).await?;
+    fan.push(direct);
+    let mut ec = Embedcar::start(
+        &fake.url(),
+        pinned,
+        &[("EMBEDCAR_LIMITS__MAX_CONCURRENCY", s.slots.to_string())],
+    )?;
+    let embedcar_cpus = ec.cpus.clone();
+    let through = fan_in_through(&s, &fake, &mut ec).await;
+    let died = !ec.alive();
+    ec.stop().await;
+    drop(fake);
+    if died {
+        return Err("embedcar exited during the fan-in run".into());
+    }
+    fan.push(through?);
+
+    // Saturation: an upstream that answers at once, no connection cap.
+    let fake = FakeUpstream::start_with(FakeOptions {
+        dims: s.dims,
+        record_requests: false,
+        ..FakeOptions::default()
+    })
+    .await;
+    let mut sat = Vec::new();
+    for inputs in [Inputs::Distinct, Inputs::DistinctFewSlots, Inputs::Repeated] {
+        sat.push(saturation(&s, &fake, inputs, pinned).await?);
+    }
+    drop(fake);
+
+    println!(
+        "  embedcar: {} (fresh process per run), cpus {embedcar_cpus}; pinned: {}",
+        env!("CARGO_BIN_EXE_embedcar"),
+        if pinned {
+            format!("embedcar core {EMBEDCAR_CORE}, bench core {BENCH_CORE}")
+        } else {
+            "no".into()
+        }
+    );
+    println!();
+    print!("{}", fan_in_table(&fan));
+    println!();
+    print!("{}", saturation_table(&sat, s.connections));
+    println!();
+    print!("{}", render_table(&render, s.dims));
+    println!();
+    for l in LEGEND {
+        println!("  {l}");
+    }
+    for r in &fan {
+        if let Some(w) = r.window.disturbance(&format!("fan-in {}", r.path), pinned) {
+            warnings.push(w);
+        }
+    }
+    for r in &sat {
+        if let Some(w) = r
+            .window
+            .disturbance(&format!("saturation {}", r.inputs.label()), pinned)
+        {
+            warnings.push(w);
+        }
+    }
+    for w in &warnings {
+        println!("{w}");
+    }
+    println!();
+    if !s.smoke {
+        for line in targets(&fan, &sat, &render) {
+            println!("{line}");
+        }
+    }
+
+    let mut broken = false;
+    for r in &fan {
+        if r.errors > 0 {
+            eprintln!(
+                "fan-in {}: {} of {} callers failed, first: {}",
+                r.path,
+                r.errors,
+                r.callers,
+                r.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        if r.wrong > 0 {
+            eprintln!(
+                "fan-in {}: {} replies carried a wrong vector, first: {}",
+                r.path,
+                r.wrong,
+                r.first_wrong.as_deref().unwrap_or("?")
+            );
+            broken = true;
+        }
+        if r.errors as f64 > r.callers as f64 * MAX_ERROR_RATE {
+            broken = true;
+        }
+    }
+    for r in &sat {
+        if r.errors > 0 {
+            eprintln!(
+                "saturation {}: {} of {} requests failed ({:.2}%), first: {}",
+                r.inputs.label(),
+                r.errors,
+                r.total,
+                r.error_rate() * 100.0,
+                r.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        if r.error_rate() > MAX_ERROR_RATE {
+            broken = true;
+        }
+    }
+    Ok(if broken {
+        eprintln!("the measurement is not valid (errors or wrong vectors above)");
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
