@@ -18,6 +18,9 @@ use crate::body::{BoxError, ProxyBody};
 /// trace) can tell embedcar's own replies from the upstream's.
 pub const ERROR_HEADER: &str = "x-embedcar-error";
 
+/// Retry-After on failures of the upstream or of a deadline: soon, but not at once.
+pub const UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -117,7 +120,13 @@ impl ProxyError {
             | ProxyError::RateLimited { retry_after }
             | ProxyError::CircuitOpen { retry_after }
             | ProxyError::QueueFull { retry_after } => Some(*retry_after),
-            ProxyError::ShuttingDown => Some(Duration::from_secs(1)),
+            // Worth a retry soon: the upstream (or its link) failing, or a deadline missed under
+            // load. Also keeps a client that honours Retry-After from retrying at once.
+            ProxyError::ShuttingDown
+            | ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::UpstreamInvalidReply(_)
+            | ProxyError::DeadlineExceeded(_) => Some(UPSTREAM_RETRY_AFTER),
             _ => None,
         }
     }

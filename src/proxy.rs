@@ -122,7 +122,9 @@ impl Proxy {
         };
         let retryable = kept.is_some();
 
-        let slot = self.limit.acquire(Some(deadline)).await?;
+        // The gate is passed before a slot is taken, and each attempt takes its own slot and
+        // lets it go before a retry's wait, so a caller held at its credential's gate or
+        // sitting out a backoff holds back no one else.
         let finished = self
             .retrier
             .run(
@@ -137,13 +139,21 @@ impl Proxy {
                         (None, None) => crate::body::empty(),
                     };
                     let request = Request::from_parts(clone_parts(&parts), body);
-                    self.attempt(request, route, deadline)
+                    async move {
+                        match self.limit.acquire(Some(deadline)).await {
+                            Err(e) => Tried::refused((Err(e), None)),
+                            Ok(slot) => self
+                                .attempt(request, route, deadline)
+                                .await
+                                .map(|sent| (sent, Some(slot))),
+                        }
+                    }
                 },
             )
             .await?;
-
+        let (value, slot) = finished.value;
         let gave_up = finished.gave_up && self.settings.should_retry_header;
-        let mut response = match finished.value {
+        let mut response = match value {
             Ok(r) => r,
             Err(e) if gave_up => {
                 // Answered here, not by the router, to carry the header: count it as it would.

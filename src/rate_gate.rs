@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     num::NonZeroU32,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -40,6 +40,25 @@ impl Clock for TokioClock {
     }
 }
 
+/// A credential's waiting line.
+#[derive(Default)]
+struct Line {
+    turn: tokio::sync::Mutex<()>,
+    waiting: AtomicU32,
+}
+
+/// Leaves the line however the wait ends.
+struct InLine<'a>(&'a Line);
+
+impl Drop for InLine<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Lines are swept of idle credentials once there are this many.
+const LINES_BEFORE_SWEEP: usize = 1024;
+
 type Limiter = RateLimiter<
     CredentialId,
     DashMapStateStore<CredentialId>,
@@ -53,6 +72,12 @@ pub struct RateGates {
     tokens: Option<(Limiter, NonZeroU32)>,
     /// Gates the upstream shut, until when.
     shut: Mutex<HashMap<CredentialId, Instant>>,
+    /// Callers waiting at each credential's gate, served in arrival order: the tokio mutex is
+    /// fair, and the count lets a newcomer see at once how long its turn will take.
+    lines: Mutex<HashMap<CredentialId, Arc<Line>>>,
+    /// One cell's interval of each kind: 60 s / per-minute limit.
+    request_interval: Option<Duration>,
+    token_interval: Option<Duration>,
     /// Whether any gate was ever shut: until then, with no limits configured, every request
     /// passes without a look at its credential (a fingerprint and a lock saved per request).
     ever_shut: AtomicBool,
@@ -78,6 +103,11 @@ impl RateGates {
             tokens: limiter(tokens_per_minute),
             clock,
             shut: Mutex::new(HashMap::new()),
+            lines: Mutex::new(HashMap::new()),
+            request_interval: NonZeroU32::new(requests_per_minute)
+                .map(|n| Duration::from_secs(60) / n.get()),
+            token_interval: NonZeroU32::new(tokens_per_minute)
+                .map(|n| Duration::from_secs(60) / n.get()),
             ever_shut: AtomicBool::new(false),
             metrics,
         }
@@ -116,7 +146,9 @@ impl RateGates {
     }
 
     /// Passes one request of `tokens` tokens for `credential`, waiting as needed, but never
-    /// past `deadline`: if the gate would not open in time, fails at once with 429.
+    /// past `deadline`. Waiting callers line up in arrival order; a newcomer whose turn would
+    /// come after its deadline (the wait at the head of the line, plus one interval per caller
+    /// ahead) is refused at once with 429, not after waiting for nothing.
     pub async fn pass(
         &self,
         credential: &CredentialId,
@@ -124,25 +156,69 @@ impl RateGates {
         deadline: Instant,
     ) -> Result<(), ProxyError> {
         let started = Instant::now();
+        let line = self.line(credential);
+        let ahead = line.waiting.fetch_add(1, Ordering::AcqRel);
+        let _in_line = InLine(&line);
+        if ahead == 0 {
+            if let Some(wait) = self.wait(credential, tokens) {
+                if started + wait > deadline {
+                    return Err(self.refuse(wait));
+                }
+            } else {
+                return Ok(());
+            }
+        } else {
+            let estimate = self.head_wait(credential) + self.interval(tokens) * ahead;
+            if started + estimate > deadline {
+                return Err(self.refuse(estimate));
+            }
+        }
+        let _turn = line.turn.lock().await;
         loop {
             let now = Instant::now();
-            let wait = self.wait(credential, tokens);
-            match wait {
+            match self.wait(credential, tokens) {
                 None => {
-                    if now > started {
-                        self.metrics
-                            .gate_wait
-                            .observe(now.duration_since(started).as_secs_f64());
-                    }
+                    self.metrics
+                        .gate_wait
+                        .observe(now.duration_since(started).as_secs_f64());
                     return Ok(());
                 }
-                Some(wait) if now + wait > deadline => {
-                    self.metrics.gate_rejections.inc();
-                    return Err(ProxyError::RateLimited { retry_after: wait });
-                }
+                Some(wait) if now + wait > deadline => return Err(self.refuse(wait)),
                 Some(wait) => tokio::time::sleep(wait).await,
             }
         }
+    }
+
+    fn refuse(&self, retry_after: Duration) -> ProxyError {
+        self.metrics.gate_rejections.inc();
+        ProxyError::RateLimited { retry_after }
+    }
+
+    fn line(&self, credential: &CredentialId) -> Arc<Line> {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if lines.len() > LINES_BEFORE_SWEEP {
+            lines.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        lines.entry(*credential).or_default().clone()
+    }
+
+    /// One caller's share of the gate: a request interval, or its tokens' worth, whichever is
+    /// longer.
+    fn interval(&self, tokens: u64) -> Duration {
+        let requests = self.request_interval.unwrap_or(Duration::ZERO);
+        let tokens = self.token_interval.map_or(Duration::ZERO, |t| {
+            t.saturating_mul(tokens.min(u32::MAX as u64) as u32)
+        });
+        requests.max(tokens)
+    }
+
+    /// How long the head of the line still has to wait, at most: the upstream's closure, or one
+    /// interval.
+    fn head_wait(&self, credential: &CredentialId) -> Duration {
+        let shut = self.shut_until(credential).map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        shut.max(self.request_interval.unwrap_or(Duration::ZERO))
     }
 
     /// How long until `credential` may send `tokens` more tokens now; `None` when it may go
@@ -228,6 +304,34 @@ mod tests {
         assert_eq!(Instant::now(), t, "refused without waiting");
         assert_eq!(err.status(), http::StatusCode::TOO_MANY_REQUESTS);
         assert!(err.retry_after().unwrap() > Duration::from_secs(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn callers_queued_behind_others_are_refused_at_once_when_their_turn_is_too_late() {
+        let g = Arc::new(gates(60, 0)); // one per second after the burst
+        let far = Instant::now() + Duration::from_secs(3600);
+        for _ in 0..60 {
+            g.pass(&A, 1, far).await.unwrap(); // spend the burst
+        }
+        // Five patient callers line up (about 1 s apart)...
+        let patient: Vec<_> = (0..5)
+            .map(|_| {
+                let g = g.clone();
+                tokio::spawn(async move { g.pass(&A, 1, far).await.is_ok() })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // ...so one who must be through within 2 s has no chance, and hears so at once.
+        let t = Instant::now();
+        let err = g
+            .pass(&A, 1, t + Duration::from_secs(2))
+            .await
+            .expect_err("refused");
+        assert_eq!(Instant::now(), t);
+        assert!(err.retry_after().unwrap() >= Duration::from_secs(5));
+        for p in patient {
+            assert!(p.await.unwrap(), "the patient ones all pass, in order");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -421,6 +421,27 @@ impl<T> Tried<T> {
         }
     }
 
+    /// The same judgement of a value carrying more (say, the slot it held).
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Tried<U> {
+        Tried {
+            value: f(self.value),
+            verdict: self.verdict,
+            health: self.health,
+            rate_limit: self.rate_limit,
+        }
+    }
+
+    /// An answer embedcar makes without the upstream (no slot, say): final, and no news about
+    /// the upstream's health.
+    pub fn refused(value: T) -> Tried<T> {
+        Tried {
+            value,
+            verdict: Verdict::Final,
+            health: Health::Neutral,
+            rate_limit: None,
+        }
+    }
+
     /// An exchange that produced no usable reply (connection error, timeout, broken body).
     pub fn broken(value: T, reason: RetryReason) -> Tried<T> {
         Tried {

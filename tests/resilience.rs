@@ -822,7 +822,6 @@ async fn an_upstream_that_never_answers_gets_every_caller_answered_in_time_and_t
 /// Retry-After". Only the breaker's 503 carries one: the 502 for a refused connection, the 504
 /// for an upstream that never answers (and the upstream's own 5xx, unless it sent one) do not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: 502 upstream_unreachable and 504 upstream_timeout/deadline_exceeded answers carry no Retry-After (src/errors.rs ProxyError::retry_after)"]
 async fn every_failure_answer_while_the_upstream_is_down_carries_retry_after() {
     let mut c = config(&format!("http://127.0.0.1:{}", closed_port()));
     c.breaker.failure_threshold = 0;
@@ -911,7 +910,6 @@ async fn the_breaker_opens_after_consecutive_failures_refuses_at_once_and_one_pr
 /// The embeddings engine's own refusals (breaker open, gate closed) are answers embedcar makes
 /// itself, like the pass-through's, and the shed metric is documented as counting those.
 #[tokio::test]
-#[ignore = "bug: engine-side refusals (breaker, rate gate) reach callers as a batch Failure and are never counted in embedcar_shed_requests_total (src/embeddings/mod.rs embed: Ok(failure.to_response()))"]
 async fn the_engines_breaker_refusals_are_counted_as_shed() {
     let upstream = FakeUpstream::start().await;
     upstream.set_behavior(Behavior::openai_error(500));
@@ -1096,7 +1094,6 @@ async fn tokens_per_minute_are_never_exceeded_at_the_upstream_with_300_callers_p
 /// A merged call larger than the whole minute's token budget is let through as "a full
 /// minute's worth", so the upstream sees more tokens than the configured limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a call over tokens_per_minute passes the gate as one minute's worth (src/rate_gate.rs RateGates::wait clamp) and the batcher never caps calls at tokens_per_minute (src/embeddings/batch.rs take_batch)"]
 async fn a_merged_call_never_exceeds_the_tokens_per_minute_budget() {
     const TPM: u32 = 100;
     let upstream = FakeUpstream::start().await;
@@ -1131,7 +1128,6 @@ async fn a_merged_call_never_exceeds_the_tokens_per_minute_budget() {
 /// queue of others all see the next free cell, sleep, and race for it, so one who can never get
 /// through before its deadline waits until then instead of being told at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: callers the gate cannot serve before their deadline wait until it instead of a 429 at once (src/rate_gate.rs RateGates::pass: no reservation)"]
 async fn callers_the_gate_cannot_serve_before_their_deadline_are_refused_at_once() {
     let upstream = FakeUpstream::start().await;
     let mut c = config(&upstream.url());
@@ -1284,7 +1280,6 @@ async fn a_caller_whose_deadline_comes_before_the_gate_reopens_gets_429_at_once(
 /// dispatcher refuses hopeless callers only when it reaches the gate, then sleeps until it
 /// reopens, so this one waits out its own deadline and gets a 504 instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a caller queued while its lane sleeps at a shut gate is not refused at once (src/embeddings/batch.rs dispatch/refuse_hopeless runs only before the sleep; submit does not check the gate)"]
 async fn a_hopeless_caller_arriving_while_the_lane_waits_at_the_gate_gets_429_at_once() {
     let upstream = FakeUpstream::start().await;
     upstream.push_rule(
@@ -1322,7 +1317,6 @@ async fn a_hopeless_caller_arriving_while_the_lane_waits_at_the_gate_gets_429_at
 /// shut here by a success with `x-ratelimit-remaining-requests: 0`, so that no retry is
 /// waiting: see the next test for that.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: pass-through callers wait at a shut gate holding an upstream slot, starving other credentials (src/proxy.rs forward: limit.acquire before retrier.run)"]
 async fn pass_through_callers_held_at_one_credentials_gate_do_not_hold_back_another() {
     let upstream = FakeUpstream::start().await;
     upstream.push_rule(Rule::once(
@@ -1352,7 +1346,6 @@ async fn pass_through_callers_held_at_one_credentials_gate_do_not_hold_back_anot
 /// A call waiting out a retry delay (here the upstream's `retry-after: 1`) keeps its upstream
 /// slot through the wait, on both paths, so with few slots other credentials wait too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the upstream slot is held through retry backoff and server delays (src/embeddings/batch.rs run_batch holds `slot` across call_isolating; src/proxy.rs forward holds it across retrier.run)"]
 async fn a_call_waiting_out_a_retry_delay_does_not_hold_an_upstream_slot() {
     let upstream = FakeUpstream::start().await;
     let mut c = config(&upstream.url());
@@ -1521,7 +1514,6 @@ async fn a_one_second_read_timeout_hint_ends_an_embeddings_request_at_one_second
 /// request is cancelled and its slot is free for the next caller. Today an attempt is bounded
 /// only by `upstream.first_byte_timeout` (5 min by default), so it runs on, holding the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: an embeddings attempt is bounded by first_byte_timeout only, not by its callers' deadlines (src/embeddings/batch.rs attempt: tokio::time::timeout(first_byte_timeout, ..))"]
 async fn a_one_second_read_timeout_hint_also_ends_the_embeddings_upstream_work() {
     let upstream = FakeUpstream::start().await;
     upstream.push_rule(Rule::once(Behavior::Hang).on_path("/embeddings"));

@@ -211,7 +211,9 @@ struct Item {
     hash: u128,
     input: Arc<Input>,
     size: u64,
+    /// The nearest and farthest deadline among the input's callers.
     deadline: Instant,
+    latest: Instant,
 }
 
 impl Batcher {
@@ -248,6 +250,14 @@ impl Batcher {
         misses: Vec<Miss>,
         deadline: Instant,
     ) -> Result<Vec<Ticket>, ProxyError> {
+        if let Some(until) = self.ctx.retrier.gates.shut_until(key.credential()) {
+            if until > deadline {
+                self.ctx.metrics.gate_rejections.inc();
+                return Err(ProxyError::RateLimited {
+                    retry_after: until.saturating_duration_since(Instant::now()),
+                });
+            }
+        }
         let depth = usize::try_from(self.ctx.metrics.embeddings_queue_depth.get()).unwrap_or(0);
         if depth + misses.len() > self.ctx.settings.max_queued {
             return Err(ProxyError::QueueFull {
@@ -434,6 +444,7 @@ fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
             input: flight.input.clone(),
             size: flight.size,
             deadline: flight.earliest,
+            latest: flight.latest,
         });
     }
     drop(state);
@@ -523,7 +534,8 @@ async fn run_batch(
         done: false,
     };
     let mut budget = isolation_budget(items.len());
-    let outcomes = call_isolating(&ctx, &lane.template, &items, &mut budget).await;
+    let mut slot = Some(slot);
+    let outcomes = call_isolating(&ctx, &lane.template, &items, &mut budget, &mut slot).await;
     drop(slot);
     // Fill the cache before the flights leave the lane, so a caller arriving in between finds
     // one or the other, never neither.
@@ -547,16 +559,17 @@ fn call_isolating<'a>(
     template: &'a Template,
     items: &'a [Item],
     budget: &'a mut usize,
+    slot: &'a mut Option<Slot>,
 ) -> BoxFuture<'a, Vec<Outcome>> {
     Box::pin(async move {
-        match call_once(ctx, template, items).await {
+        match call_once(ctx, template, items, slot).await {
             Ok(done) => done.into_iter().map(Ok).collect(),
             Err(failure) if items.len() > 1 && *budget >= 2 && blames_input(&failure) => {
                 *budget -= 2;
                 ctx.metrics.embeddings_isolation_splits.inc();
                 let (left, right) = items.split_at(items.len() / 2);
-                let mut out = call_isolating(ctx, template, left, budget).await;
-                out.extend(call_isolating(ctx, template, right, budget).await);
+                let mut out = call_isolating(ctx, template, left, budget, slot).await;
+                out.extend(call_isolating(ctx, template, right, budget, slot).await);
                 out
             }
             Err(failure) => vec![Err(failure); items.len()],
@@ -581,11 +594,25 @@ type CallResult = Result<Vec<Arc<Embedded>>, Arc<Failure>>;
 
 /// One upstream call for `items` (retried as the retrier allows), answered with one embedding
 /// per item, in order. A failure embedcar gave up retrying carries `x-should-retry: false`.
-async fn call_once(ctx: &Ctx, template: &Template, items: &[Item]) -> CallResult {
+///
+/// The first attempt uses `slot` (the dispatcher's); an attempt lets its slot go before a
+/// retry's wait and the next one takes a fresh one, so a backoff holds back no one else.
+async fn call_once(
+    ctx: &Ctx,
+    template: &Template,
+    items: &[Item],
+    slot: &mut Option<Slot>,
+) -> CallResult {
+    // Retries stop at the nearest caller's deadline; an attempt may run to the farthest.
     let deadline = items
         .iter()
         .map(|i| i.deadline)
         .min()
+        .unwrap_or_else(Instant::now);
+    let latest = items
+        .iter()
+        .map(|i| i.latest)
+        .max()
         .unwrap_or_else(Instant::now);
     let tokens = items.iter().map(|i| i.size).sum();
     let finished = ctx
@@ -595,28 +622,53 @@ async fn call_once(ctx: &Ctx, template: &Template, items: &[Item]) -> CallResult
             tokens,
             deadline,
             true,
-            |_| attempt(ctx, template, items),
+            |_| {
+                let held = slot.take();
+                async move {
+                    let held = match held {
+                        Some(s) => s,
+                        None => ctx.limit.acquire_unbounded().await,
+                    };
+                    attempt(ctx, template, items, latest)
+                        .await
+                        .map(|result| (result, held))
+                }
+            },
         )
         .await;
     match finished {
         Err(refused) => Err(Arc::new(Failure::from_error(refused))),
-        Ok(f) => match f.value {
-            Err(failure) if f.gave_up && ctx.settings.should_retry_header => {
-                let mut headers = failure.headers.clone();
-                mark_final(&mut headers);
-                Err(Arc::new(Failure {
-                    status: failure.status,
-                    headers,
-                    body: failure.body.clone(),
-                }))
-            }
-            other => other,
-        },
+        Ok(f) => {
+            let (value, held) = f.value;
+            *slot = Some(held);
+            finish(ctx, value, f.gave_up)
+        }
     }
 }
 
-/// One attempt of an upstream call.
-async fn attempt(ctx: &Ctx, template: &Template, items: &[Item]) -> Tried<CallResult> {
+/// Marks a failure embedcar gave up retrying, so the official clients do not retry it again.
+fn finish(ctx: &Ctx, value: CallResult, gave_up: bool) -> CallResult {
+    match value {
+        Err(failure) if gave_up && ctx.settings.should_retry_header => {
+            let mut headers = failure.headers.clone();
+            mark_final(&mut headers);
+            Err(Arc::new(Failure {
+                status: failure.status,
+                headers,
+                body: failure.body.clone(),
+            }))
+        }
+        other => other,
+    }
+}
+
+/// One attempt of an upstream call, abandoned at `latest`: after that no caller waits for it.
+async fn attempt(
+    ctx: &Ctx,
+    template: &Template,
+    items: &[Item],
+    latest: Instant,
+) -> Tried<CallResult> {
     let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
     let internal = |e: ProxyError| Tried {
         value: Err(fail(e)),
@@ -666,19 +718,17 @@ async fn attempt(ctx: &Ctx, template: &Template, items: &[Item]) -> Tried<CallRe
         .embeddings_batch_inputs
         .observe(items.len() as f64);
     let started = Instant::now();
-    let sent = tokio::time::timeout(
-        ctx.settings.first_byte_timeout,
-        ctx.upstream.client.request(request),
-    )
-    .await;
+    let wait = ctx
+        .settings
+        .first_byte_timeout
+        .min(latest.saturating_duration_since(started));
+    let sent = tokio::time::timeout(wait, ctx.upstream.client.request(request)).await;
     let response = match sent {
         Err(_) => {
             ctx.metrics
                 .observe_upstream(Route::Embeddings, "timeout", started.elapsed());
             return Tried::broken(
-                Err(fail(ProxyError::UpstreamTimeout(
-                    ctx.settings.first_byte_timeout,
-                ))),
+                Err(fail(ProxyError::UpstreamTimeout(wait))),
                 RetryReason::Timeout,
             );
         }

@@ -109,7 +109,11 @@ impl Engine {
                 max_queued: config.limits.max_queued_inputs,
                 should_retry_header: config.retry.should_retry_header,
                 max_inputs: e.max_inputs_per_call,
-                max_tokens: e.max_tokens_per_call,
+                // A call larger than a minute's token budget could never pass the gate whole.
+                max_tokens: match config.limits.tokens_per_minute {
+                    0 => e.max_tokens_per_call,
+                    tpm => e.max_tokens_per_call.min(u64::from(tpm)),
+                },
                 linger: e.linger,
                 upstream_encoding: e.upstream_encoding,
                 first_byte_timeout: config.upstream.first_byte_timeout,
@@ -175,6 +179,9 @@ impl Engine {
         path: EmbeddingsPath,
         request: EmbeddingsRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // The tokenizer's one-off load (the first OpenAI-model request after start) is not
+        // charged to the request's own deadline.
+        tokens::load_for(request.model.as_deref()).await;
         let budget = time_budget(&parts.headers, self.request_timeout);
         let deadline = Instant::now() + budget;
         let target = parts
@@ -276,7 +283,18 @@ impl Engine {
                         "an input's upstream call ended without an answer".into(),
                     ))
                 }
-                Ok(Ok(Err(failure))) => return Ok(failure.to_response()),
+                Ok(Ok(Err(failure))) => {
+                    // embedcar's own refusals (breaker, gate, queue) count as shed, as the
+                    // router counts the errors it answers.
+                    if let Some(code) = failure
+                        .headers
+                        .get(crate::errors::ERROR_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                    {
+                        self.metrics.shed.with_label_values(&[code]).inc();
+                    }
+                    return Ok(failure.to_response());
+                }
                 Ok(Ok(Ok(embedded))) => answers[position] = Some(embedded),
             }
         }
