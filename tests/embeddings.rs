@@ -3,9 +3,9 @@
 //! the upstream would have answered it directly (vectors bit for bit as float32, in its own
 //! format and order, with its own usage and its own errors).
 //!
-//! Tests that need inputs to pile up behind busy slots do not rely on timing: a [`Gate`] holds
+//! Tests that need inputs to pile up behind busy slots do not rely on timing: `hold_slots` holds
 //! every upstream slot with a streamed chat reply that the fake keeps open, the test waits until
-//! embedcar's queue-depth gauge shows every input queued, then opens the gate.
+//! embedcar's queue-depth gauge shows every input queued, then releases them.
 
 mod support;
 
@@ -232,51 +232,6 @@ async fn wait_metric(proxy: &Handle, series: &str, want: f64) {
     }
 }
 
-/// Every upstream slot held by a streamed chat reply that the fake keeps open: embeddings inputs
-/// sent meanwhile queue in embedcar until [`Gate::open`].
-struct Gate<'a> {
-    upstream: &'a FakeUpstream,
-    streams: Vec<JoinHandle<()>>,
-}
-
-async fn close_gate<'a>(proxy: &Handle, upstream: &'a FakeUpstream, slots: usize) -> Gate<'a> {
-    upstream.hold_streams(true);
-    let before = upstream.in_flight();
-    let url = format!("{}/v1/chat/completions", proxy.url());
-    let streams = (0..slots)
-        .map(|_| {
-            let c = client();
-            let req = post_json(
-                &url,
-                &json!({"model": "gpt-4o-mini", "stream": true,
-                        "messages": [{"role": "user", "content": "hold a slot"}]}),
-            );
-            tokio::spawn(async move {
-                let r = send(&c, req).await;
-                assert_eq!(r.status(), StatusCode::OK);
-                body_bytes(r).await;
-            })
-        })
-        .collect();
-    assert!(
-        upstream
-            .wait_until(Duration::from_secs(10), |u| u.in_flight() >= before + slots)
-            .await,
-        "the gate's streams did not all reach the upstream"
-    );
-    Gate { upstream, streams }
-}
-
-impl Gate<'_> {
-    async fn open(self) {
-        self.upstream.hold_streams(false);
-        self.upstream.release_streams();
-        for s in self.streams {
-            s.await.expect("gate stream");
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. Many callers, few calls, exact vectors
 // ---------------------------------------------------------------------------------------------
@@ -482,7 +437,7 @@ async fn two_credentials_never_share_an_upstream_call() {
     let both = "a sentence both tenants send";
 
     // Each tenant: 20 callers with inputs of its own, and 3 callers with the shared sentence.
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let mut reqs = Vec::new();
     let mut expected = Vec::new();
     for i in 0..23 {
@@ -500,7 +455,7 @@ async fn two_credentials_never_share_an_upstream_call() {
     let pending = spawn_all(&client, reqs);
     // 20 own inputs + 1 shared sentence queued per tenant: the twins joined within a tenant.
     wait_metric(&proxy, QUEUE_DEPTH, 42.0).await;
-    gate.open().await;
+    gate.release().await;
     for (reply, input) in join_all(pending).await.iter().zip(&expected) {
         assert_vectors(reply, std::slice::from_ref(input), "float", FAKE_DIMS);
     }
@@ -616,7 +571,7 @@ async fn an_input_over_the_token_limit_gets_a_400_before_batching_and_its_neighb
     assert!(billed_tokens(MODEL, &huge) > 8192);
     let beside_huge = text("sent beside the oversized input");
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let pending = spawn_all(
         &client,
         good.iter()
@@ -644,7 +599,7 @@ async fn an_input_over_the_token_limit_gets_a_400_before_batching_and_its_neighb
     assert_eq!(bad.header("x-embedcar-error"), Some("invalid_request"));
 
     wait_metric(&proxy, QUEUE_DEPTH, 10.0).await;
-    gate.open().await;
+    gate.release().await;
     for (reply, input) in join_all(pending).await.iter().zip(&good) {
         assert_vectors(reply, std::slice::from_ref(input), "float", FAKE_DIMS);
     }
@@ -678,7 +633,7 @@ async fn an_input_the_upstream_refuses_fails_only_its_caller() {
             .join(" "),
     );
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let mut reqs: Vec<_> = good
         .iter()
         .map(|g| post_json(&url, &request_for(CUSTOM_MODEL, std::slice::from_ref(g))))
@@ -689,7 +644,7 @@ async fn an_input_the_upstream_refuses_fails_only_its_caller() {
     );
     let pending = spawn_all(&client, reqs);
     wait_metric(&proxy, QUEUE_DEPTH, 31.0).await;
-    gate.open().await;
+    gate.release().await;
     let mut replies = join_all(pending).await;
     let bad_reply = replies.remove(17);
 
@@ -739,13 +694,13 @@ async fn a_400_that_blames_the_whole_request_is_not_bisected_down_to_every_input
     let body =
         |i: usize| json!({"model": MODEL, "input": format!("input {i}"), "dimensions": 70000});
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let pending = spawn_all(
         &client(),
         (0..CALLERS).map(|i| post_json(&url, &body(i))).collect(),
     );
     wait_metric(&proxy, QUEUE_DEPTH, CALLERS as f64).await;
-    gate.open().await;
+    gate.release().await;
     let replies = join_all(pending).await;
 
     let direct = call(
@@ -783,7 +738,7 @@ async fn a_caller_that_disconnects_leaves_no_input_sent_on_its_behalf() {
     let alone = text("nobody waits for this any more");
     let twin = text("someone else still waits for this");
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     // Each caller on its own connection, so that leaving closes only its own.
     let leaver = spawn_all(
         &client(),
@@ -819,7 +774,7 @@ async fn a_caller_that_disconnects_leaves_no_input_sent_on_its_behalf() {
         2.0,
     )
     .await;
-    gate.open().await;
+    gate.release().await;
 
     let stayed = join_all(stayer).await;
     assert_vectors(&stayed[0], std::slice::from_ref(&twin), "float", FAKE_DIMS);
@@ -850,7 +805,7 @@ async fn a_caller_whose_deadline_passes_gets_a_504_and_its_input_is_not_sent() {
     let url = embeddings_url(&proxy.url());
     let input = text("waited too long");
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let started = Instant::now();
     let r = send(&client(), post_json(&url, &request_for(MODEL, &[input]))).await;
     let e = expect_openai_error(r, StatusCode::GATEWAY_TIMEOUT).await;
@@ -860,7 +815,7 @@ async fn a_caller_whose_deadline_passes_gets_a_504_and_its_input_is_not_sent() {
         waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
         "{waited:?}"
     );
-    gate.open().await;
+    gate.release().await;
     wait_metric(&proxy, ABANDONED, 1.0).await;
     assert!(embedding_calls(&upstream).is_empty());
 }
@@ -1017,7 +972,7 @@ async fn order_and_index_are_kept_for_a_256_string_batch_mixed_with_others() {
     let warmed = call(&client, post_json(&url, &request_for(MODEL, &warm))).await;
     assert_eq!(warmed.status, StatusCode::OK);
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let mut mine = request_for(MODEL, &inputs);
     mine["encoding_format"] = json!("base64");
     let pending = spawn_all(
@@ -1032,7 +987,7 @@ async fn order_and_index_are_kept_for_a_256_string_batch_mixed_with_others() {
     let distinct: HashSet<_> = inputs.iter().chain(&other).collect();
     let queued = distinct.iter().filter(|i| !warm_set.contains(*i)).count();
     wait_metric(&proxy, QUEUE_DEPTH, queued as f64).await;
-    gate.open().await;
+    gate.release().await;
     let replies = join_all(pending).await;
 
     assert_vectors(&replies[0], &inputs, "base64", FAKE_DIMS);
@@ -1180,13 +1135,13 @@ async fn each_callers_usage_equals_the_direct_reply_even_when_batched() {
         })
         .collect();
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let pending = spawn_all(
         &client,
         requests.iter().map(|b| post_json(&url, b)).collect(),
     );
     wait_metric(&proxy, QUEUE_DEPTH, 30.0).await;
-    gate.open().await;
+    gate.release().await;
     let replies = join_all(pending).await;
     assert_eq!(
         embedding_calls(&upstream).len(),
@@ -1215,7 +1170,7 @@ async fn for_an_unknown_model_the_callers_usages_add_up_to_the_upstreams_totals(
         })
         .collect();
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let pending = spawn_all(
         &client,
         callers
@@ -1225,7 +1180,7 @@ async fn for_an_unknown_model_the_callers_usages_add_up_to_the_upstreams_totals(
     );
     let total_inputs: usize = callers.iter().map(Vec::len).sum();
     wait_metric(&proxy, QUEUE_DEPTH, total_inputs as f64).await;
-    gate.open().await;
+    gate.release().await;
     let replies = join_all(pending).await;
 
     let calls = embedding_calls(&upstream);
@@ -1258,7 +1213,7 @@ async fn merged_call_answered_with(
     n: usize,
 ) -> Vec<Reply> {
     let url = embeddings_url(&proxy.url());
-    let gate = close_gate(proxy, upstream, 1).await;
+    let gate = hold_slots(proxy, upstream, 1).await;
     upstream.push_rule(Rule::repeat(behavior, 1_000_000).on_path("/embeddings"));
     let pending = spawn_all(
         &client(),
@@ -1267,7 +1222,7 @@ async fn merged_call_answered_with(
             .collect(),
     );
     wait_metric(proxy, QUEUE_DEPTH, n as f64).await;
-    gate.open().await;
+    gate.release().await;
     join_all(pending).await
 }
 
@@ -1359,7 +1314,7 @@ async fn the_azure_path_is_batched_per_deployment_and_api_version() {
     let versions = ["2024-02-01", "2024-06-01"];
     let inputs: Vec<_> = (0..8).map(|i| text(format!("azure caller {i}"))).collect();
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let pending = spawn_all(
         &client(),
         inputs
@@ -1372,7 +1327,7 @@ async fn the_azure_path_is_batched_per_deployment_and_api_version() {
             .collect(),
     );
     wait_metric(&proxy, QUEUE_DEPTH, 8.0).await;
-    gate.open().await;
+    gate.release().await;
     for (reply, input) in join_all(pending).await.iter().zip(&inputs) {
         assert_vectors(reply, std::slice::from_ref(input), "float", FAKE_DIMS);
         assert_eq!(reply.json()["model"], deployment);
@@ -1451,10 +1406,10 @@ async fn only_headers_that_can_change_the_answer_separate_callers() {
         groups.entry("user alice").or_default().push(input);
     }
 
-    let gate = close_gate(&proxy, &upstream, 1).await;
+    let gate = hold_slots(&proxy, &upstream, 1).await;
     let pending = spawn_all(&client(), reqs);
     wait_metric(&proxy, QUEUE_DEPTH, 14.0).await;
-    gate.open().await;
+    gate.release().await;
     for r in join_all(pending).await {
         assert_eq!(r.status, StatusCode::OK);
     }

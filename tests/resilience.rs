@@ -386,51 +386,6 @@ impl Drop for Arrivals {
     }
 }
 
-/// Every upstream slot held by a streamed chat reply that the fake keeps open, so that what is
-/// sent meanwhile queues inside embedcar until [`HeldSlots::release`].
-struct HeldSlots<'a> {
-    upstream: &'a FakeUpstream,
-    streams: Vec<JoinHandle<()>>,
-}
-
-async fn hold_slots<'a>(proxy: &Handle, upstream: &'a FakeUpstream, n: usize) -> HeldSlots<'a> {
-    upstream.hold_streams(true);
-    let before = upstream.in_flight();
-    let url = format!("{}/v1/chat/completions", proxy.url());
-    let streams = (0..n)
-        .map(|_| {
-            let c = client();
-            let req = post_json(
-                &url,
-                &json!({"model": "gpt-4o-mini", "stream": true,
-                        "messages": [{"role": "user", "content": "hold a slot"}]}),
-            );
-            tokio::spawn(async move {
-                let r = send(&c, req).await;
-                assert_eq!(r.status(), StatusCode::OK);
-                body_bytes(r).await;
-            })
-        })
-        .collect();
-    assert!(
-        upstream
-            .wait_until(Duration::from_secs(10), |u| u.in_flight() >= before + n)
-            .await,
-        "the holding streams did not all reach the upstream"
-    );
-    HeldSlots { upstream, streams }
-}
-
-impl HeldSlots<'_> {
-    async fn release(self) {
-        self.upstream.hold_streams(false);
-        self.upstream.release_streams();
-        for s in self.streams {
-            s.await.expect("holding stream");
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // 1. The fault matrix: 20% of upstream calls fail, 200 callers still get their vectors
 // ---------------------------------------------------------------------------------------------

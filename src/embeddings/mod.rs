@@ -283,6 +283,15 @@ impl Engine {
                         "an input's upstream call ended without an answer".into(),
                     ))
                 }
+                // The call was abandoned because this caller's deadline came: say so, as the
+                // caller's own timer would have a moment later.
+                Ok(Ok(Err(_))) if Instant::now() >= deadline => {
+                    self.metrics
+                        .deadline_expired
+                        .with_label_values(&["embeddings"])
+                        .inc();
+                    return Err(ProxyError::DeadlineExceeded(budget));
+                }
                 Ok(Ok(Err(failure))) => {
                     // embedcar's own refusals (breaker, gate, queue) count as shed, as the
                     // router counts the errors it answers.

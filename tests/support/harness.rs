@@ -14,6 +14,8 @@ use hyper_util::{
 };
 use serde_json::Value;
 
+use super::fake_upstream::FakeUpstream;
+
 /// A config for a test: both listeners on free ports, the given upstream, quiet logs.
 pub fn config_for(upstream_url: &str) -> Config {
     let mut c = Config::default();
@@ -109,4 +111,54 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Every upstream slot held by a streamed chat reply that the fake keeps open, so that what is
+/// sent meanwhile queues inside embedcar (deterministically, without timing) until
+/// [`HeldSlots::release`].
+pub struct HeldSlots<'a> {
+    upstream: &'a FakeUpstream,
+    streams: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub async fn hold_slots<'a>(
+    proxy: &embedcar::Handle,
+    upstream: &'a FakeUpstream,
+    n: usize,
+) -> HeldSlots<'a> {
+    upstream.hold_streams(true);
+    let before = upstream.in_flight();
+    let url = format!("{}/v1/chat/completions", proxy.url());
+    let streams = (0..n)
+        .map(|_| {
+            let c = client();
+            let req = post_json(
+                &url,
+                &serde_json::json!({"model": "gpt-4o-mini", "stream": true,
+                        "messages": [{"role": "user", "content": "hold a slot"}]}),
+            );
+            tokio::spawn(async move {
+                let r = send(&c, req).await;
+                assert_eq!(r.status(), StatusCode::OK);
+                body_bytes(r).await;
+            })
+        })
+        .collect();
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(10), |u| u.in_flight() >= before + n)
+            .await,
+        "the holding streams did not all reach the upstream"
+    );
+    HeldSlots { upstream, streams }
+}
+
+impl HeldSlots<'_> {
+    pub async fn release(self) {
+        self.upstream.hold_streams(false);
+        self.upstream.release_streams();
+        for s in self.streams {
+            s.await.expect("holding stream");
+        }
+    }
 }
