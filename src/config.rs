@@ -423,7 +423,22 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Only EMBEDCAR_<SECTION>__<KEY>: Kubernetes injects EMBEDCAR_PORT, EMBEDCAR_SERVICE_HOST
+        // and the like into every pod when a Service named "embedcar" exists; those are not ours
+        // (and a key with no section could not be valid anyway).
+        for (name, _) in std::env::vars_os() {
+            let name = name.to_string_lossy();
+            if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+                if !rest.contains("__") && rest != "CONFIG" {
+                    eprintln!("embedcar: ignoring environment variable {name} (not {ENV_PREFIX}<SECTION>__<KEY>)");
+                }
+            }
+        }
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
         let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError(flatten_figment_error(e)))?;
@@ -630,6 +645,8 @@ mod tests {
         assert!(e.contains("limits.max_concurrency"), "{e}");
         let e = load_toml("[upstream]\nurl = \"ftp://x\"\n", &[]).unwrap_err();
         assert!(e.contains("upstream.url"), "{e}");
+        // Variables with no section (Kubernetes' service links) are not configuration.
+        assert!(load_toml("", &[("EMBEDCAR_PORT", "tcp://10.0.0.1:80")]).is_ok());
         let e = load_toml("", &[("EMBEDCAR_SERVER__LISTEN", "nowhere")]).unwrap_err();
         assert!(e.contains("server.listen"), "{e}");
         assert!(e.contains("EMBEDCAR_SERVER__LISTEN"), "{e}");

@@ -149,6 +149,7 @@ impl Proxy {
                         }
                     }
                 },
+                |(sent, _slot)| (sent, None),
             )
             .await?;
         let (value, slot) = finished.value;

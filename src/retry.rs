@@ -512,7 +512,8 @@ impl Retrier {
     /// budget, deadline). Each attempt first passes the breaker and the credential's rate gate
     /// (for `tokens` tokens), both bounded by `deadline`. With `retryable` false (a body that was
     /// streamed and is gone) there is one attempt, and a retryable failure is left for the
-    /// caller to retry.
+    /// caller to retry. `keep` strips a failed attempt's value of what it must not hold through
+    /// the wait (its upstream slot) before it is kept as the answer of last resort.
     pub async fn run<T, F, Fut>(
         &self,
         credential: impl Fn() -> crate::rate_gate::CredentialId,
@@ -520,6 +521,7 @@ impl Retrier {
         deadline: tokio::time::Instant,
         retryable: bool,
         mut attempt: F,
+        keep: impl Fn(T) -> T,
     ) -> Result<Finished<T>, crate::errors::ProxyError>
     where
         F: FnMut(u32) -> Fut,
@@ -529,15 +531,29 @@ impl Retrier {
         // The credential's fingerprint is only worked out if a gate needs it.
         let known = std::sync::OnceLock::new();
         let credential = || *known.get_or_init(&credential);
+        let given_up = |value| {
+            Ok(Finished {
+                value,
+                gave_up: true,
+            })
+        };
+        let mut previous: Option<T> = None;
         let mut number = 0;
         loop {
             number += 1;
+            // A refusal by the breaker or the gate before a retry ends the loop with the last
+            // attempt's own answer: embedcar has retried, so it is final for the client too.
             let pass = match &self.breaker {
-                Some(b) => Some(b.admit()?),
+                Some(b) => match b.admit() {
+                    Ok(p) => Some(p),
+                    Err(e) => return previous.map_or(Err(e), given_up),
+                },
                 None => None,
             };
             if !self.gates.wide_open() {
-                self.gates.pass(&credential(), tokens, deadline).await?;
+                if let Err(e) = self.gates.pass(&credential(), tokens, deadline).await {
+                    return previous.map_or(Err(e), given_up);
+                }
             }
             let tried = attempt(number).await;
             if let Some((status, headers)) = &tried.rate_limit {
@@ -570,10 +586,18 @@ impl Retrier {
             }
             let delay = self.backoff.delay(number, server_delay);
             let in_time = tokio::time::Instant::now() + delay < deadline;
-            if number >= self.max_attempts || !in_time {
+            if number >= self.max_attempts {
                 return Ok(Finished {
                     value: tried.value,
                     gave_up: true,
+                });
+            }
+            if !in_time {
+                // Out of time on the first attempt: embedcar retried nothing, so the client
+                // keeps its own retry.
+                return Ok(Finished {
+                    value: tried.value,
+                    gave_up: number > 1,
                 });
             }
             if !self.budget.withdraw() {
@@ -587,7 +611,8 @@ impl Retrier {
                 .retries
                 .with_label_values(&[reason.label()])
                 .inc();
-            drop(tried.value);
+            // Kept in case a refusal ends the loop, without what it held (an upstream slot).
+            previous = Some(keep(tried.value));
             tokio::time::sleep(delay).await;
         }
     }
@@ -672,6 +697,7 @@ mod loop_tests {
                         }
                     }
                 },
+                |v| v,
             )
             .await
             .unwrap();
@@ -685,13 +711,13 @@ mod loop_tests {
         let r = retrier(|c| c.breaker.failure_threshold = 0);
         let far = Instant::now() + Duration::from_secs(60);
         let done = r
-            .run(|| KEY, 1, far, true, |_| async { reply(502, &[]) })
+            .run(|| KEY, 1, far, true, |_| async { reply(502, &[]) }, |v| v)
             .await
             .unwrap();
         assert_eq!(done.value, 502);
         assert!(done.gave_up);
         let done = r
-            .run(|| KEY, 1, far, true, |_| async { reply(400, &[]) })
+            .run(|| KEY, 1, far, true, |_| async { reply(400, &[]) }, |v| v)
             .await
             .unwrap();
         assert!(!done.gave_up, "a 400 is an answer, not a failure to retry");
@@ -715,6 +741,7 @@ mod loop_tests {
                         reply(200, &[])
                     }
                 },
+                |v| v,
             )
             .await
             .unwrap();
@@ -733,11 +760,30 @@ mod loop_tests {
                 soon,
                 true,
                 |_| async { reply(503, &[("retry-after", "5")]) },
+                |v| v,
             )
             .await
             .unwrap();
-        assert!(done.gave_up);
+        assert!(
+            !done.gave_up,
+            "nothing was retried: the client keeps its own retry"
+        );
         assert!(Instant::now() < soon);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_opening_mid_retries_ends_with_the_last_answer_marked_final() {
+        let r = retrier(|c| {
+            c.breaker.failure_threshold = 2;
+            c.retry.max_attempts = 5;
+        });
+        let far = Instant::now() + Duration::from_secs(60);
+        let done = r
+            .run(|| KEY, 1, far, true, |_| async { reply(503, &[]) }, |v| v)
+            .await
+            .expect("the upstream's own answer, not the breaker's");
+        assert_eq!(done.value, 503);
+        assert!(done.gave_up);
     }
 
     #[tokio::test(start_paused = true)]
@@ -755,6 +801,7 @@ mod loop_tests {
                     calls.fetch_add(1, Ordering::SeqCst);
                     async { reply(503, &[]) }
                 },
+                |v| v,
             )
             .await
             .unwrap();
@@ -784,6 +831,7 @@ mod loop_tests {
                     calls.fetch_add(1, Ordering::SeqCst);
                     async { reply(500, &[]) }
                 },
+                |v| v,
             )
             .await
             .unwrap();
@@ -798,12 +846,12 @@ mod loop_tests {
             c.retry.max_attempts = 1;
         });
         for _ in 0..3 {
-            r.run(|| KEY, 1, far, true, |_| async { reply(500, &[]) })
+            r.run(|| KEY, 1, far, true, |_| async { reply(500, &[]) }, |v| v)
                 .await
                 .unwrap();
         }
         let refused = r
-            .run(|| KEY, 1, far, true, |_| async { reply(200, &[]) })
+            .run(|| KEY, 1, far, true, |_| async { reply(200, &[]) }, |v| v)
             .await
             .err()
             .expect("the breaker is open");

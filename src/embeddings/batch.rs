@@ -631,16 +631,17 @@ async fn call_once(
                     };
                     attempt(ctx, template, items, latest)
                         .await
-                        .map(|result| (result, held))
+                        .map(|result| (result, Some(held)))
                 }
             },
+            |(result, _slot)| (result, None),
         )
         .await;
     match finished {
         Err(refused) => Err(Arc::new(Failure::from_error(refused))),
         Ok(f) => {
             let (value, held) = f.value;
-            *slot = Some(held);
+            *slot = held;
             finish(ctx, value, f.gave_up)
         }
     }

@@ -21,8 +21,8 @@ MEASUREMENTS_JSON=PATH the table is also written as JSON:
 
     HANG_SCENARIO_FULL=1 .venv/bin/python -m pytest -q tests/python/test_resilience.py
 
-Tests marked xfail pin down bugs found here (see HANG_SCENARIO.md); they report XPASS once
-those are fixed, and the marker should then go.
+Three tests here first failed on bugs they found (see HANG_SCENARIO.md); they pass since the
+fixes and guard against a return.
 """
 
 import asyncio
@@ -146,12 +146,7 @@ def test_a_passing_failure_is_retried_inside_embedcar_and_the_client_sees_succes
 
 @pytest.mark.parametrize("route", [
     "embeddings",
-    pytest.param("chat_completions", marks=pytest.mark.xfail(
-        reason="bug: a pass-through first attempt that runs into the deadline is marked final "
-        "(x-should-retry: false) although embedcar never retried (src/retry.rs Retrier::run "
-        "sets gave_up when !in_time, attempt 1 included), so the client gives up on a call its "
-        "own retry would have served. See HANG_SCENARIO.md.",
-        strict=False)),
+    "chat_completions",
 ])
 def test_a_first_attempt_that_hangs_is_left_to_the_clients_retry(spawn, route):
     """The upstream hangs on the first request only. embedcar's deadline (3 s here; 60 s by
@@ -169,13 +164,6 @@ def test_a_first_attempt_that_hangs_is_left_to_the_clients_retry(spawn, route):
     assert c.attempts == 2
 
 
-@pytest.mark.xfail(
-    reason="bug: when the circuit breaker opens during embedcar's own retries, the reply is "
-    "embedcar's 503 upstream_circuit_open (Retry-After = cooldown) without x-should-retry: "
-    "false, replacing the upstream's error, so the client sleeps Retry-After and retries "
-    "(src/retry.rs Retrier::run: `b.admit()?` on attempt >= 2). See HANG_SCENARIO.md.",
-    strict=False,
-)
 def test_a_breaker_opening_during_embedcars_retries_still_ends_the_clients_retries(spawn):
     fake = spawn.fake()
     # Two consecutive failures open the breaker: the first call's third attempt is refused.
@@ -373,13 +361,6 @@ def test_a_call_stalled_on_a_dead_connection_is_served_on_the_clients_retry(spaw
     assert coalesced == 0
 
 
-@pytest.mark.xfail(
-    reason="bug: a caller that joins a call already in the air inherits that call's time limit "
-    "(the earlier callers' deadline, fixed when the batch was taken: src/embeddings/batch.rs "
-    "take_batch/call_once `latest`) and its final verdict (504 upstream_timeout with "
-    "x-should-retry: false) with most of its own time left. See HANG_SCENARIO.md.",
-    strict=False,
-)
 def test_a_caller_joining_a_stalled_call_keeps_its_own_time(spawn):
     """A's input goes out on a connection the upstream never serves. B asks for the same
     input 1.5 s later and joins A's call (coalescing). At A's deadline (3 s) that call is
