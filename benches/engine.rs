@@ -58,6 +58,9 @@
 #[path = "../tests/support/fake_upstream.rs"]
 mod fake_upstream;
 
+mod support;
+use support::*;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -209,16 +212,6 @@ fn pin_self(core: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 /// CPU time (user + system, all threads, live and exited) of a process, in nanoseconds, from the
 /// process CPU-time clock: exact, where /proc's utime + stime are sampled per tick. `pid` 0 is
 /// this process.
@@ -229,18 +222,6 @@ fn cpu_ns(pid: u32) -> Option<u64> {
         return None;
     }
     clock_ns(clock)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: only writes to the out-parameter.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return None;
-    }
-    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// The calling thread's CPU time, in nanoseconds.
@@ -256,44 +237,6 @@ fn cpu_ticks(pid: u32) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// A `kB` line of /proc/<pid>/status (VmHWM, VmRSS), in MiB.
-fn status_mib(pid: u32, key: &str) -> Option<f64> {
-    status_field(&pid.to_string(), key)?
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|kb| kb / 1024.0)
-}
-
-fn status_field(pid: &str, key: &str) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
-}
-
-/// Busy ticks (everything but idle and iowait) of each CPU, from /proc/stat.
-fn core_busy_ticks() -> Vec<u64> {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return Vec::new();
-    };
-    stat.lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .map(|l| {
-            let v: Vec<u64> = l
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            // user nice system idle iowait irq softirq steal (guest is already in user)
-            let total: u64 = v.iter().take(8).sum();
-            total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
-        })
-        .collect()
 }
 
 /// A reading of the machine and of embedcar at one instant: the start or end of a window.
@@ -578,14 +521,6 @@ impl Embedcar {
 
 type Sender = SendRequest<Full<Bytes>>;
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("histogram bounds")
-}
-
-fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 async fn connect<B>(addr: SocketAddr) -> Result<SendRequest<B>, String>
 where
     B: hyper::body::Body + Send + 'static,
@@ -735,7 +670,7 @@ fn fan_in_result(
         wrong: 0,
         first_wrong: None,
         completion: Duration::ZERO,
-        latency: histogram(),
+        latency: histogram(HIST_MAX_NS),
         peak_upstream,
         window,
         embedcar_mib,
@@ -1009,7 +944,7 @@ async fn closed_conn(
     window: (Instant, Instant),
 ) -> Histogram<u64> {
     let host = HeaderValue::from_str(&addr.to_string()).expect("host header");
-    let mut latency = histogram();
+    let mut latency = histogram(HIST_MAX_NS);
     let mut sender: Option<Sender> = None;
     let mut seq = 0u64;
     while Instant::now() < window.1 {
@@ -1118,7 +1053,7 @@ async fn saturation_on(
     let a = Snapshot::take(Some(ec.pid()), fake, Some(&counters));
     tokio::time::sleep_until(window.1.into()).await;
     let b = Snapshot::take(Some(ec.pid()), fake, Some(&counters));
-    let mut latency = histogram();
+    let mut latency = histogram(HIST_MAX_NS);
     for t in tasks {
         let h = t.await.map_err(|e| format!("connection task: {e}"))?;
         latency.add(&h).expect("same bounds");
@@ -1259,22 +1194,6 @@ fn render_bench(s: &Settings) -> Vec<RenderFigure> {
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
-
-fn f3(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.3}")
-    } else {
-        "-".into()
-    }
-}
-
-fn f1(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.1}")
-    } else {
-        "-".into()
-    }
-}
 
 /// Rows of cells as aligned columns: the first `left` columns left-aligned, the rest right.
 fn table(rows: &[Vec<String>], left: usize) -> String {

@@ -48,6 +48,9 @@
 #[path = "../tests/support/fake_upstream.rs"]
 mod fake_upstream;
 
+mod support;
+use support::*;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -246,16 +249,6 @@ fn pin_self(core: usize) -> Result<(), String> {
     pin_thread(core)
 }
 
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
 /// CPU time (user + system, all threads, live and exited) of a process, in nanoseconds, from the
 /// process CPU-time clock (`clock_getcpuclockid`). This is the same quantity as utime + stime in
 /// `/proc/<pid>/stat`, but exact: the /proc figures are sampled at each timer tick (10 ms), and a
@@ -268,18 +261,6 @@ fn cpu_ns(pid: u32) -> Option<u64> {
         return None;
     }
     clock_ns(clock)
-}
-
-fn clock_ns(clock: libc::clockid_t) -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: only writes to the out-parameter.
-    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
-        return None;
-    }
-    Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// Whose CPU time a run charges to the proxy under test.
@@ -317,44 +298,6 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// A `kB` line of /proc/<pid>/status (VmHWM, VmRSS), in MiB.
-fn status_mib(pid: u32, key: &str) -> Option<f64> {
-    status_field(&pid.to_string(), key)?
-        .trim_end_matches("kB")
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|kb| kb / 1024.0)
-}
-
-fn status_field(pid: &str, key: &str) -> Option<String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
-}
-
-/// Busy ticks (everything but idle and iowait) of each CPU, from /proc/stat.
-fn core_busy_ticks() -> Vec<u64> {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return Vec::new();
-    };
-    stat.lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .map(|l| {
-            let v: Vec<u64> = l
-                .split_whitespace()
-                .skip(1)
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            // user nice system idle iowait irq softirq steal (guest is already in user)
-            let total: u64 = v.iter().take(8).sum();
-            total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
-        })
-        .collect()
 }
 
 /// One reading of everything the run measures, taken at the same instant (one runtime step).
@@ -618,14 +561,6 @@ struct ConnResult {
     lag: Histogram<u64>,
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("histogram bounds")
-}
-
-fn ns(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 async fn connect(addr: SocketAddr) -> Result<Sender, String> {
     let stream = TcpStream::connect(addr)
         .await
@@ -717,7 +652,7 @@ impl Conn {
 
 /// Closed loop: send, read, repeat until `end`.
 async fn closed_conn(mut conn: Conn, window: (Instant, Instant)) -> ConnResult {
-    let mut latency = histogram();
+    let mut latency = histogram(HIST_MAX_NS);
     while Instant::now() < window.1 {
         let start = Instant::now();
         let ok = conn.send().await;
@@ -727,7 +662,7 @@ async fn closed_conn(mut conn: Conn, window: (Instant, Instant)) -> ConnResult {
     }
     ConnResult {
         latency,
-        lag: histogram(),
+        lag: histogram(HIST_MAX_NS),
     }
 }
 
@@ -738,7 +673,7 @@ async fn open_conn(
     schedule: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Instant>>>,
     window: (Instant, Instant),
 ) -> ConnResult {
-    let (mut latency, mut lag) = (histogram(), histogram());
+    let (mut latency, mut lag) = (histogram(HIST_MAX_NS), histogram(HIST_MAX_NS));
     loop {
         let Some(due) = schedule.lock().await.recv().await else {
             break;
@@ -874,7 +809,7 @@ async fn run(
     tokio::time::sleep_until(window.1.into()).await;
     let b = Sample::take(&counters, proxy_cpu);
 
-    let (mut latency, mut lag) = (histogram(), histogram());
+    let (mut latency, mut lag) = (histogram(HIST_MAX_NS), histogram(HIST_MAX_NS));
     for t in tasks {
         let r = t.await.expect("connection task panicked");
         latency.add(&r.latency).expect("same bounds");
@@ -975,22 +910,6 @@ async fn check_path(target: SocketAddr, path: &http::Uri, what: &str) -> Result<
 // ---------------------------------------------------------------------------------------------
 // Report
 // ---------------------------------------------------------------------------------------------
-
-fn f3(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.3}")
-    } else {
-        "-".into()
-    }
-}
-
-fn f1(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:.1}")
-    } else {
-        "-".into()
-    }
-}
 
 fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
     let mut out = String::new();
