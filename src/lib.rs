@@ -124,7 +124,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let base = &state.proxy_base();
+    let base = &upstream::BaseUrl::mask_userinfo(&state.config.upstream.url);
     if base.ends_with("/v1") {
         tracing::warn!(
             upstream = %base,
@@ -162,12 +162,6 @@ pub async fn run(
     let _ = admin.await;
     tracing::info!("stopped");
     Ok(())
-}
-
-impl AppState {
-    fn proxy_base(&self) -> String {
-        upstream::BaseUrl::mask_userinfo(&self.config.upstream.url)
-    }
 }
 
 /// A running embedcar in the background of this process.

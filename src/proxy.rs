@@ -212,11 +212,7 @@ impl Proxy {
                 Tried::broken(Err(ProxyError::UpstreamTimeout(wait)), RetryReason::Timeout)
             }
             Ok(Err(e)) => {
-                let reason = if e.is_connect() {
-                    RetryReason::Connect
-                } else {
-                    RetryReason::Io
-                };
+                let reason = RetryReason::of_send_error(&e);
                 let err = self.classify_send_error(route, elapsed, &e);
                 match err {
                     // The caller's own body failed: nothing the upstream did, nothing to retry.
@@ -255,11 +251,7 @@ impl Proxy {
         if let Some(idle) = find_cause::<BodyIdleTimeout>(e) {
             return ProxyError::ClientBodyTimeout(idle.0);
         }
-        let outcome = if e.is_connect() {
-            "connect_error"
-        } else {
-            "io_error"
-        };
+        let outcome = RetryReason::of_send_error(e).label();
         self.metrics.observe_upstream(route, outcome, elapsed);
         ProxyError::UpstreamUnreachable(error_chain(e))
     }

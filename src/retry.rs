@@ -131,7 +131,17 @@ impl RetryReason {
             .then_some(RetryReason::Status(status.as_u16()))
     }
 
-    /// A bounded metric label.
+    /// Why an exchange with the upstream failed before any reply: the connection could not be
+    /// made, or it broke afterwards.
+    pub fn of_send_error(e: &hyper_util::client::legacy::Error) -> RetryReason {
+        if e.is_connect() {
+            RetryReason::Connect
+        } else {
+            RetryReason::Io
+        }
+    }
+
+    /// A bounded metric label (also the upstream-outcome label for failed exchanges).
     pub fn label(self) -> &'static str {
         match self {
             RetryReason::Connect => "connect_error",

@@ -734,13 +734,9 @@ async fn attempt(
             );
         }
         Ok(Err(e)) => {
-            let (outcome, reason) = if e.is_connect() {
-                ("connect_error", RetryReason::Connect)
-            } else {
-                ("io_error", RetryReason::Io)
-            };
+            let reason = RetryReason::of_send_error(&e);
             ctx.metrics
-                .observe_upstream(Route::Embeddings, outcome, started.elapsed());
+                .observe_upstream(Route::Embeddings, reason.label(), started.elapsed());
             return Tried::broken(
                 Err(fail(ProxyError::UpstreamUnreachable(error_chain(&e)))),
                 reason,

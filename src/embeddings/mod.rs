@@ -179,15 +179,6 @@ impl Engine {
         path: EmbeddingsPath,
         request: EmbeddingsRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        // The tokenizer's one-off load (the first OpenAI-model request after start) is not
-        // charged to the request's own deadline.
-        tokens::load_for(request.model.as_deref()).await;
-        let budget = time_budget(&parts.headers, self.request_timeout);
-        let deadline = Instant::now() + budget;
-        let target = parts
-            .uri
-            .path_and_query()
-            .map_or("/v1/embeddings", |pq| pq.as_str());
         // On Azure the deployment is the model; a model in the body is forwarded as given.
         let model_key = match &path {
             EmbeddingsPath::OpenAi => request.model.clone(),
@@ -195,6 +186,15 @@ impl Engine {
                 Some(request.model.clone().unwrap_or_else(|| deployment.clone()))
             }
         };
+        // The tokenizer's one-off load (the first OpenAI-model request after start) is not
+        // charged to the request's own deadline.
+        tokens::load_for(model_key.as_deref()).await;
+        let budget = time_budget(&parts.headers, self.request_timeout);
+        let deadline = Instant::now() + budget;
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/v1/embeddings", |pq| pq.as_str());
         let key = BatchKey::new(
             KeyInputs {
                 headers: &parts.headers,
@@ -207,7 +207,6 @@ impl Engine {
             &self.ignored,
         );
         let scope = key.cache_scope(self.share_cache);
-        tokens::load_for(model_key.as_deref()).await;
         let tokenizer = Tokenizer::for_model(model_key.as_deref());
         let count = request.inputs.len();
         self.metrics.embeddings_inputs.inc_by(count as u64);
