@@ -37,9 +37,9 @@
 //! cross-check), peak RSS from `VmHWM` in `/proc/<pid>/status`.
 //!
 //! Environment: `BENCH_SECONDS` (measured seconds per run, default 8), `BENCH_WARMUP_SECONDS`
-//! (default 1.5), `BENCH_CONNECTIONS` (default 64), `BENCH_RATES` (default `500,2000`),
+//! (default 1.5), `BENCH_CONNECTIONS` (default 64), `BENCH_RATES` (default `500,2000`; `none`: the closed loop only),
 //! `BENCH_PATH` (default `/v1/bench/passthrough`), `BENCH_PIN=0` (do not pin), `BENCH_FLOOR=0`
-//! (no relay runs). `EMBEDCAR_*` variables reach embedcar unchanged.
+//! (no relay runs), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar unchanged.
 //!
 //! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
 //! more than 1% errors in a run); a missed target is reported, not failed.
@@ -141,16 +141,23 @@ impl Settings {
             .and_then(|s| s.trim().parse().ok())
             .filter(|n| *n > 0)
             .unwrap_or(64);
-        let rates = std::env::var("BENCH_RATES")
-            .ok()
-            .map(|s| {
-                s.split(',')
-                    .filter_map(|r| r.trim().parse::<f64>().ok())
-                    .filter(|r| *r > 0.0)
-                    .collect::<Vec<_>>()
-            })
-            .filter(|r| !r.is_empty())
-            .unwrap_or_else(|| vec![500.0, 2000.0]);
+        // `none`: only the closed loop, the quick way to compare CPU per request.
+        let rates = match std::env::var("BENCH_RATES") {
+            Ok(s) if s.trim() == "none" => vec![],
+            Ok(s) => s
+                .split(',')
+                .filter_map(|r| r.trim().parse::<f64>().ok())
+                .filter(|r| *r > 0.0)
+                .collect::<Vec<_>>(),
+            Err(_) => vec![],
+        };
+        let rates = if rates.is_empty()
+            && std::env::var("BENCH_RATES").map_or(true, |s| s.trim() != "none")
+        {
+            vec![500.0, 2000.0]
+        } else {
+            rates
+        };
         let pin = std::env::var("BENCH_PIN").map_or(true, |v| v != "0");
         let floor = std::env::var("BENCH_FLOOR").map_or(true, |v| v != "0");
         let path = std::env::var("BENCH_PATH")
@@ -336,7 +343,7 @@ struct Embedcar {
 impl Embedcar {
     /// Starts embedcar on core 0 (`pin`) or on every core.
     fn start(upstream: &str, pin: bool) -> Result<Embedcar, String> {
-        let bin = env!("CARGO_BIN_EXE_embedcar");
+        let bin = embedcar_bin();
         let args = [
             "--listen",
             "127.0.0.1:0",
@@ -350,11 +357,11 @@ impl Embedcar {
             // The visible way, the same as by hand: `taskset -c 0 embedcar ...` (taskset execs
             // embedcar, so the pid is embedcar's).
             let mut c = Command::new(taskset);
-            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(bin);
+            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(&bin);
             c
         } else if pin {
             // No taskset: the same affinity set between fork and exec.
-            let mut c = Command::new(bin);
+            let mut c = Command::new(&bin);
             // SAFETY: between fork and exec only async-signal-safe calls (a syscall) are made.
             unsafe {
                 use std::os::unix::process::CommandExt;
@@ -371,7 +378,7 @@ impl Embedcar {
             c
         } else {
             // Unpinned: this process never restricted itself, so nothing to undo.
-            Command::new(bin)
+            Command::new(&bin)
         };
         cmd.args(args)
             .stdin(Stdio::null())
@@ -1279,7 +1286,7 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
 
     println!(
         "  embedcar: {} (fresh process per run), cpus {embedcar_cpus}; pinned: {}",
-        env!("CARGO_BIN_EXE_embedcar"),
+        embedcar_bin(),
         if pinned {
             format!("embedcar core {EMBEDCAR_CORE}, bench core {BENCH_CORE}")
         } else {

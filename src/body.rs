@@ -115,12 +115,19 @@ where
 pin_project! {
     /// Streams `inner`, failing with [`BodyIdleTimeout`] when no frame arrives for `idle`.
     /// The timer restarts on every frame, so a slow but moving stream lives as long as it needs.
+    ///
+    /// The timer is armed only when the body actually waits: a body whose frames are already
+    /// there (a small request read with its head, a reply that came in one segment) never
+    /// touches the timer wheel, whose registration takes a lock. The idle time runs from the
+    /// first wait after a frame, so time our side spends before asking again is not counted.
     pub struct IdleTimeout<B> {
         #[pin]
         inner: B,
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
         idle: Duration,
+        // A frame came since the timer was last armed.
+        moved: bool,
     }
 }
 
@@ -128,8 +135,9 @@ impl<B> IdleTimeout<B> {
     pub fn new(inner: B, idle: Duration) -> Self {
         Self {
             inner,
-            sleep: tokio::time::sleep(idle),
+            sleep: None,
             idle,
+            moved: false,
         }
     }
 }
@@ -149,15 +157,26 @@ where
         let mut this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.sleep.as_mut().reset(Instant::now() + *this.idle);
+                *this.moved = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(BodyIdleTimeout(*this.idle).into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let until = || Instant::now() + *this.idle;
+                match this.sleep.as_mut().as_pin_mut() {
+                    None => this.sleep.set(Some(tokio::time::sleep_until(until()))),
+                    Some(sleep) if *this.moved => sleep.reset(until()),
+                    Some(_) => {}
+                }
+                *this.moved = false;
+                match this.sleep.as_pin_mut().map(|s| s.poll(cx)) {
+                    Some(Poll::Ready(())) => {
+                        Poll::Ready(Some(Err(BodyIdleTimeout(*this.idle).into())))
+                    }
+                    _ => Poll::Pending,
+                }
+            }
         }
     }
 

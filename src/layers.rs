@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use http::{header, Method, Request, Response};
+use http::{header, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -19,13 +19,13 @@ use tower::{Layer, Service};
 use crate::{
     body::{Guarded, IdleTimeout, Limited, ProxyBody},
     errors::ProxyError,
-    metrics::{Metrics, Route},
+    metrics::{MethodLabel, Metrics, Route},
 };
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// Status label for a request whose caller went away before it was answered (nginx's 499).
-const CLIENT_CLOSED: &str = "499";
+/// Status for a request whose caller went away before it was answered (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
 
 // ---------------------------------------------------------------------------------------------
 // Metrics
@@ -64,63 +64,17 @@ pub struct RecordMetrics<S> {
 struct RequestRecord {
     metrics: Arc<Metrics>,
     route: Route,
-    method: &'static str,
+    method: MethodLabel,
     status: Option<u16>,
     started: Instant,
 }
 
 impl Drop for RequestRecord {
     fn drop(&mut self) {
-        let status = self.status.map(status_label);
-        let status = status.unwrap_or(CLIENT_CLOSED);
-        let m = &self.metrics;
-        m.requests
-            .with_label_values(&[self.route.as_str(), self.method, status])
-            .inc();
-        m.request_duration
-            .with_label_values(&[self.route.as_str(), self.method])
-            .observe(self.started.elapsed().as_secs_f64());
-        m.requests_in_flight.dec();
-    }
-}
-
-/// A static label for common statuses, so recording allocates nothing on the hot path.
-fn status_label(code: u16) -> &'static str {
-    match code {
-        200 => "200",
-        201 => "201",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        c if c < 200 => "1xx",
-        c if c < 300 => "2xx",
-        c if c < 400 => "3xx",
-        c if c < 500 => "4xx",
-        _ => "5xx",
-    }
-}
-
-fn method_label(m: &Method) -> &'static str {
-    match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        _ => "other",
+        let status = self.status.unwrap_or(CLIENT_CLOSED);
+        self.metrics
+            .record_request(self.route, self.method, status, self.started.elapsed());
+        self.metrics.requests_in_flight.dec();
     }
 }
 
@@ -144,7 +98,7 @@ where
         let mut record = RequestRecord {
             metrics: self.metrics.clone(),
             route,
-            method: method_label(req.method()),
+            method: MethodLabel::of(req.method()),
             status: None,
             started: Instant::now(),
         };

@@ -4,8 +4,9 @@
 //! Labels are bounded: routes come from a fixed list of API endpoints, statuses are numbers, and
 //! nothing derived from a credential or a free-form path ever becomes a label.
 
-use std::time::Duration;
+use std::{sync::OnceLock, time::Duration};
 
+use http::{Method, StatusCode};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -74,6 +75,99 @@ pub struct Metrics {
     pub breaker_transitions: IntCounterVec,
     /// The upstream's `x-ratelimit-remaining-{requests,tokens}`, as last seen.
     pub upstream_ratelimit_remaining: IntGaugeVec,
+
+    /// Children of the per-request metrics above, looked up once and kept (see [`Children`]).
+    requests_by: Children<IntCounter>,
+    request_duration_by: Children<Histogram>,
+    upstream_requests_by: Children<IntCounter>,
+    upstream_duration_by: Children<Histogram>,
+}
+
+/// The children of a labelled metric, looked up on first use and kept, by a dense number for
+/// their label values. prometheus' `with_label_values` hashes the values and takes a lock on
+/// every call, which on the pass-through's path costs more than the count itself; a child is
+/// only created when first used, so /metrics still shows only series that happened.
+struct Children<T> {
+    slots: Box<[OnceLock<T>]>,
+}
+
+impl<T> Children<T> {
+    fn new(len: usize) -> Self {
+        Self {
+            slots: (0..len).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, index: usize, make: impl FnOnce() -> T) -> &T {
+        self.slots[index].get_or_init(make)
+    }
+}
+
+/// Status labels: the codes the OpenAI API and embedcar answer with, then the rest by class,
+/// and 499 for a caller that left before its answer (nginx's code).
+const STATUS_LABELS: [&str; 22] = [
+    "200", "201", "204", "400", "401", "403", "404", "408", "409", "413", "422", "429", "499",
+    "500", "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx",
+];
+
+/// The label of a status (and of 499, a caller gone).
+pub fn status_label(code: u16) -> &'static str {
+    STATUS_LABELS[status_index(code)]
+}
+
+fn status_index(code: u16) -> usize {
+    match code {
+        200 => 0,
+        201 => 1,
+        204 => 2,
+        400 => 3,
+        401 => 4,
+        403 => 5,
+        404 => 6,
+        408 => 7,
+        409 => 8,
+        413 => 9,
+        422 => 10,
+        429 => 11,
+        499 => 12,
+        500 => 13,
+        502 => 14,
+        503 => 15,
+        504 => 16,
+        c if c < 200 => 17,
+        c if c < 300 => 18,
+        c if c < 400 => 19,
+        c if c < 500 => 20,
+        _ => 21,
+    }
+}
+
+/// Method labels; anything unusual is `other`.
+const METHOD_LABELS: [&str; 8] = [
+    "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "other",
+];
+
+/// A request method as a bounded label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodLabel(u8);
+
+impl MethodLabel {
+    pub fn of(m: &Method) -> MethodLabel {
+        MethodLabel(match *m {
+            Method::GET => 0,
+            Method::POST => 1,
+            Method::PUT => 2,
+            Method::DELETE => 3,
+            Method::PATCH => 4,
+            Method::HEAD => 5,
+            Method::OPTIONS => 6,
+            _ => 7,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        METHOD_LABELS[self.0 as usize]
+    }
 }
 
 /// Inputs per upstream call: from a lone input to the API's 2048 cap.
@@ -279,6 +373,10 @@ impl Metrics {
             breaker_state,
             breaker_transitions,
             upstream_ratelimit_remaining,
+            requests_by: Children::new(Route::COUNT * METHOD_LABELS.len() * STATUS_LABELS.len()),
+            request_duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
+            upstream_requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
+            upstream_duration_by: Children::new(Route::COUNT),
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(m.requests.clone()),
@@ -325,12 +423,62 @@ impl Metrics {
         out
     }
 
+    /// One request answered (`status` 499: the caller left first), timed from its head to the
+    /// end of its response body.
+    pub fn record_request(
+        &self,
+        route: Route,
+        method: MethodLabel,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let (r, m, st) = (route as usize, method.0 as usize, status_index(status));
+        self.requests_by
+            .get(
+                (r * METHOD_LABELS.len() + m) * STATUS_LABELS.len() + st,
+                || {
+                    self.requests.with_label_values(&[
+                        route.as_str(),
+                        method.as_str(),
+                        STATUS_LABELS[st],
+                    ])
+                },
+            )
+            .inc();
+        self.request_duration_by
+            .get(r * METHOD_LABELS.len() + m, || {
+                self.request_duration
+                    .with_label_values(&[route.as_str(), method.as_str()])
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// An upstream exchange that got a response head.
+    pub fn observe_upstream_status(&self, route: Route, status: StatusCode, elapsed: Duration) {
+        let (r, st) = (route as usize, status_index(status.as_u16()));
+        self.upstream_requests_by
+            .get(r * STATUS_LABELS.len() + st, || {
+                self.upstream_requests
+                    .with_label_values(&[route.as_str(), STATUS_LABELS[st]])
+            })
+            .inc();
+        self.observe_upstream_duration(route, elapsed);
+    }
+
+    /// An upstream exchange that failed without a response (`outcome`: `timeout`,
+    /// `connect_error`, ...): rare, so looked up each time.
     pub fn observe_upstream(&self, route: Route, outcome: &str, elapsed: Duration) {
         self.upstream_requests
             .with_label_values(&[route.as_str(), outcome])
             .inc();
-        self.upstream_duration
-            .with_label_values(&[route.as_str()])
+        self.observe_upstream_duration(route, elapsed);
+    }
+
+    fn observe_upstream_duration(&self, route: Route, elapsed: Duration) {
+        self.upstream_duration_by
+            .get(route as usize, || {
+                self.upstream_duration.with_label_values(&[route.as_str()])
+            })
             .observe(elapsed.as_secs_f64());
     }
 }
@@ -354,6 +502,9 @@ pub enum Route {
 }
 
 impl Route {
+    /// How many routes there are (the variants above).
+    const COUNT: usize = 7;
+
     /// Classifies a request path; OpenAI's `/v1/...` paths and Azure's
     /// `/openai/deployments/{name}/...` paths alike.
     pub fn of(path: &str) -> Route {
@@ -414,11 +565,13 @@ mod tests {
     #[test]
     fn every_metric_is_exposed_with_the_embedcar_prefix() {
         let m = Metrics::new();
-        m.requests.with_label_values(&["other", "GET", "200"]).inc();
-        m.request_duration
-            .with_label_values(&["other", "GET"])
-            .observe(0.1);
-        m.observe_upstream(Route::Other, "200", Duration::from_millis(3));
+        m.record_request(
+            Route::Other,
+            MethodLabel::of(&Method::GET),
+            200,
+            Duration::from_millis(100),
+        );
+        m.observe_upstream_status(Route::Other, StatusCode::OK, Duration::from_millis(3));
         m.shed.with_label_values(&["proxy_overloaded"]).inc();
         m.deadline_expired.with_label_values(&["first_byte"]).inc();
         let text = String::from_utf8(m.render()).unwrap();

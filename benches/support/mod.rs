@@ -89,3 +89,9 @@ pub fn f1(v: f64) -> String {
         "-".into()
     }
 }
+
+/// The embedcar binary to measure: `BENCH_EMBEDCAR_BIN` (say, a copy built from another commit,
+/// for an A/B comparison in one sitting), else the one cargo built with this benchmark.
+pub fn embedcar_bin() -> String {
+    std::env::var("BENCH_EMBEDCAR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_embedcar").into())
+}

@@ -744,11 +744,8 @@ async fn attempt(
         }
         Ok(Ok(r)) => r,
     };
-    ctx.metrics.observe_upstream(
-        Route::Embeddings,
-        response.status().as_str(),
-        started.elapsed(),
-    );
+    ctx.metrics
+        .observe_upstream_status(Route::Embeddings, response.status(), started.elapsed());
     let (mut parts, incoming) = response.into_parts();
     let bytes = match Limited::new(
         IdleTimeout::new(incoming, ctx.settings.body_idle_timeout),
