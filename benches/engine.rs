@@ -1138,6 +1138,9 @@ fn time_render(
     }
 }
 
+/// The render figures: `write_floats` first (the target's figure), base64, whole replies, and
+/// zmij's `format_finite` per value into the same buffer, as `write_floats` wrote before
+/// `float_text` (same bytes): the baseline the float figure is measured against, in this run.
 fn render_bench(s: &Settings) -> Vec<RenderFigure> {
     let vectors = render_vectors(RENDER_VECTORS, s.dims);
     let mut out: Vec<u8> = Vec::with_capacity(s.dims * 16 + 256);
@@ -1175,17 +1178,25 @@ fn render_bench(s: &Settings) -> Vec<RenderFigure> {
         &vectors,
         |v| render_reply(std::iter::once(v), Encoding::Base64, MODEL, 13).len(),
     ));
-    // The floor under the float figure: the formatter alone, nothing copied (bytes: what
-    // write_floats would write).
     figures.push(time_render(
         s,
-        "zmij format_finite alone (no copy)",
+        "zmij format_finite (baseline)",
         &vectors,
         |v| {
-            v.iter()
-                .map(|f| buf.format_finite(*f).len() + 1)
-                .sum::<usize>()
-                + 1
+            out.clear();
+            out.push(b'[');
+            for (i, f) in v.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                if f.is_finite() {
+                    out.extend_from_slice(buf.format_finite(*f).as_bytes());
+                } else {
+                    out.extend_from_slice(b"null");
+                }
+            }
+            out.push(b']');
+            out.len()
         },
     ));
     figures

@@ -10,6 +10,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod float_text;
 pub mod keys;
 pub mod render;
 pub mod request;
