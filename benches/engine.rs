@@ -47,7 +47,8 @@
 //! Environment: `BENCH_CALLERS` (default 1000), `BENCH_DELAY_MS` (50), `BENCH_SLOTS` (4),
 //! `BENCH_DIMS` (1536), `BENCH_SECONDS` (measured seconds per saturation run, default 8),
 //! `BENCH_WARMUP_SECONDS` (1.5), `BENCH_CONNECTIONS` (64), `BENCH_HOT_INPUTS` (1024),
-//! `BENCH_PIN=0` (do not pin). `EMBEDCAR_*` variables reach embedcar (the fan-in run sets
+//! `BENCH_PIN=0` (do not pin), `BENCH_PARTS` (a comma list of `render`, `fanin`, `misses`,
+//! `few-slots`, `hits`; default all), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar (the fan-in run sets
 //! `EMBEDCAR_LIMITS__MAX_CONCURRENCY` itself).
 //!
 //! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
@@ -129,11 +130,19 @@ struct Settings {
     pin: bool,
     render_rounds: usize,
     render_iters: usize,
+    /// The parts to run (`BENCH_PARTS`, default all): `render`, `fanin`, and the saturation
+    /// variants `misses`, `few-slots`, `hits`.
+    parts: Vec<String>,
     /// `cargo test --benches` runs this without `--bench`: a short smoke run, no verdicts.
     smoke: bool,
 }
 
 impl Settings {
+    /// Whether `part` is to run: every part unless `BENCH_PARTS` names some.
+    fn runs(&self, part: &str) -> bool {
+        self.parts.is_empty() || self.parts.iter().any(|p| p == part)
+    }
+
     fn from_env() -> Settings {
         let smoke = !std::env::args().any(|a| a == "--bench");
         let secs = |name: &str, default: f64| {
@@ -163,6 +172,9 @@ impl Settings {
             pin: std::env::var("BENCH_PIN").map_or(true, |v| v != "0"),
             render_rounds: RENDER_ROUNDS,
             render_iters: RENDER_ITERS,
+            parts: std::env::var("BENCH_PARTS")
+                .map(|v| v.split(',').map(|p| p.trim().to_string()).collect())
+                .unwrap_or_default(),
             smoke,
         };
         if smoke {
@@ -371,7 +383,7 @@ struct Embedcar {
 impl Embedcar {
     /// Starts embedcar on core 0 (`pin`) or on every core, with `env` on top of ours.
     fn start(upstream: &str, pin: bool, env: &[(&str, String)]) -> Result<Embedcar, String> {
-        let bin = env!("CARGO_BIN_EXE_embedcar");
+        let bin = embedcar_bin();
         let args = [
             "--listen",
             "127.0.0.1:0",
@@ -384,11 +396,11 @@ impl Embedcar {
         let mut cmd = if pin && taskset.exists() {
             // `taskset -c 0 embedcar ...`: taskset execs embedcar, so the pid is embedcar's.
             let mut c = Command::new(taskset);
-            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(bin);
+            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(&bin);
             c
         } else if pin {
             // No taskset: the same affinity set between fork and exec.
-            let mut c = Command::new(bin);
+            let mut c = Command::new(&bin);
             // SAFETY: between fork and exec only async-signal-safe calls (a syscall) are made.
             unsafe {
                 use std::os::unix::process::CommandExt;
@@ -404,7 +416,7 @@ impl Embedcar {
             }
             c
         } else {
-            Command::new(bin)
+            Command::new(&bin)
         };
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -1152,7 +1164,7 @@ fn render_bench(s: &Settings) -> Vec<RenderFigure> {
         &vectors,
         |v| {
             out.clear();
-            write_floats(&mut out, v, &mut buf);
+            write_floats(&mut out, v);
             out.len()
         },
     ));
@@ -1526,7 +1538,11 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     let mut warnings = Vec::new();
 
     // Render first, while nothing else runs in this process.
-    let render = render_bench(&s);
+    let render = if s.runs("render") {
+        render_bench(&s)
+    } else {
+        Vec::new()
+    };
     for f in &render {
         if f.median_us > f.min_us * MAX_RENDER_SPREAD || f.on_cpu < 0.95 {
             warnings.push(format!(
@@ -1549,22 +1565,25 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     .await;
     fake.set_behavior(Behavior::Delay(s.delay));
     let mut fan = Vec::new();
-    let direct = fan_in_direct(&s, &fake).await?;
-    fan.push(direct);
-    let mut ec = Embedcar::start(
-        &fake.url(),
-        pinned,
-        &[("EMBEDCAR_LIMITS__MAX_CONCURRENCY", s.slots.to_string())],
-    )?;
-    let embedcar_cpus = ec.cpus.clone();
-    let through = fan_in_through(&s, &fake, &mut ec).await;
-    let died = !ec.alive();
-    ec.stop().await;
-    drop(fake);
-    if died {
-        return Err("embedcar exited during the fan-in run".into());
+    let mut embedcar_cpus = String::new();
+    if s.runs("fanin") {
+        let direct = fan_in_direct(&s, &fake).await?;
+        fan.push(direct);
+        let mut ec = Embedcar::start(
+            &fake.url(),
+            pinned,
+            &[("EMBEDCAR_LIMITS__MAX_CONCURRENCY", s.slots.to_string())],
+        )?;
+        embedcar_cpus = ec.cpus.clone();
+        let through = fan_in_through(&s, &fake, &mut ec).await;
+        let died = !ec.alive();
+        ec.stop().await;
+        if died {
+            return Err("embedcar exited during the fan-in run".into());
+        }
+        fan.push(through?);
     }
-    fan.push(through?);
+    drop(fake);
 
     // Saturation: an upstream that answers at once, no connection cap.
     let fake = FakeUpstream::start_with(FakeOptions {
@@ -1574,14 +1593,20 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     })
     .await;
     let mut sat = Vec::new();
-    for inputs in [Inputs::Distinct, Inputs::DistinctFewSlots, Inputs::Repeated] {
-        sat.push(saturation(&s, &fake, inputs, pinned).await?);
+    for (inputs, part) in [
+        (Inputs::Distinct, "misses"),
+        (Inputs::DistinctFewSlots, "few-slots"),
+        (Inputs::Repeated, "hits"),
+    ] {
+        if s.runs(part) {
+            sat.push(saturation(&s, &fake, inputs, pinned).await?);
+        }
     }
     drop(fake);
 
     println!(
         "  embedcar: {} (fresh process per run), cpus {embedcar_cpus}; pinned: {}",
-        env!("CARGO_BIN_EXE_embedcar"),
+        embedcar_bin(),
         if pinned {
             format!("embedcar core {EMBEDCAR_CORE}, bench core {BENCH_CORE}")
         } else {

@@ -1,11 +1,20 @@
-//! The in-process cache of vectors: bounded in bytes, entries expire after a TTL, and the hot
-//! inputs stay (moka's TinyLFU admission), so a burst of one-off inputs cannot flush them.
+//! The in-process cache of vectors: bounded in bytes, entries expire after a TTL, and hot
+//! inputs stay (quick_cache's CLOCK-Pro policy is scan resistant: a burst of one-off inputs
+//! cannot flush them).
 //!
 //! Keys are (cache scope, input hash): the scope separates tenants unless the operator lets
 //! them share (see `keys.rs`). An entry holds what a later caller needs to answer exactly as a
 //! miss would: the vector, the input's token count and the model name the upstream gave.
+//!
+//! quick_cache rather than moka: with every request a miss, a full moka cache spent more CPU
+//! per request rehashing its concurrent map to clear eviction tombstones than the engine spent
+//! on everything else but I/O (measured in the engine benchmark). quick_cache has no TTL of
+//! its own, so an entry carries its expiry and a lookup that finds it stale removes it; stale
+//! entries nobody asks for age out under the byte bound like any cold entry.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
 
 use crate::config::CacheConfig;
 
@@ -19,39 +28,71 @@ pub struct Embedded {
     pub model: Arc<str>,
 }
 
-/// Fixed bytes charged per entry on top of the vector: key, Arc, moka's bookkeeping.
-const ENTRY_OVERHEAD_BYTES: u32 = 96;
+/// Fixed bytes charged per entry on top of the vector: key, expiry, Arc, the cache's own
+/// bookkeeping.
+const ENTRY_OVERHEAD_BYTES: u64 = 96;
+
+/// The vector size the table is first sized for (OpenAI's text-embedding-3-small); other sizes
+/// only make it grow or sit emptier.
+const TYPICAL_DIMENSIONS: u64 = 1536;
+
+/// Most entries the table is sized for up front, however large the byte bound.
+const MAX_PRESIZED_ENTRIES: u64 = 1 << 20;
 
 pub type CacheKey = (u128, u128);
 
+#[derive(Clone)]
+struct Entry {
+    embedded: Arc<Embedded>,
+    expires: Instant,
+}
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl quick_cache::Weighter<CacheKey, Entry> for ByBytes {
+    fn weight(&self, _key: &CacheKey, entry: &Entry) -> u64 {
+        (entry.embedded.vector.len() as u64).saturating_mul(4) + ENTRY_OVERHEAD_BYTES
+    }
+}
+
 pub struct VectorCache {
-    inner: Option<moka::sync::Cache<CacheKey, Arc<Embedded>>>,
+    inner: Option<quick_cache::sync::Cache<CacheKey, Entry, ByBytes>>,
+    ttl: Duration,
 }
 
 impl VectorCache {
     pub fn new(config: &CacheConfig) -> Self {
         let inner = config.enabled.then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(config.max_bytes)
-                .weigher(|_k: &CacheKey, v: &Arc<Embedded>| {
-                    let bytes = v.vector.len().saturating_mul(4);
-                    u32::try_from(bytes)
-                        .unwrap_or(u32::MAX)
-                        .saturating_add(ENTRY_OVERHEAD_BYTES)
-                })
-                .time_to_live(config.ttl)
-                .build()
+            let entries = (config.max_bytes / (TYPICAL_DIMENSIONS * 4 + ENTRY_OVERHEAD_BYTES))
+                .clamp(1, MAX_PRESIZED_ENTRIES);
+            quick_cache::sync::Cache::with_weighter(entries as usize, config.max_bytes, ByBytes)
         });
-        Self { inner }
+        Self {
+            inner,
+            ttl: config.ttl,
+        }
     }
 
     pub fn get(&self, key: &CacheKey) -> Option<Arc<Embedded>> {
-        self.inner.as_ref()?.get(key)
+        let cache = self.inner.as_ref()?;
+        let entry = cache.get(key)?;
+        if entry.expires <= Instant::now() {
+            cache.remove(key);
+            return None;
+        }
+        Some(entry.embedded)
     }
 
     pub fn insert(&self, key: CacheKey, value: Arc<Embedded>) {
         if let Some(c) = &self.inner {
-            c.insert(key, value);
+            c.insert(
+                key,
+                Entry {
+                    embedded: value,
+                    expires: Instant::now() + self.ttl,
+                },
+            );
         }
     }
 
@@ -59,13 +100,10 @@ impl VectorCache {
         self.inner.is_some()
     }
 
-    /// Entries and weighted bytes now (after pending maintenance), for metrics and tests.
+    /// Entries and weighted bytes now, for metrics and tests.
     pub fn usage(&self) -> (u64, u64) {
         match &self.inner {
-            Some(c) => {
-                c.run_pending_tasks();
-                (c.entry_count(), c.weighted_size())
-            }
+            Some(c) => (c.len() as u64, c.weight()),
             None => (0, 0),
         }
     }
@@ -97,6 +135,47 @@ mod tests {
         }
         let (_, bytes) = cache.usage();
         assert!(bytes <= 100 * (1536 * 4 + 96), "{bytes}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_expire_after_the_ttl() {
+        let cache = VectorCache::new(&CacheConfig {
+            enabled: true,
+            max_bytes: 1 << 20,
+            ttl: Duration::from_secs(60),
+            share_across_credentials: false,
+        });
+        cache.insert((1, 1), entry(4));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(cache.get(&(1, 1)).is_some(), "gone before the TTL");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cache.get(&(1, 1)).is_none(), "kept past the TTL");
+        assert_eq!(cache.usage(), (0, 0), "a stale entry found is removed");
+    }
+
+    #[test]
+    fn hot_entries_survive_a_scan_of_one_off_inputs() {
+        let cache = VectorCache::new(&CacheConfig {
+            enabled: true,
+            max_bytes: 100 * (16 + 96),
+            ttl: Duration::from_secs(60),
+            share_across_credentials: false,
+        });
+        for i in 0..10u128 {
+            cache.insert((1, i), entry(4));
+        }
+        for _ in 0..3 {
+            for i in 0..10u128 {
+                assert!(cache.get(&(1, i)).is_some());
+            }
+        }
+        for i in 1000..3000u128 {
+            cache.insert((1, i), entry(4));
+        }
+        let kept = (0..10u128)
+            .filter(|i| cache.get(&(1, *i)).is_some())
+            .count();
+        assert!(kept >= 8, "only {kept} of 10 hot entries kept");
     }
 
     #[test]

@@ -489,11 +489,17 @@ unsafe fn write_slow(value: f32, dst: *mut u8) -> usize {
     len
 }
 
+/// Bytes `write_json_array` reserves for an array of `len` values: what a caller sizing a
+/// buffer for several arrays should allow.
+pub fn reserve_for(len: usize) -> usize {
+    len * SLOT + 2
+}
+
 /// Appends `[v,v,...]` to `out`: each value as its shortest round-trip text (zmij's), `null`
 /// for a non-finite one (JSON has no NaN or infinity).
 pub fn write_json_array(out: &mut Vec<u8>, values: &[f32]) {
     // Room for the brackets and every value's slot, reserved once, so that no write checks.
-    let reserved = values.len() * SLOT + 2;
+    let reserved = reserve_for(values.len());
     out.reserve(reserved);
     let start = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
     let mut len = 1;

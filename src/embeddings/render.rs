@@ -7,33 +7,67 @@
 //! Python and Node clients ask for base64 by default and the Node client decodes it without
 //! checking, so getting this wrong would corrupt vectors silently.
 
-use std::io::Write as _;
+use std::{borrow::Cow, io::Write as _};
 
-use base64::{engine::general_purpose::STANDARD, Engine as _};
-use serde::Deserialize;
+use serde::{de, Deserialize, Deserializer};
 
-use super::request::Encoding;
+use super::{float_text, request::Encoding};
 
-/// The parts of an upstream embeddings reply the engine uses.
+/// The parts of an upstream embeddings reply the engine uses. Base64 vectors are borrowed from
+/// the reply body, not copied out of it.
 #[derive(Debug, Deserialize)]
-pub struct UpstreamReply {
-    pub data: Vec<UpstreamDatum>,
+pub struct UpstreamReply<'a> {
+    #[serde(borrow)]
+    pub data: Vec<UpstreamDatum<'a>>,
     pub model: String,
     #[serde(default)]
     pub usage: Option<UpstreamUsage>,
 }
 
 #[derive(Debug, Deserialize)]
-pub struct UpstreamDatum {
+pub struct UpstreamDatum<'a> {
     pub index: usize,
-    pub embedding: UpstreamVector,
+    #[serde(borrow)]
+    pub embedding: UpstreamVector<'a>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum UpstreamVector {
-    Base64(String),
+#[derive(Debug)]
+pub enum UpstreamVector<'a> {
+    Base64(Cow<'a, str>),
     Floats(Vec<f32>),
+}
+
+/// By hand rather than `#[serde(untagged)]`: an untagged enum buffers the value first (a copy
+/// of 8 KiB of base64, or a boxed value per float), where a visitor takes the string as a
+/// borrow of the body and the numbers straight into the vector.
+impl<'de: 'a, 'a> Deserialize<'de> for UpstreamVector<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = UpstreamVector<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a base64 string or an array of numbers")
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(UpstreamVector::Base64(Cow::Borrowed(v)))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(UpstreamVector::Base64(Cow::Owned(v.to_owned())))
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(f) = seq.next_element::<f32>()? {
+                    v.push(f);
+                }
+                Ok(UpstreamVector::Floats(v))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,27 +75,37 @@ pub struct UpstreamUsage {
     pub prompt_tokens: u64,
 }
 
-impl UpstreamVector {
+impl UpstreamVector<'_> {
     pub fn into_f32(self) -> Result<Vec<f32>, String> {
         match self {
             UpstreamVector::Floats(v) => Ok(v),
-            UpstreamVector::Base64(s) => {
-                let bytes = STANDARD
-                    .decode(s.as_bytes())
-                    .map_err(|e| format!("invalid base64 embedding: {e}"))?;
-                if bytes.len() % 4 != 0 {
-                    return Err(format!(
-                        "base64 embedding of {} bytes is not float32",
-                        bytes.len()
-                    ));
-                }
-                Ok(bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect())
-            }
+            UpstreamVector::Base64(s) => decode_f32(s.as_bytes()),
         }
     }
+}
+
+/// Standard base64 of little-endian float32s, decoded (SIMD) straight into the vector's own
+/// memory: no byte buffer in between.
+fn decode_f32(text: &[u8]) -> Result<Vec<f32>, String> {
+    let invalid = |e: base64_simd::Error| format!("invalid base64 embedding: {e}");
+    let len = base64_simd::STANDARD
+        .decoded_length(text)
+        .map_err(invalid)?;
+    if len % 4 != 0 {
+        return Err(format!("base64 embedding of {len} bytes is not float32"));
+    }
+    let mut vector = vec![0f32; len / 4];
+    base64_simd::STANDARD
+        .decode(
+            text,
+            base64_simd::Out::from_slice(bytemuck::cast_slice_mut(&mut vector)),
+        )
+        .map_err(invalid)?;
+    // The bytes are little-endian; a no-op on little-endian machines.
+    for f in &mut vector {
+        *f = f32::from_bits(u32::from_le(f.to_bits()));
+    }
+    Ok(vector)
 }
 
 /// An upstream reply, checked: one vector per input in input order, the model as the upstream
@@ -107,15 +151,22 @@ pub fn parse_reply(body: &[u8], expected: usize) -> Result<ParsedReply, String> 
 /// Writes one caller's reply: `{"object":"list","data":[...],"model":...,"usage":{...}}`, with
 /// `data` in the caller's input order and `index` counting from 0, as the API does.
 pub fn render_reply<'a>(
-    vectors: impl ExactSizeIterator<Item = &'a [f32]>,
+    vectors: impl ExactSizeIterator<Item = &'a [f32]> + Clone,
     encoding: Encoding,
     model: &str,
     prompt_tokens: u64,
 ) -> Vec<u8> {
-    let count = vectors.len();
-    let mut out = Vec::with_capacity(96 + count * 64);
+    // Sized once up front: a reply is mostly vector text, and growing an 8 KiB buffer by
+    // doubling copies it several times.
+    let text: usize = vectors
+        .clone()
+        .map(|v| match encoding {
+            Encoding::Float => float_text::reserve_for(v.len()),
+            Encoding::Base64 => (v.len() * 4).div_ceil(3) * 4 + 2,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(128 + model.len() * 2 + vectors.len() * 64 + text);
     out.extend_from_slice(br#"{"object":"list","data":["#);
-    let mut floats = zmij::Buffer::new();
     for (index, vector) in vectors.enumerate() {
         if index > 0 {
             out.push(b',');
@@ -124,7 +175,7 @@ pub fn render_reply<'a>(
         let _ = write!(out, "{index}");
         out.extend_from_slice(br#","embedding":"#);
         match encoding {
-            Encoding::Float => write_floats(&mut out, vector, &mut floats),
+            Encoding::Float => write_floats(&mut out, vector),
             Encoding::Base64 => write_base64(&mut out, vector),
         }
         out.push(b'}');
@@ -147,23 +198,29 @@ pub fn render_reply<'a>(
 /// zmij writes it (`float_text` writes the same bytes about four times as fast). JSON has no NaN
 /// or infinity; a model never produces them, and if an upstream did, `null` says so rather than
 /// inventing a number.
-///
-/// `_buf` is no longer used: `float_text` keeps what it needs. It stays until `render_reply`,
-/// the caller that provides it, drops it.
-pub fn write_floats(out: &mut Vec<u8>, vector: &[f32], _buf: &mut zmij::Buffer) {
-    super::float_text::write_json_array(out, vector);
+pub fn write_floats(out: &mut Vec<u8>, vector: &[f32]) {
+    float_text::write_json_array(out, vector);
 }
 
-/// `"..."`: the little-endian float32 bytes, standard base64 with padding.
+/// `"..."`: the little-endian float32 bytes, standard base64 with padding, encoded (SIMD)
+/// straight from the vector's memory.
 pub fn write_base64(out: &mut Vec<u8>, vector: &[f32]) {
-    let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+    #[cfg(target_endian = "little")]
+    let bytes: &[u8] = bytemuck::cast_slice(vector);
+    #[cfg(not(target_endian = "little"))]
+    let bytes: &[u8] = &vector
+        .iter()
+        .flat_map(|f| f.to_le_bytes())
+        .collect::<Vec<u8>>();
+    let len = base64_simd::STANDARD.encoded_length(bytes.len());
+    out.reserve(len + 2);
     out.push(b'"');
     let start = out.len();
-    out.resize(start + bytes.len().div_ceil(3) * 4, 0);
-    let written = STANDARD
-        .encode_slice(&bytes, &mut out[start..])
-        .expect("buffer sized for the encoding");
-    out.truncate(start + written);
+    out.resize(start + len, 0);
+    let written = base64_simd::STANDARD
+        .encode(bytes, base64_simd::Out::from_slice(&mut out[start..]))
+        .len();
+    debug_assert_eq!(written, len);
     out.push(b'"');
 }
 
@@ -190,7 +247,7 @@ mod tests {
     fn float_text_parses_back_to_the_same_float32() {
         let v = sample();
         let mut out = Vec::new();
-        write_floats(&mut out, &v, &mut zmij::Buffer::new());
+        write_floats(&mut out, &v);
         let parsed: Vec<f64> = serde_json::from_slice(&out).unwrap();
         let back: Vec<f32> = parsed.iter().map(|&f| f as f32).collect();
         assert_eq!(
@@ -204,7 +261,7 @@ mod tests {
         let mut v = sample();
         v.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.5, 100.0]);
         let mut out = Vec::new();
-        write_floats(&mut out, &v, &mut zmij::Buffer::new());
+        write_floats(&mut out, &v);
         let mut buf = zmij::Buffer::new();
         let expected: Vec<String> = v
             .iter()
@@ -225,9 +282,9 @@ mod tests {
         let mut out = Vec::new();
         write_base64(&mut out, &v);
         let s: String = serde_json::from_slice(&out).unwrap();
-        let bytes = STANDARD.decode(&s).unwrap();
+        let bytes = base64_simd::STANDARD.decode_to_vec(&s).unwrap();
         assert_eq!(&bytes[0..4], &0.1f32.to_le_bytes());
-        let back = UpstreamVector::Base64(s).into_f32().unwrap();
+        let back = UpstreamVector::Base64(s.into()).into_f32().unwrap();
         assert_eq!(back, v);
     }
 
@@ -273,5 +330,19 @@ mod tests {
         )
         .is_err());
         assert!(parse_reply(b"{\"data\":[", 1).is_err());
+        // An escaped string cannot be borrowed from the body; it is read all the same.
+        let escaped = br#"{"data":[{"index":0,"embedding":"AACAPw\u003d\u003d"}],"model":"m"}"#;
+        assert_eq!(parse_reply(escaped, 1).unwrap().vectors, vec![vec![1.0]]);
+        // Two bytes are not a float32; a character outside the alphabet is not base64.
+        assert!(parse_reply(
+            br#"{"data":[{"index":0,"embedding":"AAA="}],"model":"m"}"#,
+            1
+        )
+        .is_err());
+        assert!(parse_reply(
+            br#"{"data":[{"index":0,"embedding":"AA*A"}],"model":"m"}"#,
+            1
+        )
+        .is_err());
     }
 }
