@@ -124,6 +124,10 @@ pub struct FakeOptions {
     pub max_input_tokens: usize,
     /// Reject embeddings requests whose inputs add up to more tokens than this (OpenAI: 300 000).
     pub max_request_tokens: usize,
+    /// Bill OpenAI's models with their real tokenizer ([`billed_tokens`]); off, every model is
+    /// billed with [`fake_token_count`]. The CPU benchmarks turn it off: the fake shares a core
+    /// with their load generator, and a proxy that counts tokens itself ignores the bill.
+    pub exact_usage: bool,
 }
 
 impl Default for FakeOptions {
@@ -137,6 +141,7 @@ impl Default for FakeOptions {
             max_inputs: 2048,
             max_input_tokens: 8192,
             max_request_tokens: 300_000,
+            exact_usage: true,
         }
     }
 }
@@ -329,20 +334,30 @@ pub fn expected_embedding(input: &EmbeddingInput, dims: usize) -> Vec<f32> {
             t.iter().flat_map(|x| x.to_le_bytes()).for_each(&mut feed);
         }
     }
+    // Two 24-bit components per splitmix64 word, each exactly `k / 2^23 - 1` in [-1, 1), then
+    // one multiplication by the reciprocal norm: cheap, because the benchmarks run this fake on
+    // one core beside their load generator, at tens of thousands of vectors a second.
+    let unit = |bits: u64| bits as f32 * (1.0 / (1u32 << 23) as f32) - 1.0;
     let mut state = h;
-    let raw: Vec<f64> = (0..dims)
-        .map(|_| {
-            let x = splitmix64(&mut state);
-            // 53 random bits -> [0, 1) -> [-1, 1)
-            (x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect();
-    let norm = raw.iter().map(|v| v * v).sum::<f64>().sqrt();
-    let mut out: Vec<f32> = if norm > 0.0 {
-        raw.iter().map(|v| (v / norm) as f32).collect()
-    } else {
-        raw.iter().map(|v| *v as f32).collect()
-    };
+    let mut raw: Vec<f32> = Vec::with_capacity(dims + 1);
+    while raw.len() < dims {
+        let x = splitmix64(&mut state);
+        raw.push(unit(x >> 40));
+        raw.push(unit((x >> 16) & 0xff_ffff));
+    }
+    raw.truncate(dims);
+    let norm = raw
+        .iter()
+        .map(|v| f64::from(*v) * f64::from(*v))
+        .sum::<f64>()
+        .sqrt();
+    let mut out = raw;
+    if norm > 0.0 {
+        let inverse = 1.0 / norm;
+        for v in &mut out {
+            *v = (f64::from(*v) * inverse) as f32;
+        }
+    }
     // Guarantee "not all equal" for dims >= 2 (astronomically unlikely to trigger).
     if out.len() >= 2 && out.iter().all(|v| *v == out[0]) {
         out[0] = if out[0] == 0.0 { 0.5 } else { -out[0] };
@@ -433,7 +448,8 @@ pub fn parse_embedding_input(input: &Value) -> Result<Vec<EmbeddingInput>, Strin
 /// `encoding_format: "base64"`. Hand-rolled because `base64` is not a dependency of the crate.
 pub fn base64_encode(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    // Bytes, not chars: pushing a `char` to a String encodes it as UTF-8 each time.
+    let mut out = Vec::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let b = [
             chunk[0],
@@ -441,20 +457,22 @@ pub fn base64_encode(data: &[u8]) -> String {
             *chunk.get(2).unwrap_or(&0),
         ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(ALPHABET[(n >> 18) as usize & 63] as char);
-        out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
+        out.extend_from_slice(&[
+            ALPHABET[(n >> 18) as usize & 63],
+            ALPHABET[(n >> 12) as usize & 63],
+            if chunk.len() > 1 {
+                ALPHABET[(n >> 6) as usize & 63]
+            } else {
+                b'='
+            },
+            if chunk.len() > 2 {
+                ALPHABET[n as usize & 63]
+            } else {
+                b'='
+            },
+        ]);
     }
-    out
+    String::from_utf8(out).expect("the base64 alphabet is ASCII")
 }
 
 /// Strict inverse of [`base64_encode`]: `None` on a bad length, a bad character or bad padding.
@@ -1587,7 +1605,10 @@ fn embeddings(shared: &Shared, body: &[u8], deployment: Option<&str>) -> Respons
     }
     let counts: Vec<u64> = inputs
         .iter()
-        .map(|i| u64::from(billed_tokens(model, i)))
+        .map(|i| match o.exact_usage {
+            true => u64::from(billed_tokens(model, i)),
+            false => u64::from(fake_token_count(i)),
+        })
         .collect();
     if let Some(n) = counts.iter().find(|n| **n > o.max_input_tokens as u64) {
         return invalid_request(
@@ -1615,7 +1636,12 @@ fn embeddings(shared: &Shared, body: &[u8], deployment: Option<&str>) -> Respons
         .map(|(index, input)| {
             let v = expected_embedding(input, dims);
             let embedding = if base64 {
-                let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                // A plain loop: the benchmarks run this fake on one core beside the load
+                // generator, and an iterator chain here was a sixth of that core.
+                let mut bytes = Vec::with_capacity(v.len() * 4);
+                for f in &v {
+                    bytes.extend_from_slice(&f.to_le_bytes());
+                }
                 EmbeddingValue::Base64(base64_encode(&bytes))
             } else {
                 EmbeddingValue::Float(v)
