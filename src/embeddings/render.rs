@@ -85,7 +85,7 @@ impl UpstreamVector<'_> {
 }
 
 /// Standard base64 of little-endian float32s, decoded (SIMD) straight into the vector's own
-/// memory: no byte buffer in between.
+/// memory: no byte buffer in between, and no zeroing of memory about to be overwritten.
 fn decode_f32(text: &[u8]) -> Result<Vec<f32>, String> {
     let invalid = |e: base64_simd::Error| format!("invalid base64 embedding: {e}");
     let len = base64_simd::STANDARD
@@ -94,13 +94,25 @@ fn decode_f32(text: &[u8]) -> Result<Vec<f32>, String> {
     if len % 4 != 0 {
         return Err(format!("base64 embedding of {len} bytes is not float32"));
     }
-    let mut vector = vec![0f32; len / 4];
-    base64_simd::STANDARD
-        .decode(
-            text,
-            base64_simd::Out::from_slice(bytemuck::cast_slice_mut(&mut vector)),
-        )
-        .map_err(invalid)?;
+    let mut vector: Vec<f32> = Vec::with_capacity(len / 4);
+    let spare = vector.spare_capacity_mut();
+    // SAFETY: the spare capacity holds `len / 4` float32s, that is `len` bytes, and a byte view
+    // of the same memory needs no stricter alignment. Nothing reads it as floats until set_len.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(spare.as_mut_ptr().cast::<std::mem::MaybeUninit<u8>>(), len)
+    };
+    let written = base64_simd::STANDARD
+        .decode(text, base64_simd::Out::from_uninit_slice(bytes))
+        .map_err(invalid)?
+        .len();
+    if written != len {
+        return Err(format!(
+            "base64 embedding decoded to {written} bytes, not {len}"
+        ));
+    }
+    // SAFETY: the decoder initialised all `len` bytes, which are `len / 4` float32s (any bit
+    // pattern is a float).
+    unsafe { vector.set_len(len / 4) };
     // The bytes are little-endian; a no-op on little-endian machines.
     for f in &mut vector {
         *f = f32::from_bits(u32::from_le(f.to_bits()));
@@ -216,11 +228,16 @@ pub fn write_base64(out: &mut Vec<u8>, vector: &[f32]) {
     out.reserve(len + 2);
     out.push(b'"');
     let start = out.len();
-    out.resize(start + len, 0);
     let written = base64_simd::STANDARD
-        .encode(bytes, base64_simd::Out::from_slice(&mut out[start..]))
+        .encode(
+            bytes,
+            base64_simd::Out::from_uninit_slice(&mut out.spare_capacity_mut()[..len]),
+        )
         .len();
     debug_assert_eq!(written, len);
+    // SAFETY: the encoder initialised `written` bytes at the start of the spare capacity
+    // (reserved above, so no reallocation happened in between).
+    unsafe { out.set_len(start + written) };
     out.push(b'"');
 }
 
