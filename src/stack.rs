@@ -10,15 +10,14 @@ use tower::{util::BoxCloneService, ServiceBuilder};
 use tower_http::{
     catch_panic::CatchPanicLayer,
     map_response_body::MapResponseBodyLayer,
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
     sensitive_headers::SetSensitiveRequestHeadersLayer,
-    trace::TraceLayer,
 };
 
 use crate::{
     body::ProxyBody,
     errors,
-    layers::{RecordMetricsLayer, RequestBodyLayer},
+    layers::{RecordMetricsLayer, RequestBodyLayer, RequestSpanLayer},
     router::Router,
     AppState,
 };
@@ -54,22 +53,9 @@ pub fn build(state: &AppState) -> HttpService {
         // On the way back, the upstream's own x-request-id wins (OpenAI's `req_...` is what its
         // support asks for); our id fills in when the reply has none (embedcar's own errors).
         .layer(PropagateRequestIdLayer::x_request_id())
-        // One span per request, named by its id; headers are never recorded.
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<Incoming>| {
-                let id = req
-                    .extensions()
-                    .get::<RequestId>()
-                    .and_then(|id| id.header_value().to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!(
-                    "request",
-                    id = %id,
-                    method = %req.method(),
-                    path = %req.uri().path(),
-                )
-            }),
-        )
+        // One span per request, named by its id, around the handler; headers are never
+        // recorded.
+        .layer(RequestSpanLayer)
         // Metrics see every request that got this far, including those the body limit refuses,
         // and time each to the end of its response body.
         .layer(RecordMetricsLayer::new(state.metrics.clone()))

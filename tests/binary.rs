@@ -18,6 +18,8 @@ struct Process {
     child: Child,
     addr: String,
     admin_addr: String,
+    /// Every line it prints after the "listening" one.
+    logs: std::sync::mpsc::Receiver<String>,
 }
 
 impl Drop for Process {
@@ -58,11 +60,17 @@ fn spawn(upstream: &str, extra_env: &[(&str, &str)]) -> Process {
     };
     let (addr, admin_addr) = (field("addr="), field("admin_addr="));
     // Keep draining stdout so the process never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let (tx, logs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
     Process {
         child,
         addr,
         admin_addr,
+        logs,
     }
 }
 
@@ -118,6 +126,30 @@ async fn sigterm_drains_an_in_flight_slow_request_then_exits_zero() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn a_request_logs_its_request_id_on_its_lines() {
+    // Nothing listens on the upstream port, so the request fails and says so in the log.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let p = spawn(&upstream, &[("EMBEDCAR_RETRY__MAX_ATTEMPTS", "1")]);
+    let client = client();
+    let mut request = get(&format!("http://{}/v1/models", p.addr));
+    request.headers_mut().insert(
+        "x-request-id",
+        http::HeaderValue::from_static("req-from-the-caller-42"),
+    );
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let line = std::iter::from_fn(|| p.logs.recv_timeout(Duration::from_secs(5)).ok())
+        .find(|l| l.contains("request failed"))
+        .expect("a log line for the failed request");
+    assert!(
+        line.contains("req-from-the-caller-42"),
+        "the request id is missing from: {line}"
+    );
 }
 
 #[tokio::test]
