@@ -370,6 +370,22 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
         if items.is_empty() {
             continue;
         }
+        // Nothing queued behind this batch: this task sends it itself instead of spawning a
+        // task for it and ending (one task fewer per call whenever the upstream keeps up).
+        // `dispatching` is cleared first, so inputs arriving meanwhile start a dispatcher of
+        // their own and wait for no one; `run_batch` retires the lane when it is done.
+        let last = {
+            let mut state = lock(&lane.state);
+            let last = state.queue.is_empty();
+            if last {
+                state.dispatching = false;
+            }
+            last
+        };
+        if last {
+            run_batch(ctx, key, kind, lane, items, slot).await;
+            return;
+        }
         tokio::spawn(run_batch(
             ctx.clone(),
             key.clone(),
