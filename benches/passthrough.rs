@@ -771,6 +771,38 @@ impl RunResult {
     }
 }
 
+/// One run through a fresh embedcar: on core 0 for `Path::Through`, on the bench's core for
+/// `Path::Shared`. Also returns the cores embedcar was allowed.
+async fn run_through(
+    s: &Settings,
+    load: Load,
+    path: Path,
+    upstream: &str,
+    pinned: bool,
+) -> Result<(RunResult, String), String> {
+    let core = match path {
+        Path::Shared => BENCH_CORE,
+        _ => EMBEDCAR_CORE,
+    };
+    let mut ec = Embedcar::start(upstream, pinned, core)?;
+    if let Err(e) = check_path(ec.addr, &s.path, "through embedcar").await {
+        ec.stop().await;
+        return Err(e);
+    }
+    let result = run(s, load, path, ec.addr, ProxyCpu::Process(ec.pid())).await;
+    let cpus = ec.cpus.clone();
+    let died = !ec.alive();
+    ec.stop().await;
+    if died {
+        return Err(format!(
+            "embedcar exited during the {} {} run",
+            load.label(s.connections),
+            path.label()
+        ));
+    }
+    Ok((result, cpus))
+}
+
 async fn run(
     s: &Settings,
     load: Load,
@@ -1283,44 +1315,15 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
             results.push(r);
         }
 
-        let mut ec = Embedcar::start(&upstream, pinned, EMBEDCAR_CORE)?;
-        embedcar_cpus = ec.cpus.clone();
-        if let Err(e) = check_path(ec.addr, &s.path, "through embedcar").await {
-            ec.stop().await;
-            return Err(e);
-        }
-        let through = run(
-            &s,
-            load,
-            Path::Through,
-            ec.addr,
-            ProxyCpu::Process(ec.pid()),
-        )
-        .await;
-        let died = !ec.alive();
-        ec.stop().await;
-        if died {
-            return Err(format!(
-                "embedcar exited during the {} run",
-                load.label(s.connections)
-            ));
-        }
+        let (through, cpus) = run_through(&s, load, Path::Through, &upstream, pinned).await?;
+        embedcar_cpus = cpus;
         results.push(through);
 
         // Latency again with embedcar on the bench's core: the same core count as the direct
         // run, and no wake-up of an idle core per hop (see README: on this VM a halted core
         // takes tens of microseconds to wake, more than embedcar's own work).
         if matches!(load, Load::Open(_)) && pinned {
-            let mut ec = Embedcar::start(&upstream, pinned, BENCH_CORE)?;
-            let shared = run(&s, load, Path::Shared, ec.addr, ProxyCpu::Process(ec.pid())).await;
-            let died = !ec.alive();
-            ec.stop().await;
-            if died {
-                return Err(format!(
-                    "embedcar exited during the {} shared-core run",
-                    load.label(s.connections)
-                ));
-            }
+            let (shared, _) = run_through(&s, load, Path::Shared, &upstream, pinned).await?;
             results.push(shared);
         }
     }
