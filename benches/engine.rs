@@ -63,9 +63,8 @@ mod support;
 use support::*;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,9 +85,6 @@ use tokio::sync::Semaphore;
 const MODEL: &str = "text-embedding-3-small";
 const AUTH: &str = "Bearer sk-bench";
 const ROUTE: &str = "/v1/embeddings";
-
-const EMBEDCAR_CORE: usize = 0;
-const BENCH_CORE: usize = 1;
 
 /// The targets.
 const TARGET_CALLERS_PER_CALL: f64 = 20.0;
@@ -192,49 +188,6 @@ impl Settings {
 // ---------------------------------------------------------------------------------------------
 // Pinning and /proc readings (as in benches/passthrough.rs)
 // ---------------------------------------------------------------------------------------------
-
-/// Pins the calling thread (the main thread, before the runtime exists, so every later thread
-/// inherits it) to `core`, once both cores are known to be usable. Returns why not, if it could
-/// not.
-fn pin_self(core: usize) -> Result<(), String> {
-    // SAFETY: cpu_set_t is plain data; the CPU_* helpers and sched_{get,set}affinity only read
-    // and write the set we pass, sized by size_of.
-    unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
-            return Err(format!(
-                "sched_getaffinity: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        for c in [EMBEDCAR_CORE, BENCH_CORE] {
-            if !libc::CPU_ISSET(c, &allowed) {
-                return Err(format!("core {c} is not available to this process"));
-            }
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(format!(
-                "sched_setaffinity: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// CPU time (user + system, all threads, live and exited) of a process, in nanoseconds, from the
-/// process CPU-time clock: exact, where /proc's utime + stime are sampled per tick. `pid` 0 is
-/// this process.
-fn cpu_ns(pid: u32) -> Option<u64> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: only writes to the out-parameter.
-    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
-        return None;
-    }
-    clock_ns(clock)
-}
 
 /// The calling thread's CPU time, in nanoseconds.
 fn thread_cpu_ns() -> u64 {
@@ -373,111 +326,7 @@ impl Window {
 // embedcar as a child process
 // ---------------------------------------------------------------------------------------------
 
-struct Embedcar {
-    child: Child,
-    addr: SocketAddr,
-    admin: Option<SocketAddr>,
-    cpus: String,
-}
-
 impl Embedcar {
-    /// Starts embedcar on core 0 (`pin`) or on every core, with `env` on top of ours.
-    fn start(upstream: &str, pin: bool, env: &[(&str, String)]) -> Result<Embedcar, String> {
-        let bin = embedcar_bin();
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream,
-        ];
-        let taskset = std::path::Path::new("/usr/bin/taskset");
-        let mut cmd = if pin && taskset.exists() {
-            // `taskset -c 0 embedcar ...`: taskset execs embedcar, so the pid is embedcar's.
-            let mut c = Command::new(taskset);
-            c.arg("-c").arg(EMBEDCAR_CORE.to_string()).arg(&bin);
-            c
-        } else if pin {
-            // No taskset: the same affinity set between fork and exec.
-            let mut c = Command::new(&bin);
-            // SAFETY: between fork and exec only async-signal-safe calls (a syscall) are made.
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                c.pre_exec(|| {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(EMBEDCAR_CORE, &mut set);
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            c
-        } else {
-            Command::new(&bin)
-        };
-        cmd.args(args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {bin}: {e}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<(SocketAddr, Option<SocketAddr>)>();
-        // Reads the start-up line, then keeps draining stdout (a full pipe would block embedcar)
-        // and shows warnings and errors, which would make the figures suspect.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(t) = &tx {
-                    let field = |name: &str| {
-                        line.split_whitespace()
-                            .find_map(|w| w.strip_prefix(name))
-                            .and_then(|a| a.parse::<SocketAddr>().ok())
-                    };
-                    if let Some(addr) = field("addr=") {
-                        let _ = t.send((addr, field("admin_addr=")));
-                        tx = None;
-                        continue;
-                    }
-                }
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("[embedcar] {line}");
-                }
-            }
-        });
-        let (addr, admin) = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                return Err(format!(
-                    "embedcar printed no `listening addr=...` line within 15 s (exit: {status:?})"
-                ));
-            }
-        };
-        let cpus = status_field(&child.id().to_string(), "Cpus_allowed_list").unwrap_or_default();
-        Ok(Embedcar {
-            child,
-            addr,
-            admin,
-            cpus,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     fn peak_mib(&self) -> f64 {
         status_mib(self.pid(), "VmHWM").unwrap_or(f64::NAN)
     }
@@ -506,24 +355,6 @@ impl Embedcar {
             }
         }
         sum
-    }
-
-    /// SIGTERM, a short wait for the graceful drain, then SIGKILL. Async: the fake upstream
-    /// runs on this runtime and must keep serving while embedcar drains.
-    async fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -998,7 +829,7 @@ async fn saturation(
     inputs: Inputs,
     pinned: bool,
 ) -> Result<Saturation, String> {
-    let mut ec = Embedcar::start(&fake.url(), pinned, &inputs.env(s))?;
+    let mut ec = Embedcar::start(&fake.url(), pinned, EMBEDCAR_CORE, &inputs.env(s))?;
     let result = saturation_on(s, fake, inputs, &mut ec).await;
     let died = !ec.alive();
     ec.stop().await;
@@ -1572,6 +1403,7 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
         let mut ec = Embedcar::start(
             &fake.url(),
             pinned,
+            EMBEDCAR_CORE,
             &[("EMBEDCAR_LIMITS__MAX_CONCURRENCY", s.slots.to_string())],
         )?;
         embedcar_cpus = ec.cpus.clone();

@@ -57,9 +57,8 @@ mod support;
 use support::*;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,9 +84,6 @@ const DEFAULT_PATH: &str = "/v1/bench/passthrough";
 const BODY: &[u8] =
     br#"{"input":"The food was delicious and the waiter was friendly.","model":"text-embedding-3-small"}"#;
 const AUTH: &str = "Bearer sk-bench";
-
-const EMBEDCAR_CORE: usize = 0;
-const BENCH_CORE: usize = 1;
 
 /// The issue's targets on the 2-core reference machine.
 const TARGET_CPU_US: f64 = 25.0;
@@ -342,125 +338,6 @@ impl Sample {
 // ---------------------------------------------------------------------------------------------
 // embedcar as a child process
 // ---------------------------------------------------------------------------------------------
-
-struct Embedcar {
-    child: Child,
-    addr: SocketAddr,
-    cpus: String,
-}
-
-impl Embedcar {
-    /// Starts embedcar on `core` (`pin`) or on every core.
-    fn start(upstream: &str, pin: bool, core: usize) -> Result<Embedcar, String> {
-        let bin = embedcar_bin();
-        let args = [
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            upstream,
-        ];
-        let taskset = std::path::Path::new("/usr/bin/taskset");
-        let mut cmd = if pin && taskset.exists() {
-            // The visible way, the same as by hand: `taskset -c 0 embedcar ...` (taskset execs
-            // embedcar, so the pid is embedcar's).
-            let mut c = Command::new(taskset);
-            c.arg("-c").arg(core.to_string()).arg(&bin);
-            c
-        } else if pin {
-            // No taskset: the same affinity set between fork and exec.
-            let mut c = Command::new(&bin);
-            // SAFETY: between fork and exec only async-signal-safe calls (a syscall) are made.
-            unsafe {
-                use std::os::unix::process::CommandExt;
-                c.pre_exec(move || {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(core, &mut set);
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-            c
-        } else {
-            // Unpinned: this process never restricted itself, so nothing to undo.
-            Command::new(&bin)
-        };
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {bin}: {e}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
-        // Reads the start-up line, then keeps draining stdout (a full pipe would block embedcar)
-        // and shows warnings and errors, which would make the figures suspect.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(t) = &tx {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .and_then(|a| a.parse().ok())
-                    {
-                        let _ = t.send(addr);
-                        tx = None;
-                        continue;
-                    }
-                }
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("[embedcar] {line}");
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                let status = child.wait().ok();
-                return Err(format!(
-                    "embedcar printed no `listening addr=...` line within 15 s (exit: {status:?})"
-                ));
-            }
-        };
-        let cpus = status_field(&child.id().to_string(), "Cpus_allowed_list").unwrap_or_default();
-        Ok(Embedcar { child, addr, cpus })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Still running?
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// SIGTERM, a short wait for the graceful drain, then SIGKILL. Async: the fake upstream
-    /// runs on this runtime and must keep serving while embedcar drains.
-    async fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe {
-            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The floor: a bare TCP relay
@@ -784,7 +661,7 @@ async fn run_through(
         Path::Shared => BENCH_CORE,
         _ => EMBEDCAR_CORE,
     };
-    let mut ec = Embedcar::start(upstream, pinned, core)?;
+    let mut ec = Embedcar::start(upstream, pinned, core, &[])?;
     if let Err(e) = check_path(ec.addr, &s.path, "through embedcar").await {
         ec.stop().await;
         return Err(e);
