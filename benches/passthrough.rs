@@ -222,59 +222,6 @@ impl Path {
 // Pinning and /proc readings
 // ---------------------------------------------------------------------------------------------
 
-/// Pins the calling thread to `core`.
-fn pin_thread(core: usize) -> Result<(), String> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET and sched_setaffinity only touch the set we pass.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(format!(
-                "sched_setaffinity: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Pins the calling thread (the main thread, before the runtime and the pacer exist, so every
-/// later thread inherits it) to `core`, once both cores are known to be usable. Returns why
-/// not, if it could not.
-fn pin_self(core: usize) -> Result<(), String> {
-    // SAFETY: cpu_set_t is plain data; the CPU_* helpers and sched_{get,set}affinity only read
-    // and write the set we pass, sized by size_of.
-    unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
-            return Err(format!(
-                "sched_getaffinity: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        for c in [EMBEDCAR_CORE, BENCH_CORE] {
-            if !libc::CPU_ISSET(c, &allowed) {
-                return Err(format!("core {c} is not available to this process"));
-            }
-        }
-    }
-    pin_thread(core)
-}
-
-/// CPU time (user + system, all threads, live and exited) of a process, in nanoseconds, from the
-/// process CPU-time clock (`clock_getcpuclockid`). This is the same quantity as utime + stime in
-/// `/proc/<pid>/stat`, but exact: the /proc figures are sampled at each timer tick (10 ms), and a
-/// fixed-rate load whose period divides the tick (2,000 req/s = 20 per tick) is sampled at the
-/// same phase every time, which biases them. `pid` 0 is this process.
-fn cpu_ns(pid: u32) -> Option<u64> {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: only writes to the out-parameter.
-    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
-        return None;
-    }
-    clock_ns(clock)
-}
-
 /// Whose CPU time a run charges to the proxy under test.
 #[derive(Clone, Copy)]
 enum ProxyCpu {
