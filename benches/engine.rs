@@ -612,6 +612,21 @@ async fn fan_in_direct(s: &Settings, fake: &FakeUpstream) -> Result<FanIn, Strin
     ))
 }
 
+/// One request for `input` through embedcar on a new connection, its vector checked: embedcar
+/// works end to end before anything is measured.
+async fn check_through(
+    s: &Settings,
+    addr: SocketAddr,
+    host: &HeaderValue,
+    input: &str,
+) -> Result<(), String> {
+    let mut sender = connect(addr).await?;
+    let reply = send(&mut sender, host, body_for(input))
+        .await
+        .map_err(|e| format!("through embedcar: {}", e.0))?;
+    check_reply(&reply.body, input, s.dims).map_err(|e| format!("through embedcar: {e}"))
+}
+
 /// EMBEDCAR: every caller on its own connection to embedcar, all sending at once.
 async fn fan_in_through(
     s: &Settings,
@@ -621,14 +636,7 @@ async fn fan_in_through(
     let host = HeaderValue::from_str(&ec.addr.to_string()).expect("host header");
     // One request first: embedcar works end to end (and has one pooled upstream connection,
     // as a running sidecar would). Its input is not one of the callers'.
-    {
-        let mut sender = connect(ec.addr).await?;
-        let reply = send(&mut sender, &host, body_for("warm-up"))
-            .await
-            .map_err(|e| format!("through embedcar: {}", e.0))?;
-        check_reply(&reply.body, "warm-up", s.dims)
-            .map_err(|e| format!("through embedcar: {e}"))?;
-    }
+    check_through(s, ec.addr, &host, "warm-up").await?;
     let mut senders = Vec::with_capacity(s.callers);
     for _ in 0..s.callers {
         senders.push(connect::<Full<Bytes>>(ec.addr).await?);
@@ -849,31 +857,24 @@ async fn saturation_on(
     ec: &mut Embedcar,
 ) -> Result<Saturation, String> {
     let host = HeaderValue::from_str(&ec.addr.to_string()).expect("host header");
-    {
-        let mut sender = connect(ec.addr).await?;
-        let reply = send(&mut sender, &host, body_for("saturation check"))
-            .await
-            .map_err(|e| format!("through embedcar: {}", e.0))?;
-        check_reply(&reply.body, "saturation check", s.dims)
-            .map_err(|e| format!("through embedcar: {e}"))?;
-        if inputs == Inputs::Repeated {
-            // Warm the cache with every hot input, 64 at a time.
-            for chunk in (0..s.hot_inputs).collect::<Vec<_>>().chunks(64) {
-                let mut warm = Vec::new();
-                for &k in chunk {
-                    let addr = ec.addr;
-                    let host = host.clone();
-                    warm.push(tokio::spawn(async move {
-                        let mut sender = connect(addr).await?;
-                        send(&mut sender, &host, body_for(&hot_input(k)))
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| e.0)
-                    }));
-                }
-                for w in warm {
-                    w.await.map_err(|e| e.to_string())??;
-                }
+    check_through(s, ec.addr, &host, "saturation check").await?;
+    if inputs == Inputs::Repeated {
+        // Warm the cache with every hot input, 64 at a time.
+        for chunk in (0..s.hot_inputs).collect::<Vec<_>>().chunks(64) {
+            let mut warm = Vec::new();
+            for &k in chunk {
+                let addr = ec.addr;
+                let host = host.clone();
+                warm.push(tokio::spawn(async move {
+                    let mut sender = connect(addr).await?;
+                    send(&mut sender, &host, body_for(&hot_input(k)))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.0)
+                }));
+            }
+            for w in warm {
+                w.await.map_err(|e| e.to_string())??;
             }
         }
     }
@@ -1308,29 +1309,8 @@ fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<St
 
 fn main() -> ExitCode {
     let s = Settings::from_env();
-    // Pin before the runtime (and any other thread) exists, so that every thread inherits it.
-    let pinned = if s.pin {
-        match pin_self(BENCH_CORE) {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!("warning: not pinning ({e}); figures are less comparable");
-                false
-            }
-        }
-    } else {
-        false
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(bench(s, pinned)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("engine bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let pin = s.pin;
+    run_pinned("engine bench", pin, |pinned| bench(s, pinned))
 }
 
 async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {

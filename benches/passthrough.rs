@@ -1043,29 +1043,8 @@ fn floor_notes(results: &[RunResult]) -> Vec<String> {
 
 fn main() -> ExitCode {
     let s = Settings::from_env();
-    // Pin before the runtime (and any other thread) exists, so that every thread inherits it.
-    let pinned = if s.pin {
-        match pin_self(BENCH_CORE) {
-            Ok(()) => true,
-            Err(e) => {
-                eprintln!("warning: not pinning ({e}); figures are less comparable");
-                false
-            }
-        }
-    } else {
-        false
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(bench(s, pinned)) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("passthrough bench: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    let pin = s.pin;
+    run_pinned("passthrough bench", pin, |pinned| bench(s, pinned))
 }
 
 async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {

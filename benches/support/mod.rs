@@ -2,9 +2,10 @@
 //! and /proc readings, latency histograms and number formatting.
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -287,5 +288,35 @@ impl Embedcar {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A benchmark's `main`: pins this process to the bench core (before the runtime or any other
+/// thread exists, so every thread inherits it) when `pin` asks and both cores are usable, then
+/// runs `bench` on a current-thread runtime, told whether pinning took. `name` prefixes the
+/// error that ends a broken run.
+pub fn run_pinned<F, Fut>(name: &str, pin: bool, bench: F) -> ExitCode
+where
+    F: FnOnce(bool) -> Fut,
+    Fut: Future<Output = Result<ExitCode, String>>,
+{
+    let pinned = pin
+        && match pin_self(BENCH_CORE) {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("warning: not pinning ({e}); figures are less comparable");
+                false
+            }
+        };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(bench(pinned)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
