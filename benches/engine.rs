@@ -92,13 +92,6 @@ const TARGET_SPEEDUP: f64 = 10.0;
 const TARGET_CPU_US: f64 = 40.0;
 const TARGET_FLOAT_US: f64 = 15.0;
 
-/// More failed requests than this share of all requests means the run measured nothing useful.
-const MAX_ERROR_RATE: f64 = 0.01;
-
-/// Busy time on a pinned core beyond what our own processes used, above which a run is flagged
-/// as disturbed (other processes, or interrupt work not charged to a process).
-const MAX_FOREIGN_LOAD: f64 = 0.10;
-
 /// A render figure whose median is this much above its minimum was disturbed.
 const MAX_RENDER_SPREAD: f64 = 1.25;
 

@@ -91,13 +91,6 @@ const TARGET_ADDED_P50_MS: f64 = 0.1;
 const TARGET_ADDED_P50_RATE: f64 = 2000.0;
 const TARGET_MEMORY_MIB: f64 = 20.0;
 
-/// More failed requests than this share of all requests means the run measured nothing useful.
-const MAX_ERROR_RATE: f64 = 0.01;
-
-/// Busy time on a pinned core beyond what our own process used, above which a run is flagged as
-/// disturbed (other processes, or interrupt work not charged to a process).
-const MAX_FOREIGN_LOAD: f64 = 0.10;
-
 /// Latencies are recorded in nanoseconds, up to a minute, 3 significant digits.
 const HIST_MAX_NS: u64 = 60_000_000_000;
 

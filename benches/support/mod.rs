@@ -15,6 +15,13 @@ use hdrhistogram::Histogram;
 pub const EMBEDCAR_CORE: usize = 0;
 pub const BENCH_CORE: usize = 1;
 
+/// More failed requests than this share of all requests means the run measured nothing useful.
+pub const MAX_ERROR_RATE: f64 = 0.01;
+
+/// Busy time on a pinned core beyond what our own processes used, above which a run is flagged
+/// as disturbed (other processes, or interrupt work not charged to a process).
+pub const MAX_FOREIGN_LOAD: f64 = 0.10;
+
 pub fn clk_tck() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
