@@ -168,6 +168,16 @@ impl RateGates {
                 return Ok(());
             }
         } else {
+            // Others are in line, but if none of them is waiting for its turn (a burst passing
+            // through at once) and the gate has room now, go: the estimate below assumes an
+            // empty bucket, and would turn callers away while the burst's quota sits unused.
+            // Holding the turn while checking keeps arrival order: a caller already waiting
+            // for room holds it, and then nobody passes it.
+            if let Ok(_turn) = line.turn.try_lock() {
+                if self.wait(credential, tokens).is_none() {
+                    return Ok(());
+                }
+            }
             let estimate = self.head_wait(credential) + self.interval(tokens) * ahead;
             if started + estimate > deadline {
                 return Err(self.refuse(estimate));
