@@ -81,6 +81,7 @@ pub struct Metrics {
     request_duration_by: Children<Histogram>,
     upstream_requests_by: Children<IntCounter>,
     upstream_duration_by: Children<Histogram>,
+    embeddings_tokens_by: Children<IntCounter>,
 }
 
 /// The children of a labelled metric, looked up on first use and kept, by a dense number for
@@ -377,6 +378,7 @@ impl Metrics {
             request_duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
             upstream_requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
             upstream_duration_by: Children::new(Route::COUNT),
+            embeddings_tokens_by: Children::new(TokenSource::ALL.len()),
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(m.requests.clone()),
@@ -480,6 +482,35 @@ impl Metrics {
                 self.upstream_duration.with_label_values(&[route.as_str()])
             })
             .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// Tokens of embeddings inputs answered, by where the answer came from.
+    pub fn count_tokens(&self, source: TokenSource, tokens: u64) {
+        self.embeddings_tokens_by
+            .get(source as usize, || {
+                self.embeddings_tokens.with_label_values(&[source.as_str()])
+            })
+            .inc_by(tokens);
+    }
+}
+
+/// Where an embeddings input's answer came from, as the `source` label of the token counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    Upstream,
+    Cache,
+}
+
+impl TokenSource {
+    const ALL: [TokenSource; 2] = [TokenSource::Upstream, TokenSource::Cache];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Upstream => "upstream",
+            TokenSource::Cache => "cache",
+        }
     }
 }
 

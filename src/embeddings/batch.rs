@@ -21,7 +21,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use serde::Serialize;
 use tokio::{sync::oneshot, time::Instant};
@@ -38,7 +38,7 @@ use crate::{
     config::UpstreamEncoding,
     errors::ProxyError,
     limits::{ConcurrencyLimit, Slot},
-    metrics::{Metrics, Route},
+    metrics::{Metrics, Route, TokenSource},
     proxy::{error_chain, strip_hop_by_hop},
     rate_gate::CredentialId,
     retry::{mark_final, Health, Retrier, RetryReason, Tried, Verdict},
@@ -176,7 +176,67 @@ struct LaneState {
 
 pub struct Lane {
     template: Arc<Template>,
+    /// Every call's URI and headers, made once when the lane is created rather than per call.
+    request: RequestParts,
     state: Mutex<LaneState>,
+}
+
+impl Lane {
+    fn new(upstream: &Upstream, template: Template) -> Lane {
+        Lane {
+            request: RequestParts::new(upstream, &template),
+            template: Arc::new(template),
+            state: Mutex::new(LaneState::default()),
+        }
+    }
+}
+
+/// The head of a lane's upstream calls.
+struct RequestParts {
+    /// The upstream URI, or why the caller's path could not make one.
+    uri: Result<Uri, String>,
+    /// The template's headers plus the body's type, the held credential (if any) and `host`
+    /// (the pooled client would otherwise format one for every request).
+    headers: HeaderMap,
+}
+
+impl RequestParts {
+    fn new(upstream: &Upstream, template: &Template) -> RequestParts {
+        let uri = upstream
+            .base
+            .join(template.target.parse().ok().as_ref())
+            .map_err(|e| e.to_string());
+        let mut headers = template.headers.clone();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(credential) = &upstream.credential {
+            credential.apply(&mut headers);
+        }
+        if let Some(host) = uri.as_ref().ok().and_then(host_header) {
+            headers.insert(header::HOST, host);
+        }
+        RequestParts { uri, headers }
+    }
+}
+
+/// The `host` header hyper-util's client writes for `uri`: the host, and the port unless it is
+/// the scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if Some(port) != default_port => {
+            HeaderValue::from_str(&format!("{host}:{port}"))
+        }
+        _ => HeaderValue::from_str(host),
+    };
+    value.ok()
 }
 
 /// Settings the dispatchers and calls need.
@@ -271,12 +331,7 @@ impl Batcher {
                 let mut lanes = lock(&self.ctx.lanes);
                 lanes
                     .entry((key.clone(), kind))
-                    .or_insert_with(|| {
-                        Arc::new(Lane {
-                            template: Arc::new(template()),
-                            state: Mutex::new(LaneState::default()),
-                        })
-                    })
+                    .or_insert_with(|| Arc::new(Lane::new(&self.ctx.upstream, template())))
                     .clone()
             };
             let mut state = lock(&lane.state);
@@ -551,7 +606,7 @@ async fn run_batch(
     };
     let mut budget = isolation_budget(items.len());
     let mut slot = Some(slot);
-    let outcomes = call_isolating(&ctx, &lane.template, &items, &mut budget, &mut slot).await;
+    let outcomes = call_isolating(&ctx, &lane, &items, &mut budget, &mut slot).await;
     drop(slot);
     // Fill the cache before the flights leave the lane, so a caller arriving in between finds
     // one or the other, never neither.
@@ -572,20 +627,20 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// budget runs out get the refusal.
 fn call_isolating<'a>(
     ctx: &'a Ctx,
-    template: &'a Template,
+    lane: &'a Lane,
     items: &'a [Item],
     budget: &'a mut usize,
     slot: &'a mut Option<Slot>,
 ) -> BoxFuture<'a, Vec<Outcome>> {
     Box::pin(async move {
-        match call_once(ctx, template, items, slot).await {
+        match call_once(ctx, lane, items, slot).await {
             Ok(done) => done.into_iter().map(Ok).collect(),
             Err(failure) if items.len() > 1 && *budget >= 2 && blames_input(&failure) => {
                 *budget -= 2;
                 ctx.metrics.embeddings_isolation_splits.inc();
                 let (left, right) = items.split_at(items.len() / 2);
-                let mut out = call_isolating(ctx, template, left, budget, slot).await;
-                out.extend(call_isolating(ctx, template, right, budget, slot).await);
+                let mut out = call_isolating(ctx, lane, left, budget, slot).await;
+                out.extend(call_isolating(ctx, lane, right, budget, slot).await);
                 out
             }
             Err(failure) => vec![Err(failure); items.len()],
@@ -613,12 +668,7 @@ type CallResult = Result<Vec<Arc<Embedded>>, Arc<Failure>>;
 ///
 /// The first attempt uses `slot` (the dispatcher's); an attempt lets its slot go before a
 /// retry's wait and the next one takes a fresh one, so a backoff holds back no one else.
-async fn call_once(
-    ctx: &Ctx,
-    template: &Template,
-    items: &[Item],
-    slot: &mut Option<Slot>,
-) -> CallResult {
+async fn call_once(ctx: &Ctx, lane: &Lane, items: &[Item], slot: &mut Option<Slot>) -> CallResult {
     // Retries stop at the nearest caller's deadline; an attempt may run to the farthest.
     let deadline = items
         .iter()
@@ -634,7 +684,7 @@ async fn call_once(
     let finished = ctx
         .retrier
         .run(
-            || template.credential,
+            || lane.template.credential,
             tokens,
             deadline,
             true,
@@ -645,7 +695,7 @@ async fn call_once(
                         Some(s) => s,
                         None => ctx.limit.acquire_unbounded().await,
                     };
-                    attempt(ctx, template, items, latest)
+                    attempt(ctx, lane, items, latest)
                         .await
                         .map(|result| (result, Some(held)))
                 }
@@ -680,12 +730,7 @@ fn finish(ctx: &Ctx, value: CallResult, gave_up: bool) -> CallResult {
 }
 
 /// One attempt of an upstream call, abandoned at `latest`: after that no caller waits for it.
-async fn attempt(
-    ctx: &Ctx,
-    template: &Template,
-    items: &[Item],
-    latest: Instant,
-) -> Tried<CallResult> {
+async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tried<CallResult> {
     let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
     let internal = |e: ProxyError| Tried {
         value: Err(fail(e)),
@@ -695,13 +740,13 @@ async fn attempt(
     };
     let body = UpstreamBody {
         input: items.iter().map(|i| &*i.input).collect(),
-        model: template.model.as_deref(),
+        model: lane.template.model.as_deref(),
         encoding_format: match ctx.settings.upstream_encoding {
             UpstreamEncoding::Base64 => "base64",
             UpstreamEncoding::Float => "float",
         },
-        dimensions: template.dimensions,
-        user: template.user.as_deref(),
+        dimensions: lane.template.dimensions,
+        user: lane.template.user.as_deref(),
     };
     let body = match serde_json::to_vec(&body) {
         Ok(b) => b,
@@ -711,25 +756,14 @@ async fn attempt(
             )))
         }
     };
-    let uri = match ctx
-        .upstream
-        .base
-        .join(template.target.parse().ok().as_ref())
-    {
-        Ok(u) => u,
+    let uri = match &lane.request.uri {
+        Ok(u) => u.clone(),
         Err(e) => return internal(ProxyError::Internal(format!("bad upstream URI: {e}"))),
     };
     let mut request = Request::new(body::full(body));
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = uri;
-    *request.headers_mut() = template.headers.clone();
-    request.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if let Some(credential) = &ctx.upstream.credential {
-        credential.apply(request.headers_mut());
-    }
+    *request.headers_mut() = lane.request.headers.clone();
 
     ctx.metrics
         .embeddings_batch_inputs
@@ -812,7 +846,7 @@ async fn attempt(
         model,
         prompt_tokens: reported,
     } = reply;
-    let tokens: Vec<u64> = match template.tokenizer {
+    let tokens: Vec<u64> = match lane.template.tokenizer {
         Tokenizer::Exact(_) => items.iter().map(|i| i.size).collect(),
         Tokenizer::Unknown => {
             let weights: Vec<u64> = items.iter().map(|i| i.size).collect();
@@ -821,9 +855,7 @@ async fn attempt(
         }
     };
     ctx.metrics
-        .embeddings_tokens
-        .with_label_values(&["upstream"])
-        .inc_by(tokens.iter().sum());
+        .count_tokens(TokenSource::Upstream, tokens.iter().sum());
     let model: Arc<str> = model.into();
     let embedded = vectors
         .into_iter()

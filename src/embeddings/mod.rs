@@ -18,7 +18,7 @@ pub mod tokens;
 
 use std::sync::Arc;
 
-use http::{header, request::Parts, HeaderMap, HeaderValue, Request, Response};
+use http::{header, request::Parts, HeaderMap, HeaderName, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use tokio::time::Instant;
 
@@ -34,7 +34,7 @@ use crate::{
     config::Config,
     errors::ProxyError,
     limits::{time_budget, ConcurrencyLimit},
-    metrics::{Metrics, Route},
+    metrics::{Metrics, Route, TokenSource},
     proxy::{strip_hop_by_hop, Proxy},
     rate_gate::CredentialId,
     retry::Retrier,
@@ -42,12 +42,12 @@ use crate::{
 };
 
 /// Response header: how many of the caller's inputs were answered from the cache.
-pub const CACHE_HITS_HEADER: &str = "x-embedcar-cache-hits";
+pub const CACHE_HITS_HEADER: HeaderName = HeaderName::from_static("x-embedcar-cache-hits");
 /// Response header: how many of the caller's inputs joined an identical input already queued
 /// or in flight (its own duplicates included).
-pub const COALESCED_HEADER: &str = "x-embedcar-coalesced";
+pub const COALESCED_HEADER: HeaderName = HeaderName::from_static("x-embedcar-coalesced");
 /// Response header: how many inputs the request had.
-pub const INPUTS_HEADER: &str = "x-embedcar-inputs";
+pub const INPUTS_HEADER: HeaderName = HeaderName::from_static("x-embedcar-inputs");
 
 /// Which embeddings endpoint a request is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,10 +237,7 @@ impl Engine {
         if hits > 0 {
             self.metrics.embeddings_cache_hits.inc_by(hits as u64);
             let cached_tokens = answers.iter().flatten().map(|e| e.tokens).sum();
-            self.metrics
-                .embeddings_tokens
-                .with_label_values(&["cache"])
-                .inc_by(cached_tokens);
+            self.metrics.count_tokens(TokenSource::Cache, cached_tokens);
         }
 
         let mut waiting: Vec<(usize, Ticket)> = Vec::new();
@@ -326,10 +323,19 @@ impl Engine {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        headers.insert(INPUTS_HEADER, HeaderValue::from(count));
-        headers.insert(CACHE_HITS_HEADER, HeaderValue::from(hits));
-        headers.insert(COALESCED_HEADER, HeaderValue::from(coalesced));
+        headers.insert(INPUTS_HEADER, count_value(count));
+        headers.insert(CACHE_HITS_HEADER, count_value(hits));
+        headers.insert(COALESCED_HEADER, count_value(coalesced));
         Ok(response)
+    }
+}
+
+/// A count header's value; 0 and 1, by far the most common, without formatting or allocating.
+fn count_value(n: usize) -> HeaderValue {
+    match n {
+        0 => HeaderValue::from_static("0"),
+        1 => HeaderValue::from_static("1"),
+        n => HeaderValue::from(n),
     }
 }
 

@@ -33,7 +33,8 @@ pub struct UpstreamDatum<'a> {
 
 #[derive(Debug)]
 pub enum UpstreamVector<'a> {
-    Base64(Cow<'a, str>),
+    /// The string's bytes: base64 is ASCII, so checking them as UTF-8 first would be wasted.
+    Base64(Cow<'a, [u8]>),
     Floats(Vec<f32>),
 }
 
@@ -50,12 +51,20 @@ impl<'de: 'a, 'a> Deserialize<'de> for UpstreamVector<'a> {
                 f.write_str("a base64 string or an array of numbers")
             }
 
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
                 Ok(UpstreamVector::Base64(Cow::Borrowed(v)))
             }
 
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
                 Ok(UpstreamVector::Base64(Cow::Owned(v.to_owned())))
+            }
+
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(UpstreamVector::Base64(Cow::Borrowed(v.as_bytes())))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(UpstreamVector::Base64(Cow::Owned(v.as_bytes().to_owned())))
             }
 
             fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -66,7 +75,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for UpstreamVector<'a> {
                 Ok(UpstreamVector::Floats(v))
             }
         }
-        d.deserialize_any(Visitor)
+        // As bytes: serde_json then hands over a string's raw bytes (escapes undone) without
+        // validating them as UTF-8, and still reads an array as a sequence.
+        d.deserialize_bytes(Visitor)
     }
 }
 
@@ -79,7 +90,7 @@ impl UpstreamVector<'_> {
     pub fn into_f32(self) -> Result<Vec<f32>, String> {
         match self {
             UpstreamVector::Floats(v) => Ok(v),
-            UpstreamVector::Base64(s) => decode_f32(s.as_bytes()),
+            UpstreamVector::Base64(s) => decode_f32(&s),
         }
     }
 }
@@ -301,7 +312,9 @@ mod tests {
         let s: String = serde_json::from_slice(&out).unwrap();
         let bytes = base64_simd::STANDARD.decode_to_vec(&s).unwrap();
         assert_eq!(&bytes[0..4], &0.1f32.to_le_bytes());
-        let back = UpstreamVector::Base64(s.into()).into_f32().unwrap();
+        let back = UpstreamVector::Base64(s.into_bytes().into())
+            .into_f32()
+            .unwrap();
         assert_eq!(back, v);
     }
 
