@@ -45,6 +45,8 @@ use crate::{
     upstream::Upstream,
 };
 
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Retry-After for a caller shed because the queue is full.
 const QUEUE_FULL_RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -167,7 +169,7 @@ struct Flight {
 #[derive(Default)]
 struct LaneState {
     queue: VecDeque<u128>,
-    flights: HashMap<u128, Flight>,
+    flights: FastMap<u128, Flight>,
     dispatching: bool,
     /// Removed from the lanes map: a submitter that finds this looks the lane up again, so two
     /// live lanes never serve one key.
@@ -259,7 +261,7 @@ struct Ctx {
     metrics: Arc<Metrics>,
     cache: Arc<VectorCache>,
     settings: BatchSettings,
-    lanes: Mutex<HashMap<(BatchKey, InputKind), Arc<Lane>>>,
+    lanes: Mutex<FastMap<(BatchKey, InputKind), Arc<Lane>>>,
 }
 
 pub struct Batcher {
@@ -293,7 +295,7 @@ impl Batcher {
                 metrics,
                 cache,
                 settings,
-                lanes: Mutex::new(HashMap::new()),
+                lanes: Mutex::new(FastMap::default()),
             }),
         }
     }

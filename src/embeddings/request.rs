@@ -5,12 +5,10 @@
 //! written) is not the engine's to touch: it is forwarded verbatim. A request that is not valid
 //! is refused here, with the 400 OpenAI gives, so it costs no upstream call and no rate budget.
 
+use serde::{de, Deserialize, Deserializer};
 use serde_json::{value::RawValue, Value};
 
 use crate::errors::ProxyError;
-
-/// The fields the engine understands; any other makes the request pass through untouched.
-const KNOWN_FIELDS: [&str; 5] = ["input", "model", "encoding_format", "dimensions", "user"];
 
 /// One input: text, or the token ids of a text. Serializes back to the API's own form.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
@@ -59,17 +57,112 @@ fn invalid_input() -> ProxyError {
     )
 }
 
+/// The top-level fields of a request body, each still raw: a struct read in one pass, with no
+/// map of owned names built only to be looked up five times. A repeated field keeps its last
+/// value, as a JSON object read into a map would.
+#[derive(Default)]
+struct Fields<'a> {
+    input: Option<&'a RawValue>,
+    model: Option<&'a RawValue>,
+    encoding_format: Option<&'a RawValue>,
+    dimensions: Option<&'a RawValue>,
+    user: Option<&'a RawValue>,
+    /// A field the engine does not know was present.
+    unknown: bool,
+}
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        match name {
+            "input" => self.input,
+            "model" => self.model,
+            "encoding_format" => self.encoding_format,
+            "dimensions" => self.dimensions,
+            "user" => self.user,
+            _ => None,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = Fields<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: de::MapAccess<'de>>(self, mut map: M) -> Result<Fields<'de>, M::Error> {
+                let mut fields = Fields::default();
+                while let Some(name) = map.next_key::<FieldName>()? {
+                    let slot = match name {
+                        FieldName::Input => &mut fields.input,
+                        FieldName::Model => &mut fields.model,
+                        FieldName::EncodingFormat => &mut fields.encoding_format,
+                        FieldName::Dimensions => &mut fields.dimensions,
+                        FieldName::User => &mut fields.user,
+                        FieldName::Unknown => {
+                            fields.unknown = true;
+                            map.next_value::<de::IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
+/// A top-level field name, matched without being copied.
+enum FieldName {
+    Input,
+    Model,
+    EncodingFormat,
+    Dimensions,
+    User,
+    Unknown,
+}
+
+impl<'de> Deserialize<'de> for FieldName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = FieldName;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<FieldName, E> {
+                Ok(match name {
+                    "input" => FieldName::Input,
+                    "model" => FieldName::Model,
+                    "encoding_format" => FieldName::EncodingFormat,
+                    "dimensions" => FieldName::Dimensions,
+                    "user" => FieldName::User,
+                    _ => FieldName::Unknown,
+                })
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
 /// Parses a request body. `model_required` is false on Azure's deployment paths, where the
 /// deployment names the model.
 pub fn parse(body: &[u8], model_required: bool) -> Result<Parsed, ProxyError> {
-    let fields: std::collections::HashMap<String, &RawValue> = serde_json::from_slice(body)
-        .map_err(|_| {
-            invalid(
-                "We could not parse the JSON body of your request. The OpenAI API expects a JSON object.",
-                None,
-            )
-        })?;
-    if fields.keys().any(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+    let fields: Fields = serde_json::from_slice(body).map_err(|_| {
+        invalid(
+            "We could not parse the JSON body of your request. The OpenAI API expects a JSON object.",
+            None,
+        )
+    })?;
+    if fields.unknown {
         return Ok(Parsed::PassThrough);
     }
 
@@ -246,6 +339,20 @@ mod tests {
     fn an_unknown_field_means_pass_through() {
         let p = parse(br#"{"input":"a","model":"m","new_param":true}"#, true).unwrap();
         assert!(matches!(p, Parsed::PassThrough));
+        let p = parse(
+            br#"{"input":"a","extra":{"deep":[1,{"x":null}]},"model":"m"}"#,
+            true,
+        );
+        assert!(matches!(p, Ok(Parsed::PassThrough)));
+    }
+
+    #[test]
+    fn field_names_are_read_as_json_reads_them() {
+        // An escaped name is the same name; a repeated field keeps its last value.
+        let r = engine(r#"{"inp\u0075t":"a","model":"m"}"#);
+        assert_eq!(r.inputs, vec![Input::Text("a".into())]);
+        let r = engine(r#"{"input":"a","model":"first","model":"last"}"#);
+        assert_eq!(r.model.as_deref(), Some("last"));
     }
 
     #[test]
