@@ -8,6 +8,8 @@
 //! total for a call is shared among its inputs in proportion to an estimate, so the parts add
 //! up to what the upstream billed.
 
+use std::{collections::HashSet, sync::OnceLock};
+
 use bpe_openai::Tokenizer as Bpe;
 
 use super::request::Input;
@@ -18,8 +20,43 @@ const BYTES_PER_TOKEN_ESTIMATE: usize = 4;
 
 #[derive(Clone, Copy)]
 pub enum Tokenizer {
-    Exact(&'static Bpe),
+    Exact(&'static Cl100k),
     Unknown,
+}
+
+/// cl100k_base, with tiktoken's own shortcut: a pre-tokenized piece that is a token as a whole
+/// is one token, without running the byte-pair merge (which allocates per piece). Most pieces
+/// of ordinary text are whole words that are tokens, so this halves the cost of counting.
+/// tiktoken encodes such a piece the same way, so the counts stay tiktoken's.
+pub struct Cl100k {
+    bpe: &'static Bpe,
+    /// The bytes of every token (about 100,000; 2 MiB).
+    whole: HashSet<&'static [u8], foldhash::fast::RandomState>,
+}
+
+impl Cl100k {
+    fn get() -> &'static Cl100k {
+        static CL100K: OnceLock<Cl100k> = OnceLock::new();
+        CL100K.get_or_init(|| {
+            let bpe = bpe_openai::cl100k_base();
+            let whole = (0..bpe.bpe.num_tokens())
+                .filter_map(|id| u32::try_from(id).ok())
+                .map(|id| bpe.bpe.token_bytes(id))
+                .collect();
+            Cl100k { bpe, whole }
+        })
+    }
+
+    fn count(&self, text: &str) -> usize {
+        let text = self.bpe.normalize(text);
+        self.bpe
+            .split(text.as_str())
+            .map(|piece| match self.whole.contains(piece.as_bytes()) {
+                true => 1,
+                false => self.bpe.bpe.count(piece.as_bytes()),
+            })
+            .sum()
+    }
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -49,7 +86,7 @@ pub async fn load_for(model: Option<&str>) {
         return;
     }
     let _ = tokio::task::spawn_blocking(|| {
-        bpe_openai::cl100k_base();
+        Cl100k::get();
     })
     .await;
     LOADED.store(true, Ordering::Release);
@@ -58,7 +95,7 @@ pub async fn load_for(model: Option<&str>) {
 impl Tokenizer {
     pub fn for_model(model: Option<&str>) -> Tokenizer {
         match model {
-            Some(m) if uses_cl100k(m) => Tokenizer::Exact(bpe_openai::cl100k_base()),
+            Some(m) if uses_cl100k(m) => Tokenizer::Exact(Cl100k::get()),
             _ => Tokenizer::Unknown,
         }
     }
@@ -152,6 +189,56 @@ mod tests {
                 t.count(&Input::Text(s.into())),
                 Some(tiktoken.encode_ordinary(s).len() as u64),
                 "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn counts_are_tiktokens_on_thousands_of_generated_texts() {
+        // Words that are tokens, words that are not, rare scripts, digits, punctuation and
+        // whitespace runs, mixed at random: both ways of counting a piece get exercised.
+        const PARTS: [&str; 24] = [
+            "the",
+            " the",
+            " food",
+            " was",
+            " delicious",
+            "Zyxwvut",
+            " qqqqq",
+            "embedcar",
+            "日本",
+            "語",
+            "🎉",
+            "é",
+            "ñ",
+            "12",
+            "345678",
+            ".",
+            ",",
+            "'s",
+            "'LL",
+            "  ",
+            "\n",
+            "\t ",
+            "-->",
+            "::",
+        ];
+        let t = Tokenizer::for_model(Some("text-embedding-3-small"));
+        let tiktoken = tiktoken_rs::cl100k_base_singleton();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..3000 {
+            let mut text = String::new();
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            for k in 0..(state % 12) {
+                let pick = (state >> (4 * k)) as usize % PARTS.len();
+                text.push_str(PARTS[pick]);
+            }
+            assert_eq!(
+                t.count(&Input::Text(text.clone())),
+                Some(tiktoken.encode_ordinary(&text).len() as u64),
+                "{text:?}"
             );
         }
     }
