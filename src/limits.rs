@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
@@ -47,22 +47,17 @@ impl Drop for Waiting<'_> {
 
 /// Headers in which the official clients say how long they will wait, in seconds: the Python
 /// client's read timeout and the Node client's overall timeout.
-const CLIENT_TIMEOUT_HINTS: [&str; 2] = ["x-stainless-read-timeout", "x-stainless-timeout"];
+const CLIENT_TIMEOUT_HINTS: [HeaderName; 2] = [
+    HeaderName::from_static("x-stainless-read-timeout"),
+    HeaderName::from_static("x-stainless-timeout"),
+];
 
 /// A request's time budget: the configured timeout, shortened by the client's own hint when it
 /// gave one (work past the point where the client has given up is wasted).
 pub fn time_budget(headers: &HeaderMap, configured: Duration) -> Duration {
     CLIENT_TIMEOUT_HINTS
         .iter()
-        .filter_map(|name| {
-            headers
-                .get(*name)?
-                .to_str()
-                .ok()?
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
+        .filter_map(|name| headers.get(name)?.to_str().ok()?.trim().parse::<f64>().ok())
         .filter(|secs| secs.is_finite() && *secs > 0.0)
         .map(|secs| Duration::from_secs_f64(secs.min(1e9)))
         .fold(configured, Duration::min)

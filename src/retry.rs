@@ -7,7 +7,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use tower::retry::budget::{Budget, TpsBudget};
 
 /// What the upstream said about a credential's remaining budget, from one reply's headers.
@@ -21,25 +21,33 @@ pub struct RateLimitHeaders {
     pub retry_after: Option<Duration>,
 }
 
+/// Names made at compile time: a lookup by `&str` parses the name first, and every upstream
+/// reply is read for all six.
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
 impl RateLimitHeaders {
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
-        let text = |name: &str| {
+        let text = |name: HeaderName| {
             headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         };
-        let number = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
-        let retry_after = text("retry-after-ms")
+        let number = |name: HeaderName| text(name).and_then(|v| v.parse::<u64>().ok());
+        let retry_after = text(RETRY_AFTER_MS)
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|ms| ms.is_finite() && *ms >= 0.0)
             .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-            .or_else(|| text("retry-after").and_then(parse_retry_after));
+            .or_else(|| text(http::header::RETRY_AFTER).and_then(parse_retry_after));
         RateLimitHeaders {
-            remaining_requests: number("x-ratelimit-remaining-requests"),
-            remaining_tokens: number("x-ratelimit-remaining-tokens"),
-            reset_requests: text("x-ratelimit-reset-requests").and_then(parse_go_duration),
-            reset_tokens: text("x-ratelimit-reset-tokens").and_then(parse_go_duration),
+            remaining_requests: number(REMAINING_REQUESTS),
+            remaining_tokens: number(REMAINING_TOKENS),
+            reset_requests: text(RESET_REQUESTS).and_then(parse_go_duration),
+            reset_tokens: text(RESET_TOKENS).and_then(parse_go_duration),
             retry_after,
         }
     }

@@ -15,7 +15,9 @@ use std::{
 };
 
 use bytes::Bytes;
-use embedcar::{body::ProxyBody, config::UpstreamEncoding, Config, Handle};
+use embedcar::{
+    body::ProxyBody, config::UpstreamEncoding, embeddings::EmbeddingsPath, Config, Handle,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use serde_json::{json, Value};
 use support::{
@@ -1015,6 +1017,54 @@ async fn order_and_index_are_kept_for_a_256_string_batch_mixed_with_others() {
 // ---------------------------------------------------------------------------------------------
 // 9. Cache
 // ---------------------------------------------------------------------------------------------
+
+/// With every upstream slot free, callers whose requests are ready at the same moment still
+/// share one call: the dispatcher lets the runnable tasks go first, so when embedcar's CPU is
+/// busy, inputs gather instead of each paying for a call. One worker thread makes "ready at the
+/// same moment" exact: one task spawns the ten callers, so all ten are queued before any runs
+/// (without the dispatcher's yield, the first caller's input would leave alone at once).
+#[test]
+fn callers_ready_at_the_same_moment_share_a_call_though_slots_are_free() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let upstream = FakeUpstream::start().await;
+        let state = embedcar::AppState::new(config(&upstream, 256)).unwrap();
+        let engine = state.engine.clone().expect("the engine is on by default");
+        let ask = |input: &str| {
+            let body = request_for(MODEL, &[text(input)]);
+            post_json("http://embedcar/v1/embeddings", &body)
+        };
+        // The first request loads the tokenizer and opens the upstream connection.
+        let warm = engine.handle(ask("warm-up"), EmbeddingsPath::OpenAi).await;
+        assert_eq!(warm.unwrap().status(), StatusCode::OK);
+        let before = upstream.embedding_calls();
+
+        let spawner = engine.clone();
+        let callers = tokio::spawn(async move {
+            (0..10)
+                .map(|i| {
+                    let engine = spawner.clone();
+                    let request = ask(&format!("caller {i}"));
+                    tokio::spawn(
+                        async move { engine.handle(request, EmbeddingsPath::OpenAi).await },
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for caller in callers {
+            let response = caller.await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+        }
+        assert_eq!(upstream.embedding_calls() - before, 1);
+        assert_eq!(upstream.embedding_inputs(), 11);
+    });
+}
 
 #[tokio::test]
 async fn a_repeated_request_is_answered_from_the_cache_exactly_as_the_first_time() {

@@ -420,7 +420,13 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
             continue;
         }
         let slot = ctx.limit.acquire_unbounded().await;
-        if !ctx.settings.linger.is_zero() {
+        if ctx.settings.linger.is_zero() {
+            // Let every task already runnable go first: when embedcar's own CPU is the
+            // bottleneck, callers whose requests are already read join this call instead of
+            // each paying for an upstream call of its own. When nothing else is runnable (idle
+            // traffic) the dispatcher is polled again at once: no timer, no added delay.
+            tokio::task::yield_now().await;
+        } else {
             tokio::time::sleep(ctx.settings.linger).await;
         }
         let items = take_batch(&ctx, &lane);

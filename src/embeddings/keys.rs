@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap};
+use http::{header, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -21,6 +21,10 @@ const SEPARATELY_KEYED: [&str; 5] = [
     "openai-project",
     "host",
 ];
+
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
+const PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
 /// Everything that must be equal for two inputs to share an upstream call.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,7 +82,7 @@ pub struct KeyInputs<'a> {
 
 impl BatchKey {
     pub fn new(k: KeyInputs<'_>, ignored: &IgnoredHeaders) -> BatchKey {
-        let text = |name: &str| {
+        let text = |name: HeaderName| {
             k.headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
@@ -88,8 +92,8 @@ impl BatchKey {
             credential: k
                 .credential
                 .unwrap_or_else(|| credential_fingerprint(k.headers)),
-            organization: text("openai-organization"),
-            project: text("openai-project"),
+            organization: text(ORGANIZATION),
+            project: text(PROJECT),
             target: k.target.to_string(),
             model: k.model.map(str::to_string),
             dimensions: k.dimensions,
@@ -131,9 +135,9 @@ impl BatchKey {
 /// unauthenticated callers share one tenant, as they share one upstream answer (a 401).
 pub fn credential_fingerprint(headers: &HeaderMap) -> [u8; 32] {
     let mut h = Sha256::new();
-    for name in [header::AUTHORIZATION.as_str(), "api-key"] {
-        for v in headers.get_all(name) {
-            h.update(name.as_bytes());
+    for name in [header::AUTHORIZATION, API_KEY] {
+        for v in headers.get_all(&name) {
+            h.update(name.as_str().as_bytes());
             h.update([0]);
             h.update(v.as_bytes());
             h.update([0]);
