@@ -1244,8 +1244,11 @@ fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<St
                 verdict(ratio >= TARGET_CALLERS_PER_CALL)
             ));
         }
-        _ => lines.push(format!(
+        Some(_) => lines.push(format!(
             "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: not measured (the embedcar fan-in run failed)"
+        )),
+        None => lines.push(format!(
+            "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: not run (BENCH_PARTS)"
         )),
     }
     match (direct, through) {
@@ -1258,6 +1261,9 @@ fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<St
                 verdict(x >= TARGET_SPEEDUP)
             ));
         }
+        (None, _) | (_, None) => lines.push(format!(
+            "TARGET completion_speedup >= {TARGET_SPEEDUP}: not run (BENCH_PARTS)"
+        )),
         _ => lines.push(format!(
             "TARGET completion_speedup >= {TARGET_SPEEDUP}: not measured (a fan-in run failed)"
         )),
@@ -1284,7 +1290,7 @@ fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<St
                 verdict(us <= TARGET_CPU_US)
             )),
             None => lines.push(format!(
-                "TARGET engine_cpu_per_request_us <= {TARGET_CPU_US} ({what}): not measured"
+                "TARGET engine_cpu_per_request_us <= {TARGET_CPU_US} ({what}): not run (BENCH_PARTS)"
             )),
         }
     }
@@ -1295,7 +1301,7 @@ fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<St
             verdict(f.median_us <= TARGET_FLOAT_US)
         )),
         None => lines.push(format!(
-            "TARGET render_float_us_per_vector <= {TARGET_FLOAT_US}: not measured"
+            "TARGET render_float_us_per_vector <= {TARGET_FLOAT_US}: not run (BENCH_PARTS)"
         )),
     }
     for (inputs, what) in [

@@ -104,8 +104,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Fields<'a> {
                         FieldName::Dimensions => &mut fields.dimensions,
                         FieldName::User => &mut fields.user,
                         FieldName::Unknown => {
+                            // Read as raw JSON, not skipped: that checks its strings are UTF-8,
+                            // so a body that is not JSON is refused rather than forwarded.
                             fields.unknown = true;
-                            map.next_value::<de::IgnoredAny>()?;
+                            map.next_value::<&RawValue>()?;
                             continue;
                         }
                     };
