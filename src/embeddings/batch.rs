@@ -197,8 +197,9 @@ impl Lane {
 struct RequestParts {
     /// The upstream URI, or why the caller's path could not make one.
     uri: Result<Uri, String>,
-    /// The template's headers plus the body's type, the held credential (if any) and `host`
-    /// (the pooled client would otherwise format one for every request).
+    /// The template's headers plus the body's type and the held credential (if any). Not
+    /// `host`: the pooled client adds it on HTTP/1 connections, and on HTTP/2 it must not be
+    /// there beside `:authority`.
     headers: HeaderMap,
 }
 
@@ -216,29 +217,8 @@ impl RequestParts {
         if let Some(credential) = &upstream.credential {
             credential.apply(&mut headers);
         }
-        if let Some(host) = uri.as_ref().ok().and_then(host_header) {
-            headers.insert(header::HOST, host);
-        }
         RequestParts { uri, headers }
     }
-}
-
-/// The `host` header hyper-util's client writes for `uri`: the host, and the port unless it is
-/// the scheme's default.
-fn host_header(uri: &Uri) -> Option<HeaderValue> {
-    let host = uri.host()?;
-    let default_port = match uri.scheme_str() {
-        Some("https") => Some(443),
-        Some("http") => Some(80),
-        _ => None,
-    };
-    let value = match uri.port_u16() {
-        Some(port) if Some(port) != default_port => {
-            HeaderValue::from_str(&format!("{host}:{port}"))
-        }
-        _ => HeaderValue::from_str(host),
-    };
-    value.ok()
 }
 
 /// Settings the dispatchers and calls need.
@@ -425,7 +405,8 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
             // bottleneck, callers whose requests are already read join this call instead of
             // each paying for an upstream call of its own. When nothing else is runnable (idle
             // traffic) the dispatcher is polled again at once: no timer, no added delay. Under
-            // load the wait is bounded: tokio wakes yielded tasks at least every 61 polls.
+            // load the wait is bounded by one pass of this worker's run queue (tokio wakes
+            // yielded tasks when the worker runs dry, or at its periodic maintenance).
             tokio::task::yield_now().await;
         } else {
             tokio::time::sleep(ctx.settings.linger).await;
