@@ -111,11 +111,6 @@ const STATUS_LABELS: [&str; 22] = [
     "500", "502", "503", "504", "1xx", "2xx", "3xx", "4xx", "5xx",
 ];
 
-/// The label of a status (and of 499, a caller gone).
-pub fn status_label(code: u16) -> &'static str {
-    STATUS_LABELS[status_index(code)]
-}
-
 fn status_index(code: u16) -> usize {
     match code {
         200 => 0,
@@ -378,7 +373,7 @@ impl Metrics {
             request_duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
             upstream_requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
             upstream_duration_by: Children::new(Route::COUNT),
-            embeddings_tokens_by: Children::new(TokenSource::ALL.len()),
+            embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
         let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
             Box::new(m.requests.clone()),
@@ -483,9 +478,7 @@ impl Metrics {
             })
             .observe(elapsed.as_secs_f64());
     }
-}
 
-impl Metrics {
     /// Tokens of embeddings inputs answered, by where the answer came from.
     pub fn count_tokens(&self, source: TokenSource, tokens: u64) {
         self.embeddings_tokens_by
@@ -504,7 +497,8 @@ pub enum TokenSource {
 }
 
 impl TokenSource {
-    const ALL: [TokenSource; 2] = [TokenSource::Upstream, TokenSource::Cache];
+    /// How many sources there are (the variants above).
+    const COUNT: usize = 2;
 
     pub fn as_str(self) -> &'static str {
         match self {

@@ -177,7 +177,7 @@ struct LaneState {
 }
 
 pub struct Lane {
-    template: Arc<Template>,
+    template: Template,
     /// Every call's URI and headers, made once when the lane is created rather than per call.
     request: RequestParts,
     state: Mutex<LaneState>,
@@ -187,7 +187,7 @@ impl Lane {
     fn new(upstream: &Upstream, template: Template) -> Lane {
         Lane {
             request: RequestParts::new(upstream, &template),
-            template: Arc::new(template),
+            template,
             state: Mutex::new(LaneState::default()),
         }
     }

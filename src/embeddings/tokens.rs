@@ -35,9 +35,11 @@ pub struct Cl100k {
     whole: HashSet<&'static [u8], foldhash::fast::RandomState>,
 }
 
+/// The cl100k tables, once loaded.
+static CL100K: OnceLock<Cl100k> = OnceLock::new();
+
 impl Cl100k {
     fn get() -> &'static Cl100k {
-        static CL100K: OnceLock<Cl100k> = OnceLock::new();
         CL100K.get_or_init(|| {
             let bpe = bpe_openai::cl100k_base();
             let whole = (0..bpe.bpe.num_tokens())
@@ -75,22 +77,17 @@ pub fn uses_cl100k(model: &str) -> bool {
     model.contains("text-embedding-3") || model.contains("text-embedding-ada-002")
 }
 
-/// Whether the cl100k tables are in memory.
-static LOADED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
 /// Loads the cl100k tables on the first request that needs them, on a blocking
 /// thread: a proxy that never serves OpenAI embeddings never pays for them, and loading never
 /// stalls an async worker.
 pub async fn load_for(model: Option<&str>) {
-    use std::sync::atomic::Ordering;
-    if LOADED.load(Ordering::Acquire) || !model.is_some_and(uses_cl100k) {
+    if CL100K.get().is_some() || !model.is_some_and(uses_cl100k) {
         return;
     }
     let _ = tokio::task::spawn_blocking(|| {
         Cl100k::get();
     })
     .await;
-    LOADED.store(true, Ordering::Release);
 }
 
 impl Tokenizer {
