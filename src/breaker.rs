@@ -1,24 +1,42 @@
-//! The circuit breaker for the upstream: after consecutive failures (connection errors, 5xx,
-//! timeouts) it opens and embedcar answers at once with 503 + Retry-After instead of queueing
-//! callers behind an upstream that is down; after a cool-down it lets one probe through, and a
-//! successful probe closes it again.
+//! The upstream circuit breaker: fail fast when the upstream is down, and only then.
 //!
-//! 4xx replies (429 included) are answers, not failures: the rate gates handle 429.
+//! There is one upstream, so opening the breaker refuses everyone. nginx and Envoy keep their
+//! last host in service for that reason (Envoy's panic threshold), and so does embedcar: a slow
+//! upstream, or one that fails some of its calls, is still the best there is, and the retries
+//! (with their budget) and the adaptive concurrency limit deal with it. The breaker opens only
+//! on what says "down":
+//!
+//! * **Cannot connect.** `connect_failures` connection failures in a row, with no exchange in
+//!   between that reached the upstream, open it for everyone: nothing is listening, and every
+//!   caller would wait out a connect timeout for the same answer.
+//! * **Almost every call fails.** Per credential, when at least `failure_rate` of the calls in
+//!   the last `window` failed (5xx, broken exchanges, the upstream's own timeouts), with at
+//!   least `min_calls` of them. Per credential, because a tenant whose requests make the
+//!   upstream answer 500 must not take the upstream away from the others.
+//!
+//! What is not a failure: latency (the adaptive limit's business), a call abandoned because its
+//! callers' deadlines passed, 429 (the rate gates'), and any other 4xx (an answer about the
+//! request). After `cooldown` one probe per circuit goes through; its success closes the
+//! circuit, its failure opens it again.
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::time::Instant;
 
-use crate::{errors::ProxyError, metrics::Metrics};
+use crate::{config::BreakerConfig, errors::ProxyError, metrics::Metrics, rate_gate::CredentialId};
+
+/// Buckets of the failure-rate window: the window slides in steps of a tenth.
+const BUCKETS: usize = 10;
+/// Credential circuits kept before closed, quiet ones are swept.
+const CIRCUITS_BEFORE_SWEEP: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
-    Closed {
-        failures: u32,
-    },
+    Closed,
     Open {
         until: Instant,
     },
@@ -28,18 +46,71 @@ enum State {
     },
 }
 
+impl State {
+    fn label(self) -> (&'static str, i64) {
+        match self {
+            State::Closed => ("closed", 0),
+            State::Open { .. } => ("open", 1),
+            State::HalfOpen { .. } => ("half_open", 2),
+        }
+    }
+}
+
+/// Outcomes of the last `window`, in buckets.
+#[derive(Clone, Copy, Default)]
+struct Bucket {
+    /// Which step of the window this bucket counts (its start, in steps since the breaker's
+    /// origin); a bucket of an older step is stale.
+    step: u64,
+    calls: u32,
+    failures: u32,
+}
+
+struct Circuit {
+    state: State,
+    buckets: [Bucket; BUCKETS],
+    last_seen: Instant,
+}
+
+impl Circuit {
+    fn new(now: Instant) -> Circuit {
+        Circuit {
+            state: State::Closed,
+            buckets: [Bucket::default(); BUCKETS],
+            last_seen: now,
+        }
+    }
+}
+
 pub struct CircuitBreaker {
-    state: Mutex<State>,
-    threshold: u32,
-    cooldown: Duration,
+    circuits: Mutex<Circuits>,
+    settings: BreakerConfig,
+    origin: Instant,
     metrics: Arc<Metrics>,
 }
 
-/// Leave to make one upstream attempt. Report how it went with [`Pass::succeeded`] or
-/// [`Pass::failed`]; a pass dropped without a report (the caller left) frees a probe slot
-/// without judging the upstream.
+struct Circuits {
+    /// Connection failures in a row, for everyone, and when the upstream may be tried again.
+    connect_failures: u32,
+    unreachable_until: Option<Instant>,
+    by_credential: HashMap<CredentialId, Circuit>,
+    open: usize,
+}
+
+/// How a failed attempt failed, as far as the breaker cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No connection could be made.
+    Connect,
+    /// A 5xx, a broken exchange, the upstream's own timeout.
+    Upstream,
+}
+
+/// Leave to make one upstream attempt. Report how it went; a pass dropped without a report (the
+/// callers left) frees a probe without judging the upstream.
 pub struct Pass<'a> {
     breaker: &'a CircuitBreaker,
+    credential: CredentialId,
     probe: bool,
     reported: bool,
 }
@@ -47,19 +118,20 @@ pub struct Pass<'a> {
 impl Pass<'_> {
     pub fn succeeded(mut self) {
         self.reported = true;
-        self.breaker.on_result(self.probe, true);
+        self.breaker.on_result(&self.credential, self.probe, None);
     }
 
-    pub fn failed(mut self) {
+    pub fn failed(mut self, how: Failure) {
         self.reported = true;
-        self.breaker.on_result(self.probe, false);
+        self.breaker
+            .on_result(&self.credential, self.probe, Some(how));
     }
 
     /// An outcome that says nothing about the upstream's health (a 4xx, a caller that left).
     pub fn neutral(mut self) {
         self.reported = true;
         if self.probe {
-            self.breaker.release_probe();
+            self.breaker.release_probe(&self.credential);
         }
     }
 }
@@ -67,35 +139,61 @@ impl Pass<'_> {
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
         if !self.reported && self.probe {
-            self.breaker.release_probe();
+            self.breaker.release_probe(&self.credential);
         }
     }
 }
 
 impl CircuitBreaker {
-    pub fn new(threshold: u32, cooldown: Duration, metrics: Arc<Metrics>) -> Self {
-        let b = CircuitBreaker {
-            state: Mutex::new(State::Closed { failures: 0 }),
-            threshold: threshold.max(1),
-            cooldown,
+    pub fn new(settings: &BreakerConfig, metrics: Arc<Metrics>) -> Self {
+        metrics.breaker_state.set(0);
+        CircuitBreaker {
+            circuits: Mutex::new(Circuits {
+                connect_failures: 0,
+                unreachable_until: None,
+                by_credential: HashMap::new(),
+                open: 0,
+            }),
+            settings: settings.clone(),
+            origin: Instant::now(),
             metrics,
-        };
-        b.metrics.breaker_state.set(0);
-        b
+        }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Circuits> {
+        self.circuits.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Lets an attempt through, or refuses it with 503 + Retry-After while open.
-    pub fn admit(&self) -> Result<Pass<'_>, ProxyError> {
-        let mut state = self.lock();
+    fn step(&self, now: Instant) -> u64 {
+        let step = (self.settings.window / BUCKETS as u32).max(Duration::from_millis(1));
+        (now.duration_since(self.origin).as_nanos() / step.as_nanos()) as u64
+    }
+
+    /// Lets an attempt for `credential` through, or refuses it with 503 + Retry-After.
+    pub fn admit(&self, credential: &CredentialId) -> Result<Pass<'_>, ProxyError> {
         let now = Instant::now();
-        let probe = match *state {
-            State::Closed { .. } => false,
+        let mut c = self.lock();
+        if let Some(until) = c.unreachable_until {
+            if now < until {
+                return Err(ProxyError::CircuitOpen {
+                    retry_after: until - now,
+                });
+            }
+        }
+        if c.by_credential.len() > CIRCUITS_BEFORE_SWEEP {
+            let quiet = self.settings.window;
+            c.by_credential
+                .retain(|_, k| k.state != State::Closed || now.duration_since(k.last_seen) < quiet);
+        }
+        let circuit = c
+            .by_credential
+            .entry(*credential)
+            .or_insert_with(|| Circuit::new(now));
+        circuit.last_seen = now;
+        let probe = match circuit.state {
+            State::Closed => false,
             State::Open { until } if now >= until => {
-                self.transition(&mut state, State::HalfOpen { probing: true });
+                self.transition(circuit, State::HalfOpen { probing: true });
                 true
             }
             State::Open { until } => {
@@ -104,73 +202,142 @@ impl CircuitBreaker {
                 })
             }
             State::HalfOpen { probing: false } => {
-                *state = State::HalfOpen { probing: true };
+                circuit.state = State::HalfOpen { probing: true };
                 true
             }
             State::HalfOpen { probing: true } => {
                 return Err(ProxyError::CircuitOpen {
-                    retry_after: self.cooldown,
+                    retry_after: self.settings.cooldown,
                 })
             }
         };
         Ok(Pass {
             breaker: self,
+            credential: *credential,
             probe,
             reported: false,
         })
     }
 
-    fn on_result(&self, probe: bool, ok: bool) {
-        let mut state = self.lock();
-        match (*state, ok) {
-            (State::Closed { .. }, true) => *state = State::Closed { failures: 0 },
-            (State::Closed { failures }, false) => {
-                let failures = failures + 1;
-                if failures >= self.threshold {
-                    let until = Instant::now() + self.cooldown;
-                    self.transition(&mut state, State::Open { until });
-                } else {
-                    *state = State::Closed { failures };
+    fn on_result(&self, credential: &CredentialId, probe: bool, failure: Option<Failure>) {
+        let now = Instant::now();
+        let step = self.step(now);
+        let mut guard = self.lock();
+        let c = &mut *guard;
+        // The upstream-wide connect circuit.
+        match failure {
+            Some(Failure::Connect) => {
+                c.connect_failures += 1;
+                if c.connect_failures >= self.settings.connect_failures.max(1)
+                    && c.unreachable_until.is_none_or(|u| u <= now)
+                {
+                    c.unreachable_until = Some(now + self.settings.cooldown);
+                    c.connect_failures = 0;
+                    tracing::warn!(
+                        cooldown = ?self.settings.cooldown,
+                        "upstream circuit breaker: cannot connect to the upstream; failing fast"
+                    );
+                    self.metrics.breaker_state.set(1);
+                    self.metrics
+                        .breaker_transitions
+                        .with_label_values(&["open"])
+                        .inc();
                 }
             }
-            (State::HalfOpen { .. }, true) if probe => {
-                self.transition(&mut state, State::Closed { failures: 0 })
+            // Any exchange that reached the upstream ends the run of connect failures.
+            _ => {
+                c.connect_failures = 0;
+                if c.unreachable_until.take().is_some() {
+                    self.metrics.breaker_state.set(0);
+                    self.metrics
+                        .breaker_transitions
+                        .with_label_values(&["closed"])
+                        .inc();
+                }
             }
+        }
+        let Some(circuit) = c.by_credential.get_mut(credential) else {
+            return;
+        };
+        let failed = failure.is_some();
+        let before = circuit.state;
+        match (circuit.state, failed) {
             (State::HalfOpen { .. }, false) if probe => {
-                let until = Instant::now() + self.cooldown;
-                self.transition(&mut state, State::Open { until });
+                circuit.buckets = [Bucket::default(); BUCKETS];
+                self.transition(circuit, State::Closed);
             }
-            // A late result of an attempt admitted before the breaker opened: it neither
+            (State::HalfOpen { .. }, true) if probe => {
+                let until = now + self.settings.cooldown;
+                self.transition(circuit, State::Open { until });
+            }
+            (State::Closed, _) => {
+                let i = (step % BUCKETS as u64) as usize;
+                if circuit.buckets[i].step != step {
+                    circuit.buckets[i] = Bucket {
+                        step,
+                        calls: 0,
+                        failures: 0,
+                    };
+                }
+                circuit.buckets[i].calls += 1;
+                circuit.buckets[i].failures += u32::from(failed);
+                let live = circuit
+                    .buckets
+                    .iter()
+                    .filter(|b| step.saturating_sub(b.step) < BUCKETS as u64);
+                let (calls, failures) =
+                    live.fold((0u32, 0u32), |(c, f), b| (c + b.calls, f + b.failures));
+                if failed
+                    && calls >= self.settings.min_calls.max(1)
+                    && f64::from(failures) >= self.settings.failure_rate * f64::from(calls)
+                {
+                    let until = now + self.settings.cooldown;
+                    self.transition(circuit, State::Open { until });
+                }
+            }
+            // A late result of an attempt admitted before the circuit opened: it neither
             // reopens nor closes what has moved on.
             _ => {}
         }
+        let was_open = before != State::Closed;
+        let is_open = circuit.state != State::Closed;
+        match (was_open, is_open) {
+            (false, true) => c.open += 1,
+            (true, false) => c.open -= 1,
+            _ => {}
+        }
+        self.metrics.breaker_open_credentials.set(c.open as i64);
     }
 
-    fn release_probe(&self) {
-        let mut state = self.lock();
-        if let State::HalfOpen { probing: true } = *state {
-            *state = State::HalfOpen { probing: false };
+    fn release_probe(&self, credential: &CredentialId) {
+        let mut c = self.lock();
+        if let Some(circuit) = c.by_credential.get_mut(credential) {
+            if let State::HalfOpen { probing: true } = circuit.state {
+                circuit.state = State::HalfOpen { probing: false };
+            }
         }
     }
 
-    fn transition(&self, state: &mut State, to: State) {
-        let (label, gauge) = match to {
-            State::Closed { .. } => ("closed", 0),
-            State::Open { .. } => ("open", 1),
-            State::HalfOpen { .. } => ("half_open", 2),
-        };
-        tracing::warn!(to = label, "upstream circuit breaker");
-        self.metrics.breaker_state.set(gauge);
+    fn transition(&self, circuit: &mut Circuit, to: State) {
+        let (label, _) = to.label();
+        tracing::warn!(
+            to = label,
+            "upstream circuit breaker (one credential's calls)"
+        );
         self.metrics
             .breaker_transitions
             .with_label_values(&[label])
             .inc();
-        *state = to;
+        circuit.state = to;
     }
 
-    /// Whether the breaker refuses attempts now (for tests and metrics).
-    pub fn is_open(&self) -> bool {
-        !matches!(*self.lock(), State::Closed { .. })
+    /// Whether calls for `credential` are refused now.
+    pub fn is_open(&self, credential: &CredentialId) -> bool {
+        let c = self.lock();
+        c.unreachable_until.is_some_and(|u| Instant::now() < u)
+            || c.by_credential
+                .get(credential)
+                .is_some_and(|k| k.state != State::Closed)
     }
 }
 
@@ -178,44 +345,113 @@ impl CircuitBreaker {
 mod tests {
     use super::*;
 
+    const A: CredentialId = [1; 32];
+    const B: CredentialId = [2; 32];
+
     fn breaker() -> CircuitBreaker {
-        CircuitBreaker::new(3, Duration::from_secs(5), Arc::new(Metrics::new()))
+        let settings = BreakerConfig {
+            enabled: true,
+            failure_rate: 0.9,
+            min_calls: 10,
+            window: Duration::from_secs(10),
+            connect_failures: 3,
+            cooldown: Duration::from_secs(5),
+        };
+        CircuitBreaker::new(&settings, Arc::new(Metrics::new()))
     }
 
     #[tokio::test(start_paused = true)]
-    async fn opens_after_consecutive_failures_probes_after_the_cooldown_and_closes_on_success() {
+    async fn a_partly_failing_upstream_is_kept_in_service() {
         let b = breaker();
-        b.admit().unwrap().failed();
-        b.admit().unwrap().failed();
-        b.admit().unwrap().succeeded(); // a success resets the count
-        for _ in 0..3 {
-            b.admit().unwrap().failed();
+        // 70% failures, over and over: below the rate, the circuit stays closed.
+        for i in 0..200 {
+            let pass = b.admit(&A).expect("never shed");
+            if i % 10 < 7 {
+                pass.failed(Failure::Upstream);
+            } else {
+                pass.succeeded();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let refused = b.admit().err().expect("open");
+        assert!(!b.is_open(&A));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_upstream_opens_after_min_calls_probes_after_the_cooldown_and_closes() {
+        let b = breaker();
+        for _ in 0..9 {
+            b.admit(&A).unwrap().failed(Failure::Upstream);
+        }
+        assert!(!b.is_open(&A), "too few calls to judge");
+        b.admit(&A).unwrap().failed(Failure::Upstream);
+        let refused = b.admit(&A).err().expect("open");
         assert_eq!(refused.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(refused.retry_after(), Some(Duration::from_secs(5)));
 
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let probe = b.admit().expect("a probe after the cool-down");
-        assert!(b.admit().is_err(), "only one probe at a time");
+        let probe = b.admit(&A).expect("a probe after the cool-down");
+        assert!(b.admit(&A).is_err(), "only one probe at a time");
         probe.succeeded();
-        assert!(!b.is_open());
-        b.admit().unwrap().succeeded();
+        assert!(!b.is_open(&A));
+        // A fresh window: one more failure does not reopen it.
+        b.admit(&A).unwrap().failed(Failure::Upstream);
+        assert!(!b.is_open(&A));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_credentials_failures_do_not_shed_another() {
+        let b = breaker();
+        for _ in 0..10 {
+            b.admit(&B).unwrap().failed(Failure::Upstream);
+        }
+        assert!(b.is_open(&B));
+        assert!(b.admit(&A).is_ok(), "A is not shed for B's failures");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_failures_leave_the_window() {
+        let b = breaker();
+        for _ in 0..9 {
+            b.admit(&A).unwrap().failed(Failure::Upstream);
+        }
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        b.admit(&A).unwrap().failed(Failure::Upstream);
+        assert!(!b.is_open(&A));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cannot_connect_fails_fast_for_everyone_until_the_cooldown() {
+        let b = breaker();
+        b.admit(&A).unwrap().failed(Failure::Connect);
+        b.admit(&B).unwrap().failed(Failure::Connect);
+        // An exchange that reached the upstream ends the run.
+        b.admit(&A).unwrap().failed(Failure::Upstream);
+        b.admit(&A).unwrap().failed(Failure::Connect);
+        b.admit(&A).unwrap().failed(Failure::Connect);
+        assert!(b.admit(&A).is_ok(), "two in a row, not three");
+        b.admit(&B).unwrap().failed(Failure::Connect);
+        assert!(
+            b.admit(&A).is_err() && b.admit(&B).is_err(),
+            "three in a row"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        b.admit(&A).unwrap().succeeded();
+        assert!(!b.is_open(&A) && !b.is_open(&B));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_probe_reopens_and_an_abandoned_probe_frees_its_slot() {
         let b = breaker();
-        for _ in 0..3 {
-            b.admit().unwrap().failed();
+        for _ in 0..10 {
+            b.admit(&A).unwrap().failed(Failure::Upstream);
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
-        b.admit().unwrap().failed();
-        assert!(b.admit().is_err(), "open again");
+        b.admit(&A).unwrap().failed(Failure::Upstream);
+        assert!(b.admit(&A).is_err(), "open again");
         tokio::time::sleep(Duration::from_secs(5)).await;
-        drop(b.admit().unwrap());
-        let again = b.admit().expect("the abandoned probe's slot is free");
+        drop(b.admit(&A).unwrap());
+        let again = b.admit(&A).expect("the abandoned probe's slot is free");
         again.neutral();
-        assert!(b.is_open(), "a neutral probe decides nothing");
+        assert!(b.is_open(&A), "a neutral probe decides nothing");
     }
 }

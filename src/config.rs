@@ -101,7 +101,12 @@ pub struct UpstreamConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
+    /// Upstream requests in flight at most (pass-through and embeddings together); for
+    /// embeddings calls the ceiling of the adaptive limit.
     pub max_concurrency: usize,
+    /// Learn how many embeddings calls the upstream takes at once (from latency and overload
+    /// answers) instead of sending up to `max_concurrency`.
+    pub adaptive_concurrency: bool,
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
     /// Every request's deadline, shortened by the client's own `x-stainless-read-timeout` /
@@ -143,12 +148,21 @@ pub struct RetryConfig {
     pub should_retry_header: bool,
 }
 
-/// The upstream circuit breaker.
+/// The upstream circuit breaker: it opens only when the upstream looks down (see
+/// `src/breaker.rs` for why it is this reluctant).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
-    /// Consecutive failures (connection errors, 5xx, timeouts) that open it; 0 = never.
-    pub failure_threshold: u32,
+    pub enabled: bool,
+    /// Share of a credential's calls in the window that failed (5xx, broken exchanges, the
+    /// upstream's own timeouts) at which its calls are refused for a while.
+    pub failure_rate: f64,
+    /// Calls in the window before the rate counts.
+    pub min_calls: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Connection failures in a row (for everyone) that open it for everyone.
+    pub connect_failures: u32,
     /// How long it stays open before a probe.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
@@ -164,7 +178,12 @@ pub const DEFAULT_MAX_SERVER_DELAY: Duration = Duration::from_secs(30);
 pub const DEFAULT_BUDGET_RATIO: f32 = 0.2;
 pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
 pub const DEFAULT_MAX_BUFFERED_BODY: u64 = 256 * 1024;
-pub const DEFAULT_FAILURE_THRESHOLD: u32 = 5;
+/// Nearly every call failing: an upstream that answers even one call in five is kept in
+/// service (retries get through), as nginx and Envoy keep their last host.
+pub const DEFAULT_BREAKER_FAILURE_RATE: f64 = 0.9;
+pub const DEFAULT_BREAKER_MIN_CALLS: u32 = 20;
+pub const DEFAULT_BREAKER_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_BREAKER_CONNECT_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
 
 impl Default for RetryConfig {
@@ -185,7 +204,11 @@ impl Default for RetryConfig {
 impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
-            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            enabled: true,
+            failure_rate: DEFAULT_BREAKER_FAILURE_RATE,
+            min_calls: DEFAULT_BREAKER_MIN_CALLS,
+            window: DEFAULT_BREAKER_WINDOW,
+            connect_failures: DEFAULT_BREAKER_CONNECT_FAILURES,
             cooldown: DEFAULT_BREAKER_COOLDOWN,
         }
     }
@@ -369,6 +392,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            adaptive_concurrency: true,
             max_wait: DEFAULT_MAX_WAIT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             requests_per_minute: 0,
@@ -514,6 +538,14 @@ impl Config {
             return Err(ConfigError(
                 "retry.budget_ratio: must be between 0 and 1000".into(),
             ));
+        }
+        if !(self.breaker.failure_rate > 0.0 && self.breaker.failure_rate <= 1.0) {
+            return Err(ConfigError(
+                "breaker.failure_rate: must be above 0 and at most 1".into(),
+            ));
+        }
+        if self.breaker.window.is_zero() {
+            return Err(ConfigError("breaker.window: must be longer than 0s".into()));
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(

@@ -5,6 +5,7 @@
 //! embedders use [`start`], which runs the same thing in the background on the configured
 //! (possibly port-0) addresses.
 
+pub mod adaptive_limit;
 pub mod admin;
 pub mod body;
 pub mod breaker;

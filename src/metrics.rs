@@ -8,8 +8,8 @@ use std::{sync::OnceLock, time::Duration};
 
 use http::{Method, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Request latency buckets, in seconds: from a cache hit (sub-millisecond) to a long completion.
@@ -74,7 +74,15 @@ pub struct Metrics {
     pub breaker_state: IntGauge,
     pub breaker_transitions: IntCounterVec,
     /// The upstream's `x-ratelimit-remaining-{requests,tokens}`, as last seen.
-    pub upstream_ratelimit_remaining: IntGaugeVec,
+    /// Replies that said a credential's budget is spent (remaining 0), by kind.
+    pub upstream_ratelimit_exhausted: IntCounterVec,
+    /// Credentials whose circuit is open now.
+    pub breaker_open_credentials: IntGauge,
+    /// The adaptive limit on embeddings calls in flight upstream.
+    pub adaptive_limit: IntGauge,
+    /// The size-adjusted latency baseline the last judged call was compared with.
+    pub adaptive_baseline: prometheus::Gauge,
+    pub adaptive_decisions: IntCounterVec,
 
     /// Children of the per-request metrics above, looked up once and kept (see [`Children`]).
     requests_by: Children<IntCounter>,
@@ -320,7 +328,7 @@ impl Metrics {
         );
         let breaker_state = IntGauge::new(
             "embedcar_circuit_breaker_state",
-            "Upstream circuit breaker: 0 closed, 1 open, 2 half-open.",
+            "Upstream circuit breaker for everyone (cannot connect): 0 closed, 1 open.",
         )
         .expect("valid metric");
         let breaker_transitions = IntCounterVec::new(
@@ -331,14 +339,44 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
-        let upstream_ratelimit_remaining = IntGaugeVec::new(
+        let upstream_ratelimit_exhausted = IntCounterVec::new(
             Opts::new(
-                "embedcar_upstream_ratelimit_remaining",
-                "The upstream's x-ratelimit-remaining-{requests,tokens}, as last seen.",
+                "embedcar_upstream_ratelimit_exhausted_total",
+                "Upstream replies whose x-ratelimit-remaining-{requests,tokens} was 0, by kind.",
             ),
             &["kind"],
         )
         .expect("valid metric");
+        for kind in ["requests", "tokens"] {
+            upstream_ratelimit_exhausted.with_label_values(&[kind]);
+        }
+        let breaker_open_credentials = IntGauge::new(
+            "embedcar_circuit_breaker_open_credentials",
+            "Credentials whose upstream calls the circuit breaker refuses now.",
+        )
+        .expect("valid metric");
+
+        let adaptive_limit = IntGauge::new(
+            "embedcar_upstream_concurrency_limit",
+            "The adaptive limit on embeddings calls in flight upstream (limits.max_concurrency is its ceiling).",
+        )
+        .expect("valid metric");
+        let adaptive_baseline = prometheus::Gauge::new(
+            "embedcar_upstream_latency_baseline_seconds",
+            "What an unqueued call of the last judged call's size takes, as the adaptive limit estimates it.",
+        )
+        .expect("valid metric");
+        let adaptive_decisions = IntCounterVec::new(
+            Opts::new(
+                "embedcar_upstream_concurrency_decisions_total",
+                "Changes of the adaptive concurrency limit, by decision.",
+            ),
+            &["decision"],
+        )
+        .expect("valid metric");
+        for d in crate::adaptive_limit::Decision::ALL {
+            adaptive_decisions.with_label_values(&[d.label()]);
+        }
 
         let m = Metrics {
             registry,
@@ -368,14 +406,18 @@ impl Metrics {
             gate_rejections,
             breaker_state,
             breaker_transitions,
-            upstream_ratelimit_remaining,
+            upstream_ratelimit_exhausted,
+            breaker_open_credentials,
+            adaptive_limit,
+            adaptive_baseline,
+            adaptive_decisions,
             requests_by: Children::new(Route::COUNT * METHOD_LABELS.len() * STATUS_LABELS.len()),
             request_duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
             upstream_requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
             upstream_duration_by: Children::new(Route::COUNT),
             embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 27] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 31] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -402,7 +444,11 @@ impl Metrics {
             Box::new(m.gate_rejections.clone()),
             Box::new(m.breaker_state.clone()),
             Box::new(m.breaker_transitions.clone()),
-            Box::new(m.upstream_ratelimit_remaining.clone()),
+            Box::new(m.upstream_ratelimit_exhausted.clone()),
+            Box::new(m.breaker_open_credentials.clone()),
+            Box::new(m.adaptive_limit.clone()),
+            Box::new(m.adaptive_baseline.clone()),
+            Box::new(m.adaptive_decisions.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

@@ -21,7 +21,7 @@ use crate::{
     errors::ProxyError,
     limits::{time_budget, ConcurrencyLimit},
     metrics::{Metrics, Route},
-    retry::{mark_final, Health, Retrier, RetryReason, Tried, Verdict},
+    retry::{mark_final, Health, Policy, Retrier, RetryReason, Tried, Verdict},
     upstream::Upstream,
 };
 
@@ -129,9 +129,13 @@ impl Proxy {
             .retrier
             .run(
                 || credential_fingerprint(&parts.headers),
-                0,
-                deadline,
-                retryable,
+                Policy {
+                    tokens: 0,
+                    deadline,
+                    retryable,
+                    max_attempts: Some(self.retrier.max_attempts()),
+                    callers: 1,
+                },
                 |_| {
                     let body = match (&kept, streamed.take()) {
                         (Some(bytes), _) => crate::body::full(bytes.clone()),

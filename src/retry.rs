@@ -395,9 +395,10 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
     Good,
-    /// Connection errors, timeouts, 5xx.
-    Bad,
-    /// Answers about the request, not the upstream (4xx, 429 included).
+    /// Connection errors, the upstream's own timeouts, broken exchanges, 5xx.
+    Bad(crate::breaker::Failure),
+    /// Answers about the request, not the upstream (4xx, 429 included), and attempts abandoned
+    /// because their callers' deadlines passed.
     Neutral,
 }
 
@@ -425,7 +426,7 @@ impl<T> Tried<T> {
             Verdict::Final
         };
         let health = if status.is_server_error() {
-            Health::Bad
+            Health::Bad(crate::breaker::Failure::Upstream)
         } else if status.is_success() {
             Health::Good
         } else {
@@ -460,29 +461,69 @@ impl<T> Tried<T> {
         }
     }
 
-    /// An exchange that produced no usable reply (connection error, timeout, broken body).
+    /// An exchange that produced no usable reply (connection error, the upstream's own
+    /// timeout, broken body).
     pub fn broken(value: T, reason: RetryReason) -> Tried<T> {
+        let failure = match reason {
+            RetryReason::Connect => crate::breaker::Failure::Connect,
+            _ => crate::breaker::Failure::Upstream,
+        };
         Tried {
             value,
             verdict: Verdict::Retryable {
                 reason,
                 server_delay: None,
             },
-            health: Health::Bad,
+            health: Health::Bad(failure),
+            rate_limit: None,
+        }
+    }
+
+    /// An attempt given up because every caller's deadline passed: nothing to retry, and no
+    /// news about the upstream (slow is not broken).
+    pub fn abandoned(value: T) -> Tried<T> {
+        Tried {
+            value,
+            verdict: Verdict::Final,
+            health: Health::Neutral,
             rate_limit: None,
         }
     }
 }
 
-/// The loop's result: the last attempt's value, and whether it is a retryable failure that
-/// embedcar will not retry any further (then the caller should not either).
+/// The attempts the official clients make of a request on their own (one, then two retries):
+/// embedcar tells a client not to retry (`x-should-retry: false`) only after making at least as
+/// many itself, so that going through embedcar never leaves a caller with fewer attempts.
+pub const CLIENT_ATTEMPTS: u32 = 3;
+
+/// The loop's result: the last attempt's value, how many attempts were made, and whether it is
+/// a retryable failure that embedcar retried at least as often as the client would have (then
+/// the client should not retry it again).
 pub struct Finished<T> {
     pub value: T,
+    pub attempts: u32,
     pub gave_up: bool,
 }
 
+/// What one upstream call may spend on attempts.
+pub struct Policy {
+    /// Tokens each attempt costs at the credential's gate.
+    pub tokens: u64,
+    /// No retry starts unless it can before this (the farthest deadline of the callers the
+    /// call serves: one impatient caller does not cut the others' retries short).
+    pub deadline: tokio::time::Instant,
+    /// False for a body that was streamed and is gone: one attempt, and a retryable failure is
+    /// left for the caller to retry.
+    pub retryable: bool,
+    /// Attempts at most; `None`: as many as the deadline and the budget allow (a merged
+    /// embeddings call keeps trying for every caller it carries while one still has time).
+    pub max_attempts: Option<u32>,
+    /// The callers the call carries: each earns retry credit, as it would have calling directly.
+    pub callers: u32,
+}
+
 /// The retry loop with everything it answers to: the circuit breaker, the rate gates, the
-/// budget and the caller's deadline.
+/// budget and the callers' deadlines.
 pub struct Retrier {
     pub gates: crate::rate_gate::RateGates,
     pub breaker: Option<crate::breaker::CircuitBreaker>,
@@ -494,6 +535,10 @@ pub struct Retrier {
 
 /// The span of time the retry budget looks back over.
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Retry credit a single call may earn for its callers: a merged call of 2048 callers earns as
+/// much as 64 direct calls would, so one huge call cannot buy unbounded retries.
+const MAX_DEPOSIT_PER_CALL: u32 = 64;
 
 impl Retrier {
     pub fn new(
@@ -508,13 +553,9 @@ impl Retrier {
                 config.limits.tokens_per_minute,
                 metrics.clone(),
             ),
-            breaker: (b.failure_threshold > 0).then(|| {
-                crate::breaker::CircuitBreaker::new(
-                    b.failure_threshold,
-                    b.cooldown,
-                    metrics.clone(),
-                )
-            }),
+            breaker: b
+                .enabled
+                .then(|| crate::breaker::CircuitBreaker::new(b, metrics.clone())),
             budget: RetryBudget::new(BUDGET_WINDOW, r.budget_min_per_second, r.budget_ratio),
             backoff: Backoff {
                 base: r.base_backoff,
@@ -526,18 +567,20 @@ impl Retrier {
         }
     }
 
+    /// `retry.max_attempts`: the pass-through's attempts per request.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
     /// Runs `attempt` until it succeeds, fails for good, or may not be repeated (attempts,
     /// budget, deadline). Each attempt first passes the breaker and the credential's rate gate
-    /// (for `tokens` tokens), both bounded by `deadline`. With `retryable` false (a body that was
-    /// streamed and is gone) there is one attempt, and a retryable failure is left for the
-    /// caller to retry. `keep` strips a failed attempt's value of what it must not hold through
-    /// the wait (its upstream slot) before it is kept as the answer of last resort.
+    /// (for `policy.tokens` tokens), both bounded by the deadline. `keep` strips a failed
+    /// attempt's value of what it must not hold through the wait (its upstream slot) before it
+    /// is kept as the answer of last resort.
     pub async fn run<T, F, Fut>(
         &self,
         credential: impl Fn() -> crate::rate_gate::CredentialId,
-        tokens: u64,
-        deadline: tokio::time::Instant,
-        retryable: bool,
+        policy: Policy,
         mut attempt: F,
         keep: impl Fn(T) -> T,
     ) -> Result<Finished<T>, crate::errors::ProxyError>
@@ -545,34 +588,40 @@ impl Retrier {
         F: FnMut(u32) -> Fut,
         Fut: std::future::Future<Output = Tried<T>>,
     {
-        self.budget.deposit();
-        // The credential's fingerprint is only worked out if a gate needs it.
+        for _ in 0..policy.callers.clamp(1, MAX_DEPOSIT_PER_CALL) {
+            self.budget.deposit();
+        }
+        // The credential's fingerprint is only worked out if a gate or the breaker needs it.
         let known = std::sync::OnceLock::new();
         let credential = || *known.get_or_init(&credential);
-        let given_up = |value| {
-            Ok(Finished {
-                value,
-                gave_up: true,
-            })
+        let deadline = policy.deadline;
+        let finished = |value, attempts: u32, retryable_failure: bool| Finished {
+            value,
+            attempts,
+            gave_up: retryable_failure && attempts >= CLIENT_ATTEMPTS,
         };
         let mut previous: Option<T> = None;
         let mut number = 0;
         loop {
-            number += 1;
             // A refusal by the breaker or the gate before a retry ends the loop with the last
-            // attempt's own answer: embedcar has retried, so it is final for the client too.
+            // attempt's own answer.
             let pass = match &self.breaker {
-                Some(b) => match b.admit() {
+                Some(b) => match b.admit(&credential()) {
                     Ok(p) => Some(p),
-                    Err(e) => return previous.map_or(Err(e), given_up),
+                    Err(e) => return previous.map_or(Err(e), |v| Ok(finished(v, number, true))),
                 },
                 None => None,
             };
             if !self.gates.wide_open() {
-                if let Err(e) = self.gates.pass(&credential(), tokens, deadline).await {
-                    return previous.map_or(Err(e), given_up);
+                if let Err(e) = self
+                    .gates
+                    .pass(&credential(), policy.tokens, deadline)
+                    .await
+                {
+                    return previous.map_or(Err(e), |v| Ok(finished(v, number, true)));
                 }
             }
+            number += 1;
             let tried = attempt(number).await;
             if let Some((status, headers)) = &tried.rate_limit {
                 self.observe_rate_limit(&credential, *status, headers);
@@ -580,50 +629,31 @@ impl Retrier {
             if let Some(pass) = pass {
                 match tried.health {
                     Health::Good => pass.succeeded(),
-                    Health::Bad => pass.failed(),
+                    Health::Bad(how) => pass.failed(how),
                     Health::Neutral => pass.neutral(),
                 }
             }
             let (reason, server_delay) = match tried.verdict {
                 Verdict::Success | Verdict::Final => {
-                    return Ok(Finished {
-                        value: tried.value,
-                        gave_up: false,
-                    })
+                    return Ok(finished(tried.value, number, false))
                 }
                 Verdict::Retryable {
                     reason,
                     server_delay,
                 } => (reason, server_delay),
             };
-            if !retryable {
-                return Ok(Finished {
-                    value: tried.value,
-                    gave_up: false,
-                });
+            if !policy.retryable {
+                return Ok(finished(tried.value, number, false));
             }
             let delay = self.backoff.delay(number, server_delay);
             let in_time = tokio::time::Instant::now() + delay < deadline;
-            if number >= self.max_attempts {
-                return Ok(Finished {
-                    value: tried.value,
-                    gave_up: true,
-                });
-            }
-            if !in_time {
-                // Out of time on the first attempt: embedcar retried nothing, so the client
-                // keeps its own retry.
-                return Ok(Finished {
-                    value: tried.value,
-                    gave_up: number > 1,
-                });
+            let attempts_left = policy.max_attempts.is_none_or(|max| number < max);
+            if !attempts_left || !in_time {
+                return Ok(finished(tried.value, number, true));
             }
             if !self.budget.withdraw() {
                 self.metrics.retry_budget_exhausted.inc();
-                return Ok(Finished {
-                    value: tried.value,
-                    gave_up: true,
-                });
+                return Ok(finished(tried.value, number, true));
             }
             self.metrics
                 .retries
@@ -635,25 +665,24 @@ impl Retrier {
         }
     }
 
-    /// Shuts the credential's gate when the upstream says it is out of budget, and shows the
-    /// remaining budget in metrics.
+    /// Shuts the credential's gate when the upstream says it is out of budget. (No gauge of
+    /// the remaining budget: it would mix credentials, the last writer winning.)
     fn observe_rate_limit(
         &self,
         credential: &dyn Fn() -> crate::rate_gate::CredentialId,
         status: StatusCode,
         headers: &RateLimitHeaders,
     ) {
-        if let Some(n) = headers.remaining_requests {
-            self.metrics
-                .upstream_ratelimit_remaining
-                .with_label_values(&["requests"])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
-        }
-        if let Some(n) = headers.remaining_tokens {
-            self.metrics
-                .upstream_ratelimit_remaining
-                .with_label_values(&["tokens"])
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        for (kind, remaining) in [
+            ("requests", headers.remaining_requests),
+            ("tokens", headers.remaining_tokens),
+        ] {
+            if remaining == Some(0) {
+                self.metrics
+                    .upstream_ratelimit_exhausted
+                    .with_label_values(&[kind])
+                    .inc();
+            }
         }
         if let Some(closed) = headers.closed_for(status) {
             self.gates
@@ -664,8 +693,12 @@ impl Retrier {
 
 /// Marks a failure embedcar has already retried as far as it will: the official clients honour
 /// `x-should-retry: false` and do not multiply the attempts.
+/// A Retry-After would contradict it (one says "come back then", the other "don't"), so it
+/// goes: embedcar already waited out the server's delays on the caller's behalf.
 pub fn mark_final(headers: &mut HeaderMap) {
     headers.insert("x-should-retry", http::HeaderValue::from_static("false"));
+    headers.remove(http::header::RETRY_AFTER);
+    headers.remove(RETRY_AFTER_MS);
 }
 
 #[cfg(test)]
@@ -676,6 +709,16 @@ mod loop_tests {
         Arc,
     };
     use tokio::time::Instant;
+
+    fn policy(r: &Retrier, deadline: Instant, retryable: bool) -> Policy {
+        Policy {
+            tokens: 1,
+            deadline,
+            retryable,
+            max_attempts: Some(r.max_attempts()),
+            callers: 1,
+        }
+    }
 
     fn retrier(tweak: impl FnOnce(&mut crate::config::Config)) -> Retrier {
         let mut c = crate::config::Config::default();
@@ -702,9 +745,7 @@ mod loop_tests {
         let done = r
             .run(
                 || KEY,
-                1,
-                far,
-                true,
+                policy(&r, far, true),
                 |n| {
                     calls.fetch_add(1, Ordering::SeqCst);
                     async move {
@@ -726,16 +767,26 @@ mod loop_tests {
 
     #[tokio::test(start_paused = true)]
     async fn attempts_are_capped_and_the_last_failure_is_final() {
-        let r = retrier(|c| c.breaker.failure_threshold = 0);
+        let r = retrier(|c| c.breaker.enabled = false);
         let far = Instant::now() + Duration::from_secs(60);
         let done = r
-            .run(|| KEY, 1, far, true, |_| async { reply(502, &[]) }, |v| v)
+            .run(
+                || KEY,
+                policy(&r, far, true),
+                |_| async { reply(502, &[]) },
+                |v| v,
+            )
             .await
             .unwrap();
         assert_eq!(done.value, 502);
         assert!(done.gave_up);
         let done = r
-            .run(|| KEY, 1, far, true, |_| async { reply(400, &[]) }, |v| v)
+            .run(
+                || KEY,
+                policy(&r, far, true),
+                |_| async { reply(400, &[]) },
+                |v| v,
+            )
             .await
             .unwrap();
         assert!(!done.gave_up, "a 400 is an answer, not a failure to retry");
@@ -749,9 +800,7 @@ mod loop_tests {
         let done = r
             .run(
                 || KEY,
-                1,
-                far,
-                true,
+                policy(&r, far, true),
                 |n| async move {
                     if n == 1 {
                         reply(429, &[("retry-after", "2")])
@@ -774,9 +823,7 @@ mod loop_tests {
         let done = r
             .run(
                 || KEY,
-                1,
-                soon,
-                true,
+                policy(&r, soon, true),
                 |_| async { reply(503, &[("retry-after", "5")]) },
                 |v| v,
             )
@@ -792,16 +839,75 @@ mod loop_tests {
     #[tokio::test(start_paused = true)]
     async fn a_breaker_opening_mid_retries_ends_with_the_last_answer_marked_final() {
         let r = retrier(|c| {
-            c.breaker.failure_threshold = 2;
+            c.breaker.min_calls = 3;
+            c.breaker.failure_rate = 1.0;
             c.retry.max_attempts = 5;
         });
         let far = Instant::now() + Duration::from_secs(60);
         let done = r
-            .run(|| KEY, 1, far, true, |_| async { reply(503, &[]) }, |v| v)
+            .run(
+                || KEY,
+                policy(&r, far, true),
+                |_| async { reply(503, &[]) },
+                |v| v,
+            )
             .await
             .expect("the upstream's own answer, not the breaker's");
         assert_eq!(done.value, 503);
+        assert_eq!(done.attempts, 3);
+        assert!(
+            done.gave_up,
+            "three attempts made: as many as the client's own"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_after_fewer_attempts_than_the_clients_is_left_to_the_client() {
+        let r = retrier(|c| {
+            c.breaker.min_calls = 2;
+            c.breaker.failure_rate = 1.0;
+            c.retry.max_attempts = 5;
+        });
+        let far = Instant::now() + Duration::from_secs(60);
+        let done = r
+            .run(
+                || KEY,
+                policy(&r, far, true),
+                |_| async { reply(503, &[]) },
+                |v| v,
+            )
+            .await
+            .unwrap();
+        assert_eq!(done.attempts, 2);
+        assert!(!done.gave_up, "the client's own retry is still due");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_an_attempt_cap_a_call_is_retried_until_its_deadline() {
+        let r = retrier(|c| c.breaker.enabled = false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let calls = AtomicU32::new(0);
+        let p = Policy {
+            max_attempts: None,
+            callers: 50,
+            ..policy(&r, deadline, true)
+        };
+        let done = r
+            .run(
+                || KEY,
+                p,
+                |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { reply(503, &[]) }
+                },
+                |v| v,
+            )
+            .await
+            .unwrap();
         assert!(done.gave_up);
+        assert!(Instant::now() < deadline);
+        let n = calls.load(Ordering::SeqCst);
+        assert!(n >= 6, "only {n} attempts in 30 s");
     }
 
     #[tokio::test(start_paused = true)]
@@ -812,9 +918,7 @@ mod loop_tests {
         let done = r
             .run(
                 || KEY,
-                1,
-                far,
-                false,
+                policy(&r, far, false),
                 |_| {
                     calls.fetch_add(1, Ordering::SeqCst);
                     async { reply(503, &[]) }
@@ -835,16 +939,14 @@ mod loop_tests {
             c.retry.max_attempts = 10;
             c.retry.base_backoff = Duration::from_millis(1);
             c.retry.max_backoff = Duration::from_millis(1);
-            c.breaker.failure_threshold = 1000;
+            c.breaker.enabled = false;
         });
         let far = Instant::now() + Duration::from_secs(600);
         let calls = AtomicU32::new(0);
         for _ in 0..5 {
             r.run(
                 || KEY,
-                1,
-                far,
-                true,
+                policy(&r, far, true),
                 |_| {
                     calls.fetch_add(1, Ordering::SeqCst);
                     async { reply(500, &[]) }
@@ -860,16 +962,27 @@ mod loop_tests {
         assert!((6..=16).contains(&n), "{n} attempts");
 
         let r = retrier(|c| {
-            c.breaker.failure_threshold = 3;
+            c.breaker.min_calls = 3;
+            c.breaker.failure_rate = 1.0;
             c.retry.max_attempts = 1;
         });
         for _ in 0..3 {
-            r.run(|| KEY, 1, far, true, |_| async { reply(500, &[]) }, |v| v)
-                .await
-                .unwrap();
+            r.run(
+                || KEY,
+                policy(&r, far, true),
+                |_| async { reply(500, &[]) },
+                |v| v,
+            )
+            .await
+            .unwrap();
         }
         let refused = r
-            .run(|| KEY, 1, far, true, |_| async { reply(200, &[]) }, |v| v)
+            .run(
+                || KEY,
+                policy(&r, far, true),
+                |_| async { reply(200, &[]) },
+                |v| v,
+            )
             .await
             .err()
             .expect("the breaker is open");

@@ -779,12 +779,12 @@ async fn an_upstream_that_never_answers_gets_every_caller_answered_in_time_and_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_failure_answer_while_the_upstream_is_down_carries_retry_after() {
     let mut c = config(&format!("http://127.0.0.1:{}", closed_port()));
-    c.breaker.failure_threshold = 0;
+    c.breaker.enabled = false;
     let refusing = start(c).await;
     let hanging = FakeUpstream::start().await;
     hanging.set_behavior(Behavior::Hang);
     let mut c = config(&hanging.url());
-    c.breaker.failure_threshold = 0;
+    c.breaker.enabled = false;
     c.upstream.first_byte_timeout = Duration::from_millis(200);
     c.limits.request_timeout = Duration::from_secs(1);
     let silent = start(c).await;
@@ -1592,7 +1592,7 @@ async fn backoff_spreads_retries_exponentially_with_jitter() {
     c.retry.max_attempts = 4;
     c.retry.base_backoff = Duration::from_millis(100);
     c.retry.max_backoff = Duration::from_millis(300);
-    c.breaker.failure_threshold = 0;
+    c.breaker.enabled = false;
     let proxy = start(c).await;
     let arrivals = Arrivals::watch(upstream.clone());
     let r = call(&client(), pass_through(&proxy, "sk-test")).await;
@@ -1622,7 +1622,7 @@ async fn the_retry_budget_stops_retries_against_a_failing_upstream() {
     c.retry.budget_min_per_second = 1; // a reserve of 10 retries over the 10 s window
     c.retry.base_backoff = Duration::from_millis(1);
     c.retry.max_backoff = Duration::from_millis(2);
-    c.breaker.failure_threshold = 0;
+    c.breaker.enabled = false;
     let proxy = start(c).await;
     let client = client();
     for i in 0..10 {
@@ -1652,7 +1652,7 @@ async fn the_retry_budget_stops_retries_against_a_failing_upstream() {
 async fn given_up_failures_say_x_should_retry_false_and_nothing_else_does() {
     let upstream = FakeUpstream::start().await;
     let mut c = config(&upstream.url());
-    c.breaker.failure_threshold = 0; // six failures in a row: not the breaker's test
+    c.breaker.enabled = false; // six failures in a row: not the breaker's test
     let proxy = start(c).await;
     let client = client();
 

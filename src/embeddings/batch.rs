@@ -16,7 +16,10 @@ use std::{
     collections::{HashMap, VecDeque},
     future::Future,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -34,6 +37,7 @@ use super::{
     tokens::{apportion, Tokenizer},
 };
 use crate::{
+    adaptive_limit::{AdaptiveLimit, Place, Signal},
     body::{self, IdleTimeout, Limited, ProxyBody},
     config::UpstreamEncoding,
     errors::ProxyError,
@@ -41,7 +45,7 @@ use crate::{
     metrics::{Metrics, Route, TokenSource},
     proxy::{error_chain, strip_hop_by_hop},
     rate_gate::CredentialId,
-    retry::{mark_final, Health, Retrier, RetryReason, Tried, Verdict},
+    retry::{mark_final, Health, Policy, Retrier, RetryReason, Tried, Verdict},
     upstream::Upstream,
 };
 
@@ -129,8 +133,9 @@ impl InputKind {
 pub struct Template {
     /// Path and query on the upstream, as the callers sent them.
     pub target: String,
-    /// The first caller's end-to-end headers (the rest of the lane's differ only in ignored
-    /// ones), without those embedcar sets itself.
+    /// The end-to-end headers every caller of the lane shares (the batch key covers them), without
+    /// the ignored ones (per request: ids, trace context, user agent, idempotency keys), which
+    /// belong to one caller and ride only on a call that carries that caller alone.
     pub headers: HeaderMap,
     pub model: Option<String>,
     pub dimensions: Option<u32>,
@@ -156,13 +161,35 @@ pub struct Ticket {
     pub joined: bool,
 }
 
+/// One caller of the engine, as its upstream calls need to know it.
+pub struct Caller {
+    /// Its end-to-end headers that vary per request (`embeddings.ignore_headers`): sent on a
+    /// call that carries this caller alone, never on a merged one.
+    pub own_headers: HeaderMap,
+}
+
+impl Caller {
+    fn request_id(&self) -> &str {
+        self.own_headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    }
+}
+
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
+struct Waiter {
+    tx: oneshot::Sender<Outcome>,
+    caller: Arc<Caller>,
+}
+
 struct Flight {
     input: Arc<Input>,
     size: u64,
-    waiters: Vec<oneshot::Sender<Outcome>>,
-    /// The nearest and farthest deadline among the callers who ever waited for it: retries
-    /// stop at the nearest; the flight is hopeless once the farthest cannot be met.
-    earliest: Instant,
+    waiters: Vec<Waiter>,
+    /// The farthest deadline among the callers who ever waited for it: the flight is hopeless
+    /// once it cannot be met, and its call's retries go on until then.
     latest: Instant,
 }
 
@@ -237,7 +264,13 @@ pub struct BatchSettings {
 struct Ctx {
     upstream: Arc<Upstream>,
     retrier: Arc<Retrier>,
+    /// The ceiling shared with pass-through traffic.
     limit: ConcurrencyLimit,
+    /// The learnt limit on embeddings calls (`limits.adaptive_concurrency`).
+    adaptive: Option<AdaptiveLimit>,
+    /// Inputs queued across all lanes: reserved before they are queued and released when they
+    /// leave the queue however they leave, so admission never reads a stale or leaked count.
+    queued: AtomicUsize,
     metrics: Arc<Metrics>,
     cache: Arc<VectorCache>,
     settings: BatchSettings,
@@ -253,8 +286,7 @@ struct Item {
     hash: u128,
     input: Arc<Input>,
     size: u64,
-    /// The nearest and farthest deadline among the input's callers.
-    deadline: Instant,
+    /// The farthest deadline among the input's callers.
     latest: Instant,
 }
 
@@ -263,6 +295,7 @@ impl Batcher {
         upstream: Arc<Upstream>,
         retrier: Arc<Retrier>,
         limit: ConcurrencyLimit,
+        adaptive: Option<AdaptiveLimit>,
         metrics: Arc<Metrics>,
         cache: Arc<VectorCache>,
         settings: BatchSettings,
@@ -272,6 +305,8 @@ impl Batcher {
                 upstream,
                 retrier,
                 limit,
+                adaptive,
+                queued: AtomicUsize::new(0),
                 metrics,
                 cache,
                 settings,
@@ -289,6 +324,7 @@ impl Batcher {
         key: BatchKey,
         kind: InputKind,
         template: impl Fn() -> Template,
+        caller: &Arc<Caller>,
         misses: Vec<Miss>,
         deadline: Instant,
     ) -> Result<Vec<Ticket>, ProxyError> {
@@ -300,8 +336,8 @@ impl Batcher {
                 });
             }
         }
-        let depth = usize::try_from(self.ctx.metrics.embeddings_queue_depth.get()).unwrap_or(0);
-        if depth + misses.len() > self.ctx.settings.max_queued {
+        let reserved = misses.len();
+        if !self.ctx.reserve(reserved) {
             return Err(ProxyError::QueueFull {
                 retry_after: QUEUE_FULL_RETRY_AFTER,
             });
@@ -323,10 +359,13 @@ impl Batcher {
             let scope = lane.template.cache_scope;
             for miss in misses {
                 let (tx, rx) = oneshot::channel();
+                let waiter = Waiter {
+                    tx,
+                    caller: caller.clone(),
+                };
                 let joined = match state.flights.get_mut(&miss.hash) {
                     Some(flight) => {
-                        flight.waiters.push(tx);
-                        flight.earliest = flight.earliest.min(deadline);
+                        flight.waiters.push(waiter);
                         flight.latest = flight.latest.max(deadline);
                         true
                     }
@@ -334,7 +373,7 @@ impl Batcher {
                     // looked: the cache is filled before flights leave, so one of the two holds.
                     None => match self.ctx.cache.get(&(scope, miss.hash)) {
                         Some(hit) => {
-                            let _ = tx.send(Ok(hit));
+                            let _ = waiter.tx.send(Ok(hit));
                             false
                         }
                         None => {
@@ -343,8 +382,7 @@ impl Batcher {
                                 Flight {
                                     input: Arc::new(miss.input),
                                     size: miss.size,
-                                    waiters: vec![tx],
-                                    earliest: deadline,
+                                    waiters: vec![waiter],
                                     latest: deadline,
                                 },
                             );
@@ -363,16 +401,76 @@ impl Batcher {
             drop(state);
             break (lane, start);
         };
-        self.ctx.metrics.embeddings_queue_depth.add(queued);
+        // Joined twins and late cache hits hold no place in the queue.
+        self.ctx.release(reserved - queued);
         if start_dispatcher {
             tokio::spawn(dispatch(self.ctx.clone(), key, kind, lane));
         }
         Ok(tickets)
     }
 
+    /// Inputs queued now (the admission count; the gauge mirrors it).
+    pub fn queued(&self) -> usize {
+        self.ctx.queued.load(Ordering::Acquire)
+    }
+
     /// Lanes alive now (busy, or with flights in the air).
     pub fn lanes(&self) -> usize {
         lock(&self.ctx.lanes).len()
+    }
+}
+
+impl Ctx {
+    /// Reserves room for `n` queued inputs, or says there is none: one atomic step, so
+    /// concurrent admissions cannot overshoot the bound together.
+    fn reserve(&self, n: usize) -> bool {
+        let max = self.settings.max_queued;
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= max).then_some(q + n)
+            })
+            .is_ok();
+        if reserved {
+            self.metrics.embeddings_queue_depth.add(n as i64);
+        }
+        reserved
+    }
+
+    fn release(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            self.metrics.embeddings_queue_depth.sub(n as i64);
+        }
+    }
+
+    /// A place for one upstream call: the learnt limit's (engine calls only), then a slot under
+    /// the ceiling shared with pass-through traffic.
+    async fn places(&self) -> Places {
+        let place = match &self.adaptive {
+            Some(a) => Some(a.acquire().await),
+            None => None,
+        };
+        Places {
+            slot: self.limit.acquire_unbounded().await,
+            place,
+        }
+    }
+}
+
+/// What an upstream call holds while it is in flight.
+struct Places {
+    slot: Slot,
+    place: Option<Place>,
+}
+
+impl Places {
+    /// Frees both, telling the learnt limit what the call showed.
+    fn finish(self, signal: Signal, tokens: u64) {
+        if let Some(p) = self.place {
+            p.finish(signal, tokens);
+        }
+        drop(self.slot);
     }
 }
 
@@ -399,7 +497,7 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
             tokio::time::sleep_until(until).await;
             continue;
         }
-        let slot = ctx.limit.acquire_unbounded().await;
+        let places = ctx.places().await;
         if ctx.settings.linger.is_zero() {
             // Let every task already runnable go first: when embedcar's own CPU is the
             // bottleneck, callers whose requests are already read join this call instead of
@@ -413,6 +511,7 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
         }
         let items = take_batch(&ctx, &lane);
         if items.is_empty() {
+            places.finish(Signal::Ignore, 0);
             continue;
         }
         // Nothing queued behind this batch: this task sends it itself instead of spawning a
@@ -428,7 +527,7 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
             last
         };
         if last {
-            run_batch(ctx, key, kind, lane, items, slot).await;
+            run_batch(ctx, key, kind, lane, items, places).await;
             return;
         }
         tokio::spawn(run_batch(
@@ -437,7 +536,7 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
             kind,
             lane.clone(),
             items,
-            slot,
+            places,
         ));
     }
     retire_if_idle(&ctx, &key, kind, &lane);
@@ -449,6 +548,7 @@ fn refuse_hopeless(ctx: &Ctx, lane: &Lane, until: Instant) {
         retry_after: until.saturating_duration_since(Instant::now()),
     }));
     let mut refused = Vec::new();
+    let mut left_queue = 0;
     {
         let mut state = lock(&lane.state);
         let LaneState { queue, flights, .. } = &mut *state;
@@ -457,17 +557,19 @@ fn refuse_hopeless(ctx: &Ctx, lane: &Lane, until: Instant) {
                 if let Some(f) = flights.remove(hash) {
                     refused.extend(f.waiters);
                 }
+                left_queue += 1;
                 false
             }
             _ => true,
         });
     }
+    ctx.release(left_queue);
     if refused.is_empty() {
         return;
     }
     ctx.metrics.gate_rejections.inc_by(refused.len() as u64);
     for w in refused {
-        let _ = w.send(Err(failure.clone()));
+        let _ = w.tx.send(Err(failure.clone()));
     }
 }
 
@@ -477,7 +579,7 @@ fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
     let max_tokens = ctx.settings.max_tokens;
     let mut items = Vec::new();
     let mut tokens = 0u64;
-    let mut taken = 0i64;
+    let mut taken = 0usize;
     let mut abandoned = 0u64;
     let mut state = lock(&lane.state);
     while items.len() < max_inputs {
@@ -485,9 +587,12 @@ fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
             break;
         };
         let Some(flight) = state.flights.get_mut(&hash) else {
+            // Cannot happen (a flight leaves the queue before it leaves the map), but the
+            // queue place is given back all the same.
+            taken += 1;
             continue;
         };
-        flight.waiters.retain(|w| !w.is_closed());
+        flight.waiters.retain(|w| !w.tx.is_closed());
         if flight.waiters.is_empty() {
             state.flights.remove(&hash);
             taken += 1;
@@ -504,12 +609,11 @@ fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
             hash,
             input: flight.input.clone(),
             size: flight.size,
-            deadline: flight.earliest,
             latest: flight.latest,
         });
     }
     drop(state);
-    ctx.metrics.embeddings_queue_depth.sub(taken);
+    ctx.release(taken);
     if abandoned > 0 {
         ctx.metrics.embeddings_abandoned.inc_by(abandoned);
     }
@@ -540,7 +644,7 @@ struct Delivery {
 
 impl Delivery {
     fn deliver(mut self, outcomes: Vec<Outcome>) {
-        let waiters: Vec<Vec<oneshot::Sender<Outcome>>> = {
+        let waiters: Vec<Vec<Waiter>> = {
             let mut state = lock(&self.lane.state);
             self.hashes
                 .iter()
@@ -556,7 +660,7 @@ impl Delivery {
         self.done = true;
         for (ws, outcome) in waiters.into_iter().zip(outcomes) {
             for w in ws {
-                let _ = w.send(outcome.clone());
+                let _ = w.tx.send(outcome.clone());
             }
         }
     }
@@ -574,7 +678,7 @@ impl Drop for Delivery {
         for h in &self.hashes {
             if let Some(f) = state.flights.remove(h) {
                 for w in f.waiters {
-                    let _ = w.send(Err(failure.clone()));
+                    let _ = w.tx.send(Err(failure.clone()));
                 }
             }
         }
@@ -587,7 +691,7 @@ async fn run_batch(
     kind: InputKind,
     lane: Arc<Lane>,
     items: Vec<Item>,
-    slot: Slot,
+    places: Places,
 ) {
     let delivery = Delivery {
         lane: lane.clone(),
@@ -595,9 +699,11 @@ async fn run_batch(
         done: false,
     };
     let mut budget = isolation_budget(items.len());
-    let mut slot = Some(slot);
-    let outcomes = call_isolating(&ctx, &lane, &items, &mut budget, &mut slot).await;
-    drop(slot);
+    let mut held = Some(places);
+    let outcomes = call_isolating(&ctx, &lane, &items, &mut budget, &mut held).await;
+    if let Some(unused) = held {
+        unused.finish(Signal::Ignore, 0);
+    }
     // Fill the cache before the flights leave the lane, so a caller arriving in between finds
     // one or the other, never neither.
     let scope = lane.template.cache_scope;
@@ -620,17 +726,17 @@ fn call_isolating<'a>(
     lane: &'a Lane,
     items: &'a [Item],
     budget: &'a mut usize,
-    slot: &'a mut Option<Slot>,
+    held: &'a mut Option<Places>,
 ) -> BoxFuture<'a, Vec<Outcome>> {
     Box::pin(async move {
-        match call_once(ctx, lane, items, slot).await {
-            Ok(done) => done.into_iter().map(Ok).collect(),
+        match call_once(ctx, lane, items, held).await {
+            Ok(done) => done,
             Err(failure) if items.len() > 1 && *budget >= 2 && blames_input(&failure) => {
                 *budget -= 2;
                 ctx.metrics.embeddings_isolation_splits.inc();
                 let (left, right) = items.split_at(items.len() / 2);
-                let mut out = call_isolating(ctx, lane, left, budget, slot).await;
-                out.extend(call_isolating(ctx, lane, right, budget, slot).await);
+                let mut out = call_isolating(ctx, lane, left, budget, held).await;
+                out.extend(call_isolating(ctx, lane, right, budget, held).await);
                 out
             }
             Err(failure) => vec![Err(failure); items.len()],
@@ -650,77 +756,155 @@ struct UpstreamBody<'a> {
     user: Option<&'a str>,
 }
 
-/// What one upstream call gives each of its inputs' callers.
-type CallResult = Result<Vec<Arc<Embedded>>, Arc<Failure>>;
+/// What one upstream call gives its items' callers: an outcome per item, in order (items nobody
+/// waited for any more were not sent, and their outcome reaches no one).
+type CallResult = Result<Vec<Outcome>, Arc<Failure>>;
 
-/// One upstream call for `items` (retried as the retrier allows), answered with one embedding
-/// per item, in order. A failure embedcar gave up retrying carries `x-should-retry: false`.
+/// One upstream call for `items`, retried for every caller it carries: while any of them still
+/// has time for another attempt (the farthest deadline, not the nearest) and the retry budget,
+/// weighed by those callers, allows. Callers who run out of time leave on their own, and an
+/// attempt sends only the inputs someone still waits for. A failure embedcar retried at least
+/// as often as the client would have carries `x-should-retry: false`.
 ///
-/// The first attempt uses `slot` (the dispatcher's); an attempt lets its slot go before a
-/// retry's wait and the next one takes a fresh one, so a backoff holds back no one else.
-async fn call_once(ctx: &Ctx, lane: &Lane, items: &[Item], slot: &mut Option<Slot>) -> CallResult {
-    // Retries stop at the nearest caller's deadline; an attempt may run to the farthest.
-    let deadline = items
-        .iter()
-        .map(|i| i.deadline)
-        .min()
-        .unwrap_or_else(Instant::now);
+/// The first attempt uses `held` (the dispatcher's places); an attempt lets its places go
+/// before a retry's wait and the next one takes fresh ones, so a backoff holds back no one.
+async fn call_once(
+    ctx: &Ctx,
+    lane: &Lane,
+    items: &[Item],
+    held: &mut Option<Places>,
+) -> CallResult {
     let latest = items
         .iter()
         .map(|i| i.latest)
         .max()
         .unwrap_or_else(Instant::now);
     let tokens = items.iter().map(|i| i.size).sum();
+    let callers = live(lane, items).callers.len();
     let finished = ctx
         .retrier
         .run(
             || lane.template.credential,
-            tokens,
-            deadline,
-            true,
+            Policy {
+                tokens,
+                deadline: latest,
+                retryable: true,
+                max_attempts: None,
+                callers: u32::try_from(callers).unwrap_or(u32::MAX),
+            },
             |_| {
-                let held = slot.take();
+                let first = held.take();
                 async move {
-                    let held = match held {
-                        Some(s) => s,
-                        None => ctx.limit.acquire_unbounded().await,
+                    let places = match first {
+                        Some(p) => p,
+                        None => ctx.places().await,
                     };
-                    attempt(ctx, lane, items, latest)
-                        .await
-                        .map(|result| (result, Some(held)))
+                    attempt(ctx, lane, items, places).await
                 }
             },
-            |(result, _slot)| (result, None),
+            |value| value,
         )
         .await;
     match finished {
         Err(refused) => Err(Arc::new(Failure::from_error(refused))),
-        Ok(f) => {
-            let (value, held) = f.value;
-            *slot = held;
-            finish(ctx, value, f.gave_up)
-        }
+        Ok(f) => match f.value {
+            Err(failure) if f.gave_up && ctx.settings.should_retry_header => {
+                let mut headers = failure.headers.clone();
+                mark_final(&mut headers);
+                Err(Arc::new(Failure {
+                    status: failure.status,
+                    headers,
+                    body: failure.body.clone(),
+                }))
+            }
+            other => other,
+        },
     }
 }
 
-/// Marks a failure embedcar gave up retrying, so the official clients do not retry it again.
-fn finish(ctx: &Ctx, value: CallResult, gave_up: bool) -> CallResult {
-    match value {
-        Err(failure) if gave_up && ctx.settings.should_retry_header => {
-            let mut headers = failure.headers.clone();
-            mark_final(&mut headers);
-            Err(Arc::new(Failure {
-                status: failure.status,
-                headers,
-                body: failure.body.clone(),
-            }))
+/// Who still waits for a call's items.
+struct Live {
+    /// Positions (in the call's items) of the inputs someone still waits for.
+    items: Vec<usize>,
+    /// Their callers, each once.
+    callers: Vec<Arc<Caller>>,
+    /// The farthest deadline among them.
+    latest: Option<Instant>,
+}
+
+fn live(lane: &Lane, items: &[Item]) -> Live {
+    let mut out = Live {
+        items: Vec::with_capacity(items.len()),
+        callers: Vec::new(),
+        latest: None,
+    };
+    let mut seen = foldhash::HashSet::default();
+    let state = lock(&lane.state);
+    for (position, item) in items.iter().enumerate() {
+        let Some(flight) = state.flights.get(&item.hash) else {
+            continue;
+        };
+        let mut wanted = false;
+        for w in flight.waiters.iter().filter(|w| !w.tx.is_closed()) {
+            wanted = true;
+            if seen.insert(Arc::as_ptr(&w.caller) as usize) {
+                out.callers.push(w.caller.clone());
+            }
         }
-        other => other,
+        if wanted {
+            out.items.push(position);
+            out.latest = Some(out.latest.map_or(flight.latest, |l| l.max(flight.latest)));
+        }
+    }
+    out
+}
+
+/// An attempt ends without waiting for the upstream any longer than this many times what an
+/// unqueued call of its size takes (the learnt baseline), so that a call lost in a hung upstream
+/// is retried while its callers still have time, instead of holding them to their deadline.
+const ATTEMPT_TIMEOUT_FACTOR: u32 = 10;
+/// ...and never sooner than this: a healthy upstream's slow moment is not a hang.
+const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One attempt of an upstream call with the places it holds, which it frees (telling the learnt
+/// limit what it saw) before it returns.
+async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], places: Places) -> Tried<CallResult> {
+    let live = live(lane, items);
+    let Some(latest) = live.latest else {
+        places.finish(Signal::Ignore, 0);
+        return Tried::abandoned(Err(gone()));
+    };
+    let tokens: u64 = live.items.iter().map(|&i| items[i].size).sum();
+    let (tried, signal) = exchange(ctx, lane, items, &live, latest, tokens).await;
+    places.finish(signal, tokens);
+    tried
+}
+
+/// The failure for inputs whose every caller left before the upstream answered: nobody receives
+/// it.
+fn gone() -> Arc<Failure> {
+    Arc::new(Failure::from_error(ProxyError::Internal(
+        "every caller of this input left".into(),
+    )))
+}
+
+/// The adaptive limit's view of an upstream reply's status.
+fn signal_of(status: StatusCode) -> Signal {
+    match status.as_u16() {
+        200..=299 => Signal::Answered,
+        429 | 503 | 504 => Signal::Overloaded,
+        _ => Signal::Ignore,
     }
 }
 
-/// One attempt of an upstream call, abandoned at `latest`: after that no caller waits for it.
-async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tried<CallResult> {
+async fn exchange(
+    ctx: &Ctx,
+    lane: &Lane,
+    items: &[Item],
+    live: &Live,
+    latest: Instant,
+    tokens: u64,
+) -> (Tried<CallResult>, Signal) {
     let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
     let internal = |e: ProxyError| Tried {
         value: Err(fail(e)),
@@ -729,7 +913,7 @@ async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tri
         rate_limit: None,
     };
     let body = UpstreamBody {
-        input: items.iter().map(|i| &*i.input).collect(),
+        input: live.items.iter().map(|&i| &*items[i].input).collect(),
         model: lane.template.model.as_deref(),
         encoding_format: match ctx.settings.upstream_encoding {
             UpstreamEncoding::Base64 => "base64",
@@ -741,46 +925,87 @@ async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tri
     let body = match serde_json::to_vec(&body) {
         Ok(b) => b,
         Err(e) => {
-            return internal(ProxyError::Internal(format!(
-                "cannot write the request: {e}"
-            )))
+            let e = ProxyError::Internal(format!("cannot write the request: {e}"));
+            return (internal(e), Signal::Ignore);
         }
     };
     let uri = match &lane.request.uri {
         Ok(u) => u.clone(),
-        Err(e) => return internal(ProxyError::Internal(format!("bad upstream URI: {e}"))),
+        Err(e) => {
+            let e = ProxyError::Internal(format!("bad upstream URI: {e}"));
+            return (internal(e), Signal::Ignore);
+        }
     };
     let mut request = Request::new(body::full(body));
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = uri;
-    *request.headers_mut() = lane.request.headers.clone();
+    let headers = request.headers_mut();
+    *headers = lane.request.headers.clone();
+    match live.callers.as_slice() {
+        // One caller's call is that caller's request: its own ids and trace context go along.
+        [one] => {
+            for (name, value) in &one.own_headers {
+                headers.append(name, value.clone());
+            }
+        }
+        // A merged call belongs to no single caller: it gets an id of its own, logged with the
+        // ids of the callers it serves, and no caller's per-request headers.
+        several => {
+            let id = format!("embedcar-{}", uuid::Uuid::new_v4().simple());
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let callers: Vec<&str> = several.iter().map(|c| c.request_id()).collect();
+                tracing::debug!(
+                    upstream_request_id = %id,
+                    callers = ?callers,
+                    inputs = live.items.len(),
+                    "merged upstream call"
+                );
+            }
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                headers.insert(REQUEST_ID, v);
+            }
+        }
+    }
 
     ctx.metrics
         .embeddings_batch_inputs
-        .observe(items.len() as f64);
+        .observe(live.items.len() as f64);
     let started = Instant::now();
-    let wait = ctx
-        .settings
-        .first_byte_timeout
-        .min(latest.saturating_duration_since(started));
+    let callers_wait = latest.saturating_duration_since(started);
+    let upstream_wait = match ctx.adaptive.as_ref().and_then(|a| a.expected(tokens)) {
+        Some(expected) => (expected * ATTEMPT_TIMEOUT_FACTOR)
+            .max(MIN_ATTEMPT_TIMEOUT)
+            .min(ctx.settings.first_byte_timeout),
+        None => ctx.settings.first_byte_timeout,
+    };
+    let wait = upstream_wait.min(callers_wait);
     let sent = tokio::time::timeout(wait, ctx.upstream.client.request(request)).await;
     let response = match sent {
+        // Every caller's deadline came first: slow is not broken. Nothing to retry, and the
+        // breaker hears nothing; the adaptive limit learns the call took at least this long.
+        Err(_) if callers_wait <= upstream_wait => {
+            ctx.metrics
+                .observe_upstream(Route::Embeddings, "abandoned", started.elapsed());
+            return (Tried::abandoned(Err(gone())), Signal::Abandoned);
+        }
         Err(_) => {
             ctx.metrics
                 .observe_upstream(Route::Embeddings, "timeout", started.elapsed());
-            return Tried::broken(
+            let tried = Tried::broken(
                 Err(fail(ProxyError::UpstreamTimeout(wait))),
                 RetryReason::Timeout,
             );
+            return (tried, Signal::Overloaded);
         }
         Ok(Err(e)) => {
             let reason = RetryReason::of_send_error(&e);
             ctx.metrics
                 .observe_upstream(Route::Embeddings, reason.label(), started.elapsed());
-            return Tried::broken(
+            let tried = Tried::broken(
                 Err(fail(ProxyError::UpstreamUnreachable(error_chain(&e)))),
                 reason,
             );
+            return (tried, Signal::Ignore);
         }
         Ok(Ok(r)) => r,
     };
@@ -796,13 +1021,17 @@ async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tri
     {
         Ok(b) => b.to_bytes(),
         Err(e) => {
-            return Tried::broken(
-                Err(fail(ProxyError::UpstreamUnreachable(format!(
-                    "the reply body failed: {}",
-                    error_chain(&*e)
-                )))),
-                RetryReason::Io,
-            )
+            let cause = format!("the reply body failed: {}", error_chain(&*e));
+            // A 200 cut short is an unusable reply; an error reply cut short, a broken link.
+            let error = if parts.status.is_success() {
+                ProxyError::UpstreamInvalidReply(cause)
+            } else {
+                ProxyError::UpstreamUnreachable(cause)
+            };
+            return (
+                Tried::broken(Err(fail(error)), RetryReason::Io),
+                Signal::Ignore,
+            );
         }
     };
 
@@ -811,7 +1040,7 @@ async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tri
         parts.headers.remove(header::CONTENT_LENGTH);
         let status = parts.status;
         let headers = parts.headers.clone();
-        return Tried::reply(
+        let tried = Tried::reply(
             Err(Arc::new(Failure {
                 status,
                 headers: parts.headers,
@@ -820,15 +1049,17 @@ async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tri
             status,
             &headers,
         );
+        return (tried, signal_of(status));
     }
-    let reply = match render::parse_reply(&bytes, items.len()) {
+    let reply = match render::parse_reply(&bytes, live.items.len()) {
         Ok(r) => r,
         // A 200 whose body is cut or garbled: the exchange broke, another attempt may not.
         Err(e) => {
-            return Tried::broken(
+            let tried = Tried::broken(
                 Err(fail(ProxyError::UpstreamInvalidReply(e))),
                 RetryReason::Io,
-            )
+            );
+            return (tried, Signal::Ignore);
         }
     };
     let render::ParsedReply {
@@ -836,29 +1067,29 @@ async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], latest: Instant) -> Tri
         model,
         prompt_tokens: reported,
     } = reply;
+    let sizes: Vec<u64> = live.items.iter().map(|&i| items[i].size).collect();
     let tokens: Vec<u64> = match lane.template.tokenizer {
-        Tokenizer::Exact(_) => items.iter().map(|i| i.size).collect(),
+        Tokenizer::Exact(_) => sizes,
         Tokenizer::Unknown => {
-            let weights: Vec<u64> = items.iter().map(|i| i.size).collect();
-            let total = reported.unwrap_or_else(|| weights.iter().sum());
-            apportion(total, &weights)
+            let total = reported.unwrap_or_else(|| sizes.iter().sum());
+            apportion(total, &sizes)
         }
     };
     ctx.metrics
         .count_tokens(TokenSource::Upstream, tokens.iter().sum());
     let model: Arc<str> = model.into();
-    let embedded = vectors
-        .into_iter()
-        .zip(tokens)
-        .map(|(v, t)| {
-            Arc::new(Embedded {
-                vector: v.into_boxed_slice(),
-                tokens: t,
-                model: model.clone(),
-            })
-        })
-        .collect();
-    Tried::reply(Ok(embedded), parts.status, &parts.headers)
+    let mut outcomes: Vec<Outcome> = vec![Err(gone()); items.len()];
+    for ((&position, vector), t) in live.items.iter().zip(vectors).zip(tokens) {
+        outcomes[position] = Ok(Arc::new(Embedded {
+            vector: vector.into_boxed_slice(),
+            tokens: t,
+            model: model.clone(),
+        }));
+    }
+    (
+        Tried::reply(Ok(outcomes), parts.status, &parts.headers),
+        Signal::Answered,
+    )
 }
 
 #[cfg(test)]

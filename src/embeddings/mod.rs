@@ -23,13 +23,14 @@ use http_body_util::BodyExt;
 use tokio::time::Instant;
 
 use self::{
-    batch::{BatchSettings, Batcher, InputKind, Miss, Template, Ticket},
+    batch::{BatchSettings, Batcher, Caller, InputKind, Miss, Template, Ticket},
     cache::{Embedded, VectorCache},
     keys::{input_hash, BatchKey, IgnoredHeaders, KeyInputs},
     request::{EmbeddingsRequest, Parsed},
     tokens::Tokenizer,
 };
 use crate::{
+    adaptive_limit::AdaptiveLimit,
     body::{self, ProxyBody},
     config::Config,
     errors::ProxyError,
@@ -92,6 +93,10 @@ impl Engine {
         metrics: Arc<Metrics>,
         proxy: Arc<Proxy>,
     ) -> Engine {
+        let adaptive = config
+            .limits
+            .adaptive_concurrency
+            .then(|| AdaptiveLimit::new(config.limits.max_concurrency, metrics.clone()));
         let cache = Arc::new(VectorCache::new(&config.cache));
         let e = &config.embeddings;
         // With a held key every caller is the same upstream tenant, whatever dummy key it sends.
@@ -104,6 +109,7 @@ impl Engine {
             upstream,
             retrier,
             limit,
+            adaptive,
             metrics.clone(),
             cache.clone(),
             BatchSettings {
@@ -191,7 +197,9 @@ impl Engine {
         // charged to the request's own deadline.
         tokens::load_for(model_key.as_deref()).await;
         let budget = time_budget(&parts.headers, self.request_timeout);
-        let deadline = Instant::now() + budget;
+        // embedcar's own answer (a 504, or its last retry's error) reaches the client a moment
+        // before the client gives up, so it learns why instead of timing out itself.
+        let deadline = Instant::now() + budget.saturating_sub(answer_margin(budget));
         let target = parts
             .uri
             .path_and_query()
@@ -240,6 +248,8 @@ impl Engine {
             self.metrics.count_tokens(TokenSource::Cache, cached_tokens);
         }
 
+        let (shared_headers, own_headers) = split_headers(&parts.headers, &self.ignored);
+        let caller = Arc::new(Caller { own_headers });
         let mut waiting: Vec<(usize, Ticket)> = Vec::new();
         for (kind, group) in [InputKind::Text, InputKind::Tokens].into_iter().zip(misses) {
             if group.is_empty() {
@@ -248,7 +258,7 @@ impl Engine {
             let (positions, group): (Vec<usize>, Vec<Miss>) = group.into_iter().unzip();
             let template = || Template {
                 target: target.to_string(),
-                headers: forwarded_headers(&parts.headers),
+                headers: shared_headers.clone(),
                 model: request.model.clone(),
                 dimensions: request.dimensions,
                 user: request.user.clone(),
@@ -256,9 +266,9 @@ impl Engine {
                 cache_scope: scope,
                 credential: *key.credential(),
             };
-            let tickets = self
-                .batcher
-                .submit(key.clone(), kind, template, group, deadline)?;
+            let tickets =
+                self.batcher
+                    .submit(key.clone(), kind, template, &caller, group, deadline)?;
             waiting.extend(positions.into_iter().zip(tickets));
         }
         let coalesced = waiting.iter().filter(|(_, t)| t.joined).count();
@@ -373,9 +383,37 @@ async fn size_misses(
         .map_err(|e| ProxyError::Internal(format!("tokenizing failed: {e}")))
 }
 
-/// The caller's headers as they go upstream on a merged call: end-to-end ones only, and not
-/// those embedcar sets (length and type of the body it writes) or cannot honour (a compressed
-/// reply it would have to undo).
+/// How much sooner than the client's deadline embedcar answers: a twentieth of the budget, at
+/// least 50 ms and at most half a second.
+fn answer_margin(budget: std::time::Duration) -> std::time::Duration {
+    (budget / 20).clamp(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_millis(500),
+    )
+}
+
+/// The caller's headers as they go upstream, split in two: those every caller of its batch key
+/// shares (the key covers them), and its own per-request ones (`embeddings.ignore_headers`),
+/// which go only on a call that carries this caller alone.
+fn split_headers(headers: &HeaderMap, ignored: &IgnoredHeaders) -> (HeaderMap, HeaderMap) {
+    let mut shared = forwarded_headers(headers);
+    let mut own = HeaderMap::new();
+    let names: Vec<HeaderName> = shared
+        .keys()
+        .filter(|n| ignored.ignores(n.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
+        for value in shared.get_all(&name) {
+            own.append(name.clone(), value.clone());
+        }
+        shared.remove(&name);
+    }
+    (shared, own)
+}
+
+/// The caller's end-to-end headers as they may go upstream: not those embedcar sets (length
+/// and type of the body it writes) or cannot honour (a compressed reply it would have to undo).
 fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
     strip_hop_by_hop(&mut h);
