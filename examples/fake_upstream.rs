@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --example fake_upstream -- [--host 127.0.0.1] [--port 0] [--dims 8]
 //!     [--max-connections N] [--delay-ms N] [--stream-chunks N] [--stream-interval-ms N]
+//!     [--capacity N] [--over-capacity queue|refuse] [--faults 429=0.2,503=0.1,...]
 //! ```
 //!
 //! Prints exactly one line, `LISTENING http://HOST:PORT`, on stdout once bound (so a parent can
@@ -26,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
-use fake_upstream::{Behavior, FakeOptions, FakeUpstream};
+use fake_upstream::{Behavior, FakeOptions, FakeUpstream, FaultMix, OverCapacity};
 
 #[derive(Parser, Debug)]
 #[command(about = "A fake OpenAI upstream (embeddings, chat, models, echo) for embedcar tests")]
@@ -52,6 +53,16 @@ struct Args {
     /// Milliseconds between two chunks of a streamed chat completion.
     #[arg(long, default_value_t = 10)]
     stream_interval_ms: u64,
+    /// Work on at most N embeddings calls at once (a model server's workers).
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// Beyond --capacity: `queue` (Ollama, vLLM) or `refuse` with 429 "Model is overloaded"
+    /// (text-embeddings-inference).
+    #[arg(long, default_value = "queue", value_parser = ["queue", "refuse"])]
+    over_capacity: String,
+    /// Random faults on embeddings calls, e.g. `429=0.2,503=0.1,drop=0.05,truncate=0.05,hang=0.2`.
+    #[arg(long, value_parser = FaultMix::parse)]
+    faults: Option<FaultMix>,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -63,6 +74,13 @@ async fn main() {
         stream_chunks: args.stream_chunks,
         stream_interval: Duration::from_millis(args.stream_interval_ms),
         record_requests: false,
+        capacity: args.capacity,
+        over_capacity: if args.over_capacity == "refuse" {
+            OverCapacity::Refuse
+        } else {
+            OverCapacity::Queue
+        },
+        faults: args.faults.unwrap_or_default(),
         ..FakeOptions::default()
     };
     let fake = match FakeUpstream::bind(SocketAddr::new(args.host, args.port), opts).await {

@@ -237,7 +237,6 @@ impl CircuitBreaker {
                         cooldown = ?self.settings.cooldown,
                         "upstream circuit breaker: cannot connect to the upstream; failing fast"
                     );
-                    self.metrics.breaker_state.set(1);
                     self.metrics
                         .breaker_transitions
                         .with_label_values(&["open"])
@@ -248,7 +247,6 @@ impl CircuitBreaker {
             _ => {
                 c.connect_failures = 0;
                 if c.unreachable_until.take().is_some() {
-                    self.metrics.breaker_state.set(0);
                     self.metrics
                         .breaker_transitions
                         .with_label_values(&["closed"])
@@ -257,6 +255,7 @@ impl CircuitBreaker {
             }
         }
         let Some(circuit) = c.by_credential.get_mut(credential) else {
+            self.publish(c, now);
             return;
         };
         let failed = failure.is_some();
@@ -306,6 +305,15 @@ impl CircuitBreaker {
             (true, false) => c.open -= 1,
             _ => {}
         }
+        self.publish(c, now);
+    }
+
+    /// The gauges: open for anyone (1) or closed (0), and how many credentials are refused.
+    fn publish(&self, c: &Circuits, now: Instant) {
+        let unreachable = c.unreachable_until.is_some_and(|u| now < u);
+        self.metrics
+            .breaker_state
+            .set(i64::from(unreachable || c.open > 0));
         self.metrics.breaker_open_credentials.set(c.open as i64);
     }
 

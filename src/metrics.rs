@@ -328,7 +328,7 @@ impl Metrics {
         );
         let breaker_state = IntGauge::new(
             "embedcar_circuit_breaker_state",
-            "Upstream circuit breaker for everyone (cannot connect): 0 closed, 1 open.",
+            "Upstream circuit breaker: 1 while it refuses anyone's calls (the upstream cannot be reached, or a credential's calls nearly all fail), else 0.",
         )
         .expect("valid metric");
         let breaker_transitions = IntCounterVec::new(

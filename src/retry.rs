@@ -693,12 +693,16 @@ impl Retrier {
 
 /// Marks a failure embedcar has already retried as far as it will: the official clients honour
 /// `x-should-retry: false` and do not multiply the attempts.
-/// A Retry-After would contradict it (one says "come back then", the other "don't"), so it
-/// goes: embedcar already waited out the server's delays on the caller's behalf.
+///
+/// embedcar's own error replies carry a Retry-After for clients that do retry them; beside
+/// `x-should-retry: false` it would contradict it, so it goes. The upstream's own reply keeps
+/// its headers as the upstream sent them.
 pub fn mark_final(headers: &mut HeaderMap) {
     headers.insert("x-should-retry", http::HeaderValue::from_static("false"));
-    headers.remove(http::header::RETRY_AFTER);
-    headers.remove(RETRY_AFTER_MS);
+    if headers.contains_key(crate::errors::ERROR_HEADER) {
+        headers.remove(http::header::RETRY_AFTER);
+        headers.remove(RETRY_AFTER_MS);
+    }
 }
 
 #[cfg(test)]

@@ -383,12 +383,13 @@ async fn size_misses(
         .map_err(|e| ProxyError::Internal(format!("tokenizing failed: {e}")))
 }
 
-/// How much sooner than the client's deadline embedcar answers: a twentieth of the budget, at
-/// least 50 ms and at most half a second.
+/// How much sooner than the client's deadline embedcar answers: enough for the reply to cross
+/// loopback and the client to read it (a fortieth of the budget, 25 ms to 250 ms), little enough
+/// not to cut into the time the work itself may take.
 fn answer_margin(budget: std::time::Duration) -> std::time::Duration {
-    (budget / 20).clamp(
-        std::time::Duration::from_millis(50),
-        std::time::Duration::from_millis(500),
+    (budget / 40).clamp(
+        std::time::Duration::from_millis(25),
+        std::time::Duration::from_millis(250),
     )
 }
 

@@ -166,8 +166,10 @@ def test_a_first_attempt_that_hangs_is_left_to_the_clients_retry(spawn, route):
 
 def test_a_breaker_opening_during_embedcars_retries_still_ends_the_clients_retries(spawn):
     fake = spawn.fake()
-    # Two consecutive failures open the breaker: the first call's third attempt is refused.
-    ec = spawn.embedcar(fake, env={"EMBEDCAR_BREAKER__FAILURE_THRESHOLD": "2",
+    # Three failures in three calls open the breaker: the call's fourth attempt is refused, after
+    # embedcar made as many attempts as the client would have.
+    ec = spawn.embedcar(fake, env={"EMBEDCAR_BREAKER__MIN_CALLS": "3",
+                                   "EMBEDCAR_RETRY__MAX_ATTEMPTS": "5",
                                    "EMBEDCAR_BREAKER__COOLDOWN": "1s"})
     c = Counted(ec.url, max_retries=2)
 
@@ -214,9 +216,9 @@ def summarize(path, clients, n, outcomes, attempts, wall):
     }
 
 
-def run_threads(base, n):
+def run_threads(base, n, client=CLIENT):
     """n threads, one shared sync client, released together; each embeds its own text."""
-    c = Counted(base, **CLIENT)
+    c = Counted(base, **client)
     barrier = threading.Barrier(n)
     outcomes = [None] * n
 
@@ -322,6 +324,32 @@ def test_hang_scenario_through_embedcar_with_its_default_concurrency(spawn, meas
     ec.stop()
     row["upstream_peak"] = fake.stats()["peak_concurrency"]
     measurements.append(row)
+
+
+# The hang scenario as the issue reported it, at embedcar's defaults: an upstream that works on
+# 3 calls at once and queues the rest (a model server's workers, not a connection cap), 1.4 s
+# per call; callers with a 3 s timeout and no retries of their own, then 500 with 6 s; every
+# level back to back in ONE embedcar, 1.5 s apart. embedcar is told nothing about the upstream.
+DEFAULTS_LEVELS = [(5, 3), (10, 3), (50, 3), (500, 6)]
+
+
+def test_hang_scenario_at_the_defaults(spawn, measurements):
+    fake = spawn.fake("--delay-ms", UPSTREAM_DELAY_MS, "--capacity", UPSTREAM_CONNECTIONS)
+    ec = spawn.embedcar(fake)
+    failures = []
+    for n, timeout in DEFAULTS_LEVELS:
+        outcomes, attempts, wall = run_threads(ec.url, n, dict(timeout=timeout, max_retries=0))
+        row = summarize(f"embedcar, defaults, {timeout} s timeout", "threads, 1 sync client", n,
+                        outcomes, attempts, wall)
+        row["upstream_calls"] = int(ec.metric("embedcar_upstream_requests_total",
+                                              route="embeddings"))
+        row["upstream_peak"] = fake.stats()["peak_concurrency"]
+        measurements.append(row)
+        if row["ok"] != n:
+            failures.append(row)
+        time.sleep(1.5)
+    assert not failures, failures
+    assert ec.metric("embedcar_upstream_concurrency_limit") <= UPSTREAM_CONNECTIONS + 1
 
 
 def test_a_call_stalled_on_a_dead_connection_is_served_on_the_clients_retry(spawn):

@@ -125,6 +125,14 @@ pub struct FakeOptions {
     pub max_input_tokens: usize,
     /// Reject embeddings requests whose inputs add up to more tokens than this (OpenAI: 300 000).
     pub max_request_tokens: usize,
+    /// Work on at most this many embeddings calls at once, like a model server with a fixed
+    /// number of workers (Ollama's `OLLAMA_NUM_PARALLEL`, text-embeddings-inference's
+    /// `max-concurrent-requests`). What happens to the rest is `over_capacity`. Unlike
+    /// `max_connections`, idle connections cost nothing here: it counts calls being worked on.
+    pub capacity: Option<usize>,
+    pub over_capacity: OverCapacity,
+    /// Random faults on embeddings calls (the share of calls that get each).
+    pub faults: FaultMix,
     /// Bill OpenAI's models with their real tokenizer ([`billed_tokens`]); off, every model is
     /// billed with [`fake_token_count`]. The CPU benchmarks turn it off: the fake shares a core
     /// with their load generator, and a proxy that counts tokens itself ignores the bill.
@@ -143,7 +151,104 @@ impl Default for FakeOptions {
             max_input_tokens: 8192,
             max_request_tokens: 300_000,
             exact_usage: true,
+            capacity: None,
+            over_capacity: OverCapacity::Queue,
+            faults: FaultMix::default(),
         }
+    }
+}
+
+/// What a model server does with a call beyond its capacity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OverCapacity {
+    /// Queue it (Ollama, vLLM): it waits for a worker, its latency grows.
+    #[default]
+    Queue,
+    /// Refuse it at once with 429 "Model is overloaded" (text-embeddings-inference).
+    Refuse,
+}
+
+/// Shares (0 to 1) of embeddings calls that fail each way, drawn at random per call.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FaultMix {
+    /// 429 with `retry-after-ms: 200`.
+    pub rate_limited: f64,
+    /// 503.
+    pub unavailable: f64,
+    /// The connection closes without a reply.
+    pub dropped: f64,
+    /// 200 with a body cut off mid-way.
+    pub truncated: f64,
+    /// No answer, ever.
+    pub hang: f64,
+}
+
+impl FaultMix {
+    /// `429=0.2,503=0.1,drop=0.05,truncate=0.05,hang=0.2` (the example binary's `--faults`).
+    pub fn parse(text: &str) -> Result<FaultMix, String> {
+        let mut mix = FaultMix::default();
+        for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+            let (name, share) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part}: want NAME=SHARE"))?;
+            let share: f64 = share
+                .trim()
+                .parse()
+                .map_err(|_| format!("{part}: the share is not a number"))?;
+            let slot = match name.trim() {
+                "429" => &mut mix.rate_limited,
+                "503" => &mut mix.unavailable,
+                "drop" => &mut mix.dropped,
+                "truncate" => &mut mix.truncated,
+                "hang" => &mut mix.hang,
+                other => {
+                    return Err(format!(
+                        "{other}: not one of 429, 503, drop, truncate, hang"
+                    ))
+                }
+            };
+            *slot = share;
+        }
+        Ok(mix)
+    }
+
+    fn is_empty(&self) -> bool {
+        *self == FaultMix::default()
+    }
+
+    /// The action for one call, from a uniform draw in [0, 1).
+    fn pick(&self, draw: f64) -> Option<Action> {
+        let mut edge = 0.0;
+        let choices = [
+            (self.rate_limited, 429u16),
+            (self.unavailable, 503),
+            (self.dropped, 1),
+            (self.truncated, 2),
+            (self.hang, 3),
+        ];
+        for (share, what) in choices {
+            edge += share;
+            if draw < edge {
+                return Some(match what {
+                    1 => Action::Drop,
+                    2 => Action::Cut,
+                    3 => Action::Hang,
+                    status => {
+                        let mut headers =
+                            vec![("content-type".to_string(), "application/json".to_string())];
+                        if status == 429 {
+                            headers.push(("retry-after-ms".to_string(), "200".to_string()));
+                        }
+                        Action::Status {
+                            status,
+                            headers,
+                            body: Bytes::from(forced_error_body(status)),
+                        }
+                    }
+                });
+            }
+        }
+        None
     }
 }
 
@@ -206,6 +311,9 @@ pub enum Behavior {
     Drop,
     /// `200 OK`, `application/json`, correct framing, but the JSON is cut in half.
     Malformed,
+    /// `200 OK` and the first part of the body, then the connection breaks (HTTP/2: the stream
+    /// is reset): a reply cut off mid-way.
+    Cut,
     /// Answer normally, adding these headers (e.g. `x-ratelimit-remaining-requests: 0`).
     Headers(Vec<(String, String)>),
 }
@@ -584,6 +692,7 @@ impl FakeUpstream {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (streams, _) = watch::channel(StreamGate::default());
         let limit = opts.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        let workers = opts.capacity.map(|n| Arc::new(Semaphore::new(n)));
         let shared = Arc::new(Shared {
             opts,
             behavior: Mutex::new(Behavior::Normal),
@@ -596,6 +705,10 @@ impl FakeUpstream {
             body_bytes: AtomicU64::new(0),
             embedding_calls: AtomicUsize::new(0),
             embedding_inputs: AtomicUsize::new(0),
+            over_capacity_refused: AtomicUsize::new(0),
+            over_capacity_queued: AtomicUsize::new(0),
+            workers,
+            draw: AtomicU64::new(0x2545_F491_4F6C_DD1D),
             next_id: AtomicU64::new(0),
             streams,
             shutdown: shutdown_rx,
@@ -679,6 +792,16 @@ impl FakeUpstream {
 
     /// Embeddings requests answered with real embeddings (2xx). Errors, forced statuses,
     /// malformed replies, hangs and drops do not count.
+    /// Embeddings calls refused (429) for want of capacity.
+    pub fn over_capacity_refused(&self) -> usize {
+        self.shared.over_capacity_refused.load(Ordering::SeqCst)
+    }
+
+    /// Embeddings calls that had to queue for a worker.
+    pub fn over_capacity_queued(&self) -> usize {
+        self.shared.over_capacity_queued.load(Ordering::SeqCst)
+    }
+
     pub fn embedding_calls(&self) -> usize {
         self.shared.embedding_calls.load(Ordering::SeqCst)
     }
@@ -744,6 +867,13 @@ struct Shared {
     body_bytes: AtomicU64,
     embedding_calls: AtomicUsize,
     embedding_inputs: AtomicUsize,
+    /// Embeddings calls refused or queued for want of capacity.
+    over_capacity_refused: AtomicUsize,
+    over_capacity_queued: AtomicUsize,
+    /// Workers for `capacity`.
+    workers: Option<Arc<Semaphore>>,
+    /// State of the fault draw (xorshift).
+    draw: AtomicU64,
     next_id: AtomicU64,
     streams: watch::Sender<StreamGate>,
     shutdown: watch::Receiver<bool>,
@@ -793,6 +923,8 @@ impl Shared {
         self.body_bytes.store(0, Ordering::SeqCst);
         self.embedding_calls.store(0, Ordering::SeqCst);
         self.embedding_inputs.store(0, Ordering::SeqCst);
+        self.over_capacity_refused.store(0, Ordering::SeqCst);
+        self.over_capacity_queued.store(0, Ordering::SeqCst);
         self.peak
             .store(self.in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
         lock(&self.keyed).clear();
@@ -914,6 +1046,24 @@ impl Shared {
         })
     }
 
+    /// A uniform draw in [0, 1) for the fault mix.
+    fn next_draw(&self) -> f64 {
+        let mut x = self.draw.load(Ordering::Relaxed);
+        loop {
+            let mut next = x;
+            next ^= next << 13;
+            next ^= next >> 7;
+            next ^= next << 17;
+            match self
+                .draw
+                .compare_exchange_weak(x, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return (next >> 11) as f64 / (1u64 << 53) as f64,
+                Err(seen) => x = seen,
+            }
+        }
+    }
+
     fn next_request_id(&self) -> String {
         format!(
             "req_fake_{}",
@@ -945,6 +1095,7 @@ enum Action {
     Hang,
     Drop,
     Malformed,
+    Cut,
 }
 
 impl Plan {
@@ -968,6 +1119,7 @@ impl Plan {
             Behavior::Hang => (None, Action::Hang, Vec::new()),
             Behavior::Drop => (None, Action::Drop, Vec::new()),
             Behavior::Malformed => (None, Action::Malformed, Vec::new()),
+            Behavior::Cut => (None, Action::Cut, Vec::new()),
             Behavior::Headers(h) => (None, Action::Normal, h),
         };
         Plan {
@@ -1171,8 +1323,38 @@ async fn handle(
     let request_id = shared.next_request_id();
     let (parts, body) = req.into_parts();
     let slot = shared.record_head(&parts);
-    let plan = shared.plan_for(&parts);
+    let mut plan = shared.plan_for(&parts);
     let route = Route::of(&parts.method, parts.uri.path());
+    let is_embeddings = matches!(route, Route::Embeddings { .. });
+    if is_embeddings && matches!(plan.action, Action::Normal) && !shared.opts.faults.is_empty() {
+        if let Some(fault) = shared.opts.faults.pick(shared.next_draw()) {
+            plan.action = fault;
+        }
+    }
+    // A worker for the call, held until its answer is written (or it is dropped).
+    let _worker = match (&shared.workers, is_embeddings) {
+        (Some(workers), true) => match workers.clone().try_acquire_owned() {
+            Ok(w) => Some(w),
+            Err(_) if shared.opts.over_capacity == OverCapacity::Refuse => {
+                shared.over_capacity_refused.fetch_add(1, Ordering::SeqCst);
+                let body = openai_error_body("Model is overloaded", "overloaded", None, None);
+                return Ok(
+                    json_response(StatusCode::TOO_MANY_REQUESTS, body).map(|inner| FakeBody {
+                        inner,
+                        guard: Some(guard),
+                    }),
+                );
+            }
+            Err(_) => {
+                shared.over_capacity_queued.fetch_add(1, Ordering::SeqCst);
+                tokio::select! {
+                    w = workers.clone().acquire_owned() => w.ok(),
+                    _ = shared.shutdown() => return Err(FakeError::new("shutting down")),
+                }
+            }
+        },
+        _ => None,
+    };
 
     let mut resp = match plan.action {
         // The echo streams: it must not wait for the whole body.
@@ -1218,6 +1400,29 @@ async fn handle(
                     StatusCode::OK,
                     &b"{\"object\":\"list\",\"data\":[{\"object\":\"embedding\",\"index\":0,\"embedding\":[0.0123,-0.45"[..],
                 ),
+                Action::Cut => {
+                    // The head and a first part go out; a moment later the reply breaks, so the
+                    // client sees a body cut off, not a connection closed before any reply.
+                    let frames = futures_util::stream::unfold(0u8, |step| async move {
+                        match step {
+                            0 => Some((
+                                Ok(Frame::data(Bytes::from_static(
+                                    b"{\"object\":\"list\",\"data\":[{",
+                                ))),
+                                1,
+                            )),
+                            1 => {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                                Some((Err(FakeError::new("cutting the reply off")), 2))
+                            }
+                            _ => None,
+                        }
+                    });
+                    let mut resp = Response::new(UnsyncBoxBody::new(StreamBody::new(frames)));
+                    resp.headers_mut()
+                        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    resp
+                }
             }
         }
     };
@@ -1370,6 +1575,8 @@ fn control(shared: &Shared, req: &Request<Incoming>) -> Response<InnerBody> {
                 "body_bytes_received": shared.body_bytes.load(Ordering::SeqCst),
                 "embedding_calls": shared.embedding_calls.load(Ordering::SeqCst),
                 "embedding_inputs": shared.embedding_inputs.load(Ordering::SeqCst),
+                "over_capacity_refused": shared.over_capacity_refused.load(Ordering::SeqCst),
+                "over_capacity_queued": shared.over_capacity_queued.load(Ordering::SeqCst),
             });
             json_response(StatusCode::OK, serde_json::to_vec(&stats).expect("json"))
         }
