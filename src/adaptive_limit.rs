@@ -333,8 +333,14 @@ impl State {
             Signal::Answered => {
                 let expected = self.expected(tokens);
                 self.last_expected = expected.or(Some(elapsed));
-                self.record(tokens, elapsed);
                 let ratio = expected.map_or(1.0, |e| elapsed.as_secs_f64() / e.as_secs_f64());
+                // A queued call's latency is no baseline: recorded, it would make its size
+                // look slow for good. A call that ran alone was queued behind none of ours, so
+                // it counts whatever it took (this also heals a size misjudged from too few
+                // others: the limit falls until calls run alone, and they teach the baseline).
+                if ratio <= TOLERANCE || place.in_flight_at_start <= 1 {
+                    self.record(tokens, elapsed);
+                }
                 if ratio > TOLERANCE {
                     return if fresh {
                         let target = self.queued_target(place);

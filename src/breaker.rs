@@ -90,9 +90,9 @@ pub struct CircuitBreaker {
 }
 
 struct Circuits {
-    /// Connection failures in a row, for everyone, and when the upstream may be tried again.
+    /// Connection failures in a row, for everyone, and the circuit they open for everyone.
     connect_failures: u32,
-    unreachable_until: Option<Instant>,
+    unreachable: State,
     by_credential: HashMap<CredentialId, Circuit>,
     open: usize,
 }
@@ -111,35 +111,38 @@ pub enum Failure {
 pub struct Pass<'a> {
     breaker: &'a CircuitBreaker,
     credential: CredentialId,
+    /// This attempt probes the credential's circuit, or the circuit for everyone.
     probe: bool,
+    global_probe: bool,
     reported: bool,
 }
 
 impl Pass<'_> {
     pub fn succeeded(mut self) {
         self.reported = true;
-        self.breaker.on_result(&self.credential, self.probe, None);
+        self.breaker
+            .on_result(&self.credential, self.probe, self.global_probe, None);
     }
 
     pub fn failed(mut self, how: Failure) {
         self.reported = true;
         self.breaker
-            .on_result(&self.credential, self.probe, Some(how));
+            .on_result(&self.credential, self.probe, self.global_probe, Some(how));
     }
 
     /// An outcome that says nothing about the upstream's health (a 4xx, a caller that left).
     pub fn neutral(mut self) {
         self.reported = true;
-        if self.probe {
-            self.breaker.release_probe(&self.credential);
-        }
+        self.breaker
+            .release_probe(&self.credential, self.probe, self.global_probe);
     }
 }
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        if !self.reported && self.probe {
-            self.breaker.release_probe(&self.credential);
+        if !self.reported {
+            self.breaker
+                .release_probe(&self.credential, self.probe, self.global_probe);
         }
     }
 }
@@ -150,7 +153,7 @@ impl CircuitBreaker {
         CircuitBreaker {
             circuits: Mutex::new(Circuits {
                 connect_failures: 0,
-                unreachable_until: None,
+                unreachable: State::Closed,
                 by_credential: HashMap::new(),
                 open: 0,
             }),
@@ -173,13 +176,10 @@ impl CircuitBreaker {
     pub fn admit(&self, credential: &CredentialId) -> Result<Pass<'_>, ProxyError> {
         let now = Instant::now();
         let mut c = self.lock();
-        if let Some(until) = c.unreachable_until {
-            if now < until {
-                return Err(ProxyError::CircuitOpen {
-                    retry_after: until - now,
-                });
-            }
-        }
+        let global_probe = match self.advance(&mut c.unreachable, now)? {
+            Some(probe) => probe,
+            None => false,
+        };
         if c.by_credential.len() > CIRCUITS_BEFORE_SWEEP {
             let quiet = self.settings.window;
             c.by_credential
@@ -190,76 +190,97 @@ impl CircuitBreaker {
             .entry(*credential)
             .or_insert_with(|| Circuit::new(now));
         circuit.last_seen = now;
-        let probe = match circuit.state {
-            State::Closed => false,
-            State::Open { until } if now >= until => {
-                self.transition(circuit, State::HalfOpen { probing: true });
-                true
-            }
-            State::Open { until } => {
-                return Err(ProxyError::CircuitOpen {
-                    retry_after: until - now,
-                })
-            }
-            State::HalfOpen { probing: false } => {
-                circuit.state = State::HalfOpen { probing: true };
-                true
-            }
-            State::HalfOpen { probing: true } => {
-                return Err(ProxyError::CircuitOpen {
-                    retry_after: self.settings.cooldown,
-                })
+        let probe = match self.advance(&mut circuit.state, now) {
+            Ok(p) => p.unwrap_or(false),
+            Err(e) => {
+                // The everyone-probe was not made after all: let another caller make it.
+                if global_probe {
+                    c.unreachable = State::HalfOpen { probing: false };
+                }
+                return Err(e);
             }
         };
         Ok(Pass {
             breaker: self,
             credential: *credential,
             probe,
+            global_probe,
             reported: false,
         })
     }
 
-    fn on_result(&self, credential: &CredentialId, probe: bool, failure: Option<Failure>) {
+    /// Moves a circuit on in time: an attempt may go (`Some(whether it is the probe)`), or is
+    /// refused.
+    fn advance(&self, state: &mut State, now: Instant) -> Result<Option<bool>, ProxyError> {
+        match *state {
+            State::Closed => Ok(Some(false)),
+            State::Open { until } if now >= until => {
+                self.transition_state(state, State::HalfOpen { probing: true });
+                Ok(Some(true))
+            }
+            State::Open { until } => Err(ProxyError::CircuitOpen {
+                retry_after: until - now,
+            }),
+            State::HalfOpen { probing: false } => {
+                *state = State::HalfOpen { probing: true };
+                Ok(Some(true))
+            }
+            State::HalfOpen { probing: true } => Err(ProxyError::CircuitOpen {
+                retry_after: self.settings.cooldown,
+            }),
+        }
+    }
+
+    fn on_result(
+        &self,
+        credential: &CredentialId,
+        probe: bool,
+        global_probe: bool,
+        failure: Option<Failure>,
+    ) {
         let now = Instant::now();
         let step = self.step(now);
         let mut guard = self.lock();
         let c = &mut *guard;
-        // The upstream-wide connect circuit.
-        match failure {
-            Some(Failure::Connect) => {
+        // The upstream-wide connect circuit: only connection failures count here.
+        let cannot_connect = failure == Some(Failure::Connect);
+        match (c.unreachable, cannot_connect) {
+            (State::HalfOpen { .. }, true) if global_probe => {
+                let until = now + self.settings.cooldown;
+                self.transition_state(&mut c.unreachable, State::Open { until });
+            }
+            (State::HalfOpen { .. }, false) if global_probe => {
+                c.connect_failures = 0;
+                self.transition_state(&mut c.unreachable, State::Closed);
+            }
+            (State::Closed, true) => {
                 c.connect_failures += 1;
-                if c.connect_failures >= self.settings.connect_failures.max(1)
-                    && c.unreachable_until.is_none_or(|u| u <= now)
-                {
-                    c.unreachable_until = Some(now + self.settings.cooldown);
+                if c.connect_failures >= self.settings.connect_failures.max(1) {
                     c.connect_failures = 0;
+                    let until = now + self.settings.cooldown;
                     tracing::warn!(
                         cooldown = ?self.settings.cooldown,
                         "upstream circuit breaker: cannot connect to the upstream; failing fast"
                     );
-                    self.metrics
-                        .breaker_transitions
-                        .with_label_values(&["open"])
-                        .inc();
+                    self.transition_state(&mut c.unreachable, State::Open { until });
                 }
             }
             // Any exchange that reached the upstream ends the run of connect failures.
-            _ => {
-                c.connect_failures = 0;
-                if c.unreachable_until.take().is_some() {
-                    self.metrics
-                        .breaker_transitions
-                        .with_label_values(&["closed"])
-                        .inc();
-                }
-            }
+            (State::Closed, false) => c.connect_failures = 0,
+            _ => {}
+        }
+        // A connection that could not be made says nothing about this credential's calls.
+        if cannot_connect && !probe {
+            self.publish(c);
+            return;
         }
         let Some(circuit) = c.by_credential.get_mut(credential) else {
-            self.publish(c, now);
+            self.publish(c);
             return;
         };
         let failed = failure.is_some();
         let before = circuit.state;
+
         match (circuit.state, failed) {
             (State::HalfOpen { .. }, false) if probe => {
                 circuit.buckets = [Bucket::default(); BUCKETS];
@@ -305,44 +326,55 @@ impl CircuitBreaker {
             (true, false) => c.open -= 1,
             _ => {}
         }
-        self.publish(c, now);
+        self.publish(c);
     }
 
     /// The gauges: open for anyone (1) or closed (0), and how many credentials are refused.
-    fn publish(&self, c: &Circuits, now: Instant) {
-        let unreachable = c.unreachable_until.is_some_and(|u| now < u);
+    fn publish(&self, c: &Circuits) {
+        let unreachable = c.unreachable != State::Closed;
         self.metrics
             .breaker_state
             .set(i64::from(unreachable || c.open > 0));
         self.metrics.breaker_open_credentials.set(c.open as i64);
     }
 
-    fn release_probe(&self, credential: &CredentialId) {
+    fn release_probe(&self, credential: &CredentialId, probe: bool, global_probe: bool) {
+        if !probe && !global_probe {
+            return;
+        }
         let mut c = self.lock();
-        if let Some(circuit) = c.by_credential.get_mut(credential) {
-            if let State::HalfOpen { probing: true } = circuit.state {
-                circuit.state = State::HalfOpen { probing: false };
+        if global_probe {
+            if let State::HalfOpen { probing: true } = c.unreachable {
+                c.unreachable = State::HalfOpen { probing: false };
+            }
+        }
+        if probe {
+            if let Some(circuit) = c.by_credential.get_mut(credential) {
+                if let State::HalfOpen { probing: true } = circuit.state {
+                    circuit.state = State::HalfOpen { probing: false };
+                }
             }
         }
     }
 
     fn transition(&self, circuit: &mut Circuit, to: State) {
+        self.transition_state(&mut circuit.state, to);
+    }
+
+    fn transition_state(&self, state: &mut State, to: State) {
         let (label, _) = to.label();
-        tracing::warn!(
-            to = label,
-            "upstream circuit breaker (one credential's calls)"
-        );
+        tracing::warn!(to = label, "upstream circuit breaker");
         self.metrics
             .breaker_transitions
             .with_label_values(&[label])
             .inc();
-        circuit.state = to;
+        *state = to;
     }
 
     /// Whether calls for `credential` are refused now.
     pub fn is_open(&self, credential: &CredentialId) -> bool {
         let c = self.lock();
-        c.unreachable_until.is_some_and(|u| Instant::now() < u)
+        c.unreachable != State::Closed
             || c.by_credential
                 .get(credential)
                 .is_some_and(|k| k.state != State::Closed)

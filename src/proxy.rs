@@ -135,6 +135,7 @@ impl Proxy {
                     retryable,
                     max_attempts: Some(self.retrier.max_attempts()),
                     callers: 1,
+                    current_deadline: None,
                 },
                 |_| {
                     let body = match (&kept, streamed.take()) {

@@ -506,7 +506,7 @@ pub struct Finished<T> {
 }
 
 /// What one upstream call may spend on attempts.
-pub struct Policy {
+pub struct Policy<'a> {
     /// Tokens each attempt costs at the credential's gate.
     pub tokens: u64,
     /// No retry starts unless it can before this (the farthest deadline of the callers the
@@ -520,6 +520,10 @@ pub struct Policy {
     pub max_attempts: Option<u32>,
     /// The callers the call carries: each earns retry credit, as it would have calling directly.
     pub callers: u32,
+    /// The deadline as it stands now, when callers may join while the call is under way (a
+    /// merged call: a patient caller joining an impatient one's input extends its retries; no
+    /// caller left, none). `None`: `deadline` holds throughout.
+    pub current_deadline: Option<&'a (dyn Fn() -> Option<tokio::time::Instant> + Sync)>,
 }
 
 /// The retry loop with everything it answers to: the circuit breaker, the rate gates, the
@@ -580,7 +584,7 @@ impl Retrier {
     pub async fn run<T, F, Fut>(
         &self,
         credential: impl Fn() -> crate::rate_gate::CredentialId,
-        policy: Policy,
+        policy: Policy<'_>,
         mut attempt: F,
         keep: impl Fn(T) -> T,
     ) -> Result<Finished<T>, crate::errors::ProxyError>
@@ -594,7 +598,10 @@ impl Retrier {
         // The credential's fingerprint is only worked out if a gate or the breaker needs it.
         let known = std::sync::OnceLock::new();
         let credential = || *known.get_or_init(&credential);
-        let deadline = policy.deadline;
+        let deadline = || match policy.current_deadline {
+            Some(now) => now().unwrap_or_else(tokio::time::Instant::now),
+            None => policy.deadline,
+        };
         let finished = |value, attempts: u32, retryable_failure: bool| Finished {
             value,
             attempts,
@@ -615,7 +622,7 @@ impl Retrier {
             if !self.gates.wide_open() {
                 if let Err(e) = self
                     .gates
-                    .pass(&credential(), policy.tokens, deadline)
+                    .pass(&credential(), policy.tokens, deadline())
                     .await
                 {
                     return previous.map_or(Err(e), |v| Ok(finished(v, number, true)));
@@ -646,7 +653,7 @@ impl Retrier {
                 return Ok(finished(tried.value, number, false));
             }
             let delay = self.backoff.delay(number, server_delay);
-            let in_time = tokio::time::Instant::now() + delay < deadline;
+            let in_time = tokio::time::Instant::now() + delay < deadline();
             let attempts_left = policy.max_attempts.is_none_or(|max| number < max);
             if !attempts_left || !in_time {
                 return Ok(finished(tried.value, number, true));
@@ -714,13 +721,14 @@ mod loop_tests {
     };
     use tokio::time::Instant;
 
-    fn policy(r: &Retrier, deadline: Instant, retryable: bool) -> Policy {
+    fn policy(r: &Retrier, deadline: Instant, retryable: bool) -> Policy<'static> {
         Policy {
             tokens: 1,
             deadline,
             retryable,
             max_attempts: Some(r.max_attempts()),
             callers: 1,
+            current_deadline: None,
         }
     }
 

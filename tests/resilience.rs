@@ -715,7 +715,11 @@ async fn upstream_down_for_good(down: Down) {
                                           "encoding_format": "float"});
                         post_json(&format!("{url}/v1/embeddings"), &body)
                     } else {
-                        get(&format!("{url}/v1/models"))
+                        // The same credential as the embeddings callers: one circuit, one probe.
+                        let mut req = get(&format!("{url}/v1/models"));
+                        req.headers_mut()
+                            .insert("authorization", "Bearer sk-test".parse().unwrap());
+                        req
                     };
                     out.push(call(&client, req).await);
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1322,6 +1326,12 @@ async fn a_call_waiting_out_a_retry_delay_does_not_hold_an_upstream_slot() {
     c.limits.max_concurrency = 1;
     let proxy = start(c).await;
     let client = client();
+    // The fake bills with tiktoken, whose tables load on the first billed reply: not part of
+    // what is timed here.
+    assert_vector(
+        &call(&client, embedding(&proxy, "sk-warm", "warm")).await,
+        "warm",
+    );
     let limited = Behavior::openai_error(429).with_header("retry-after", "1");
     upstream.push_rule(Rule::once(limited.clone()).on_path("/v1/models"));
     upstream.push_rule(Rule::once(limited).on_path("/embeddings"));

@@ -781,6 +781,7 @@ async fn call_once(
         .unwrap_or_else(Instant::now);
     let tokens = items.iter().map(|i| i.size).sum();
     let callers = live(lane, items).callers.len();
+    let current_deadline = || live(lane, items).latest;
     let finished = ctx
         .retrier
         .run(
@@ -791,6 +792,7 @@ async fn call_once(
                 retryable: true,
                 max_attempts: None,
                 callers: u32::try_from(callers).unwrap_or(u32::MAX),
+                current_deadline: Some(&current_deadline),
             },
             |_| {
                 let first = held.take();
