@@ -1228,6 +1228,23 @@ async fn with_the_cache_disabled_the_upstream_is_called_again() {
     }
 }
 
+#[tokio::test]
+async fn the_caches_entries_and_bytes_are_in_the_metrics() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(config(&upstream, 4)).await;
+    let inputs: Vec<_> = (0..7).map(|i| text(format!("kept {i}"))).collect();
+
+    let r = call(
+        &client(),
+        post_json(&embeddings_url(&proxy.url()), &request_for(MODEL, &inputs)),
+    )
+    .await;
+
+    assert_vectors(&r, &inputs, "float", FAKE_DIMS);
+    assert_eq!(metric(&proxy, "embedcar_cache_entries").await, 7.0);
+    assert!(metric(&proxy, "embedcar_cache_bytes").await > 0.0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 10. Usage
 // ---------------------------------------------------------------------------------------------
