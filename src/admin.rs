@@ -61,6 +61,10 @@ fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
         "/metrics" => {
+            if let Some(engine) = &state.engine {
+                let (entries, bytes) = engine.cache().usage();
+                state.metrics.observe_cache(entries, bytes);
+            }
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -109,9 +109,12 @@ pub struct LimitsConfig {
     pub adaptive_concurrency: bool,
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
-    /// Every request's deadline, shortened by the client's own `x-stainless-read-timeout` /
-    /// `x-stainless-timeout` hint: embeddings get their vectors (queueing, gates, retries
-    /// included) or a 504 by then; pass-through requests get the upstream's response head.
+    /// The embeddings engine's deadline, shortened by the client's own
+    /// `x-stainless-read-timeout` / `x-stainless-timeout` hint: embeddings get their vectors
+    /// (queueing, gates, retries included) or a 504 by then. Pass-through requests wait for
+    /// the upstream's answer as long as `upstream.first_byte_timeout` and the client's hint
+    /// allow (a completion may take minutes); for them this bounds only embedcar's own waits
+    /// (gate, slot, the start of a retry).
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// Per upstream credential; 0 = no limit.

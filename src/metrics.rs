@@ -61,6 +61,11 @@ pub struct Metrics {
     pub embeddings_isolation_splits: IntCounter,
     /// Tokens of the inputs answered, by source (`upstream`: billed; `cache`: saved).
     pub embeddings_tokens: IntCounterVec,
+    /// The vector cache's entries and bytes (as charged against `cache.max_bytes`), read from
+    /// the cache when scraped (see [`Metrics::observe_cache`]) rather than kept up to date on
+    /// every insert and eviction.
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
 
     /// Upstream attempts repeated, by reason; retries refused by the budget.
     pub retries: IntCounterVec,
@@ -298,6 +303,17 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let cache_entries = IntGauge::new(
+            "embedcar_cache_entries",
+            "Vectors held in the embeddings cache.",
+        )
+        .expect("valid metric");
+        let cache_bytes = IntGauge::new(
+            "embedcar_cache_bytes",
+            "Bytes held in the embeddings cache, as charged against cache.max_bytes.",
+        )
+        .expect("valid metric");
+
         let retries = IntCounterVec::new(
             Opts::new(
                 "embedcar_retries_total",
@@ -399,6 +415,8 @@ impl Metrics {
             embeddings_batch_inputs,
             embeddings_isolation_splits,
             embeddings_tokens,
+            cache_entries,
+            cache_bytes,
             retries,
             retry_budget_exhausted,
             gate_wait,
@@ -417,7 +435,7 @@ impl Metrics {
             upstream_duration_by: Children::new(Route::COUNT),
             embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 31] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -437,6 +455,8 @@ impl Metrics {
             Box::new(m.embeddings_batch_inputs.clone()),
             Box::new(m.embeddings_isolation_splits.clone()),
             Box::new(m.embeddings_tokens.clone()),
+            Box::new(m.cache_entries.clone()),
+            Box::new(m.cache_bytes.clone()),
             Box::new(m.retries.clone()),
             Box::new(m.retry_budget_exhausted.clone()),
             Box::new(m.gate_wait.clone()),
@@ -464,6 +484,15 @@ impl Metrics {
             tracing::warn!(error = %e, "cannot encode metrics");
         }
         out
+    }
+
+    /// Sets the cache gauges from the cache's own counts (`VectorCache::usage`), just before
+    /// a scrape: the cache already keeps them, so the request path pays nothing for the metric.
+    pub fn observe_cache(&self, entries: u64, bytes: u64) {
+        self.cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// One request answered (`status` 499: the caller left first), timed from its head to the
@@ -658,6 +687,8 @@ mod tests {
             "embedcar_deadline_expired_total",
             "embedcar_open_connections",
             "embedcar_connections_total",
+            "embedcar_cache_entries",
+            "embedcar_cache_bytes",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

@@ -55,6 +55,10 @@ pub struct ProxySettings {
     pub should_retry_header: bool,
 }
 
+/// Passed to `time_budget` as the configured budget to learn whether the client gave a hint
+/// of its own: no hint leaves it as it is.
+const NO_HINT: Duration = Duration::MAX;
+
 /// One attempt's outcome: the upstream's response, or the error to answer with.
 type Sent = Result<Response<Incoming>, ProxyError>;
 
@@ -84,8 +88,17 @@ impl Proxy {
         req: Request<ProxyBody>,
         route: Route,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let budget = time_budget(req.headers(), self.settings.request_timeout);
-        let deadline = Instant::now() + budget;
+        let now = Instant::now();
+        // Embedcar's own waits (the gate, a slot, a retry's delay) stop at the request
+        // timeout; the upstream's answer is waited for as long as the first-byte timeout and
+        // the client's own hint allow: a completion may take minutes, and the official clients
+        // wait 600 s for it by default.
+        let deadline = now + time_budget(req.headers(), self.settings.request_timeout);
+        let answer_by = match time_budget(req.headers(), NO_HINT) {
+            NO_HINT => None,
+            hint => now.checked_add(hint),
+        };
+        let idempotent = req.method().is_idempotent();
         let (mut parts, body) = req.into_parts();
         parts.uri = self
             .upstream
@@ -148,7 +161,7 @@ impl Proxy {
                         match self.limit.acquire(Some(deadline)).await {
                             Err(e) => Tried::refused((Err(e), None)),
                             Ok(slot) => self
-                                .attempt(request, route, deadline)
+                                .attempt(request, route, answer_by, idempotent)
                                 .await
                                 .map(|sent| (sent, Some(slot))),
                         }
@@ -193,18 +206,26 @@ impl Proxy {
         }))
     }
 
-    /// One exchange, up to the response head, within the first-byte timeout and the deadline.
+    /// One exchange, up to the response head, within the first-byte timeout and by
+    /// `answer_by` (the client's hint), if given.
+    ///
+    /// A request that is not idempotent (RFC 9110 §9.2.2: POST, PATCH) and timed out waiting
+    /// for the response head is not tried again: it reached the upstream, which may still be
+    /// working on it, and a second copy could be carried out twice (a second completion
+    /// billed, a file uploaded twice). A connection that could not be made is always retried.
     async fn attempt(
         &self,
         request: Request<ProxyBody>,
         route: Route,
-        deadline: Instant,
+        answer_by: Option<Instant>,
+        idempotent: bool,
     ) -> Tried<Sent> {
         let started = Instant::now();
-        let wait = self
-            .settings
-            .first_byte_timeout
-            .min(deadline.saturating_duration_since(started));
+        let wait = answer_by.map_or(self.settings.first_byte_timeout, |by| {
+            self.settings
+                .first_byte_timeout
+                .min(by.saturating_duration_since(started))
+        });
         let sent = tokio::time::timeout(wait, self.upstream.client.request(request)).await;
         let elapsed = started.elapsed();
         match sent {
@@ -214,7 +235,21 @@ impl Proxy {
                     .deadline_expired
                     .with_label_values(&["first_byte"])
                     .inc();
-                Tried::broken(Err(ProxyError::UpstreamTimeout(wait)), RetryReason::Timeout)
+                let timed_out = Err(ProxyError::UpstreamTimeout(wait));
+                if wait < self.settings.first_byte_timeout {
+                    // The client's own time ran out, not the upstream's: slow is not broken,
+                    // and there is no time left to retry.
+                    Tried::abandoned(timed_out)
+                } else if idempotent {
+                    Tried::broken(timed_out, RetryReason::Timeout)
+                } else {
+                    Tried {
+                        value: timed_out,
+                        verdict: Verdict::Final,
+                        health: Health::Bad(crate::breaker::Failure::Upstream),
+                        rate_limit: None,
+                    }
+                }
             }
             Ok(Err(e)) => {
                 let reason = RetryReason::of_send_error(&e);

@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     num::NonZeroU32,
     sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -59,6 +59,12 @@ impl Drop for InLine<'_> {
 /// Lines are swept of idle credentials once there are this many.
 const LINES_BEFORE_SWEEP: usize = 1024;
 
+/// How often the gates forget credentials they no longer need to remember (a full bucket
+/// looks the same as none, a closure past its end is over). Every distinct `Authorization`
+/// value leaves state behind, so without a sweep a proxy serving many short-lived keys would
+/// grow for ever; a sweep walks every credential held, so not more often than this.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
 type Limiter = RateLimiter<
     CredentialId,
     DashMapStateStore<CredentialId>,
@@ -81,6 +87,9 @@ pub struct RateGates {
     /// Whether any gate was ever shut: until then, with no limits configured, every request
     /// passes without a look at its credential (a fingerprint and a lock saved per request).
     ever_shut: AtomicBool,
+    /// When the next sweep is due, in nanoseconds on `clock`: one atomic read per request
+    /// tells whether it is.
+    next_sweep: AtomicU64,
     metrics: Arc<Metrics>,
 }
 
@@ -109,8 +118,44 @@ impl RateGates {
             token_interval: NonZeroU32::new(tokens_per_minute)
                 .map(|n| Duration::from_secs(60) / n.get()),
             ever_shut: AtomicBool::new(false),
+            next_sweep: AtomicU64::new(nanos(SWEEP_INTERVAL)),
             metrics,
         }
+    }
+
+    /// Forgets what no longer holds anyone back, once per `SWEEP_INTERVAL`: the one caller that
+    /// finds a sweep due does it, the others go on.
+    fn sweep_if_due(&self) {
+        let now = nanos(self.clock.now());
+        let due = self.next_sweep.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .next_sweep
+                .compare_exchange(
+                    due,
+                    now.saturating_add(nanos(SWEEP_INTERVAL)),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return;
+        }
+        for limiter in [self.requests.as_ref(), self.tokens.as_ref().map(|(l, _)| l)]
+            .into_iter()
+            .flatten()
+        {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        let instant = Instant::now();
+        let mut shut = self.shut.lock().unwrap_or_else(|p| p.into_inner());
+        shut.retain(|_, t| *t > instant);
+        shut.shrink_to_fit();
+        drop(shut);
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        lines.retain(|_, l| Arc::strong_count(l) > 1);
+        lines.shrink_to_fit();
     }
 
     /// Shuts `credential`'s gate for `for_` (from a 429 or a budget at zero). A later, shorter
@@ -156,11 +201,15 @@ impl RateGates {
         deadline: Instant,
     ) -> Result<(), ProxyError> {
         let started = Instant::now();
+        self.sweep_if_due();
         let line = self.line(credential);
         let ahead = line.waiting.fetch_add(1, Ordering::AcqRel);
         let _in_line = InLine(&line);
+        // Whether this caller's request cell is spent already: a wait for tokens must not
+        // spend another one on every look.
+        let mut request_spent = false;
         if ahead == 0 {
-            if let Some(wait) = self.wait(credential, tokens) {
+            if let Some(wait) = self.wait(credential, tokens, &mut request_spent) {
                 if started + wait > deadline {
                     return Err(self.refuse(wait));
                 }
@@ -174,7 +223,7 @@ impl RateGates {
             // Holding the turn while checking keeps arrival order: a caller already waiting
             // for room holds it, and then nobody passes it.
             if let Ok(_turn) = line.turn.try_lock() {
-                if self.wait(credential, tokens).is_none() {
+                if self.wait(credential, tokens, &mut request_spent).is_none() {
                     return Ok(());
                 }
             }
@@ -186,7 +235,7 @@ impl RateGates {
         let _turn = line.turn.lock().await;
         loop {
             let now = Instant::now();
-            match self.wait(credential, tokens) {
+            match self.wait(credential, tokens, &mut request_spent) {
                 None => {
                     self.metrics
                         .gate_wait
@@ -197,6 +246,18 @@ impl RateGates {
                 Some(wait) => tokio::time::sleep(wait).await,
             }
         }
+    }
+
+    /// Credentials held now: by the request limiter, the token limiter, the closures and the
+    /// lines.
+    #[cfg(test)]
+    fn held(&self) -> (usize, usize, usize, usize) {
+        (
+            self.requests.as_ref().map_or(0, |l| l.len()),
+            self.tokens.as_ref().map_or(0, |(l, _)| l.len()),
+            self.shut.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            self.lines.lock().unwrap_or_else(|p| p.into_inner()).len(),
+        )
     }
 
     fn refuse(&self, retry_after: Duration) -> ProxyError {
@@ -233,16 +294,25 @@ impl RateGates {
 
     /// How long until `credential` may send `tokens` more tokens now; `None` when it may go
     /// now (and then the request and its tokens are counted).
-    fn wait(&self, credential: &CredentialId, tokens: u64) -> Option<Duration> {
+    ///
+    /// The request cell is taken first and only once per caller (`request_spent` remembers
+    /// it): governor cannot look without taking, and a cell taken while the tokens then say
+    /// wait stays this caller's, rather than being spent again on every look while it waits.
+    fn wait(
+        &self,
+        credential: &CredentialId,
+        tokens: u64,
+        request_spent: &mut bool,
+    ) -> Option<Duration> {
         if let Some(until) = self.shut_until(credential) {
             return Some(until - Instant::now());
         }
         let now = self.clock.now();
-        // Requests first: when the token budget then says wait, the cell wasted is the cheap one.
-        if let Some(limiter) = &self.requests {
+        if let (Some(limiter), false) = (&self.requests, *request_spent) {
             if let Err(not_until) = limiter.check_key(credential) {
                 return Some(not_until.wait_time_from(now));
             }
+            *request_spent = true;
         }
         if let Some((limiter, burst)) = &self.tokens {
             // A call larger than a whole minute's budget could never pass; let it go as a
@@ -259,6 +329,11 @@ impl RateGates {
         }
         None
     }
+}
+
+/// A span of governor's clock as a count of nanoseconds (for an atomic).
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -288,6 +363,51 @@ mod tests {
         let t = Instant::now();
         g.pass(&B, 1, far).await.unwrap();
         assert_eq!(Instant::now(), t);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_tokens_spends_one_request_of_the_budget_not_one_per_look() {
+        // 4 requests a minute (one per 15 s after the burst) and 10 tokens a second.
+        let g = gates(4, 600);
+        let far = Instant::now() + Duration::from_secs(3600);
+        g.pass(&A, 600, far).await.unwrap(); // the whole token budget
+        let t = Instant::now();
+        g.pass(&A, 300, far).await.unwrap(); // waits about 30 s for its tokens
+        let waited = Instant::now() - t;
+        assert!(
+            waited >= Duration::from_secs(29) && waited <= Duration::from_secs(31),
+            "{waited:?}"
+        );
+        // Two requests spent and 30 s of refill: the request budget has room for more, and
+        // small calls (each waiting a tenth of a second for its token) go through at once.
+        let t = Instant::now();
+        for _ in 0..2 {
+            g.pass(&A, 1, far).await.unwrap();
+        }
+        let waited = Instant::now() - t;
+        assert!(waited <= Duration::from_secs(1), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_gates_keep_per_credential_is_bounded() {
+        let g = gates(60, 6000);
+        let far = Instant::now() + Duration::from_secs(3600);
+        // 20,000 callers with credentials of their own, 100 a second for 200 s; the upstream
+        // shuts a few of their gates briefly.
+        for i in 0..20_000u32 {
+            let mut credential = [0u8; 32];
+            credential[..4].copy_from_slice(&i.to_le_bytes());
+            if i % 100 == 0 {
+                g.shut(&credential, Duration::from_millis(5));
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+            g.pass(&credential, 10, far).await.unwrap();
+        }
+        let (requests, tokens, shut, lines) = g.held();
+        for (what, held) in [("requests", requests), ("tokens", tokens), ("shut", shut)] {
+            assert!(held <= 2_000, "{what}: {held} credentials held");
+        }
+        assert!(lines <= 2_000, "lines: {lines}");
     }
 
     #[tokio::test(start_paused = true)]

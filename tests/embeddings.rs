@@ -958,6 +958,70 @@ async fn upstream_calls_stay_under_the_token_cap() {
     assert_eq!(calls.iter().map(|(_, i)| i.len()).sum::<usize>(), 20);
 }
 
+/// OpenAI's cap on the tokens of one embeddings request, which the fake enforces by default.
+const OPENAI_REQUEST_TOKENS: u64 = 300_000;
+
+/// 40 distinct inputs of about 7,900 tokens each: every one under the per-input limit, together
+/// over the per-request cap (about 316,000 tokens), with far fewer than 2048 inputs.
+fn forty_long_inputs() -> Vec<EmbeddingInput> {
+    (0..40)
+        .map(|i| text(format!("input {i}:{}", " hello".repeat(7_900))))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_request_over_the_token_cap_is_split_into_calls_under_it() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(config(&upstream, 4)).await;
+    let inputs = forty_long_inputs();
+    let tokens = |i: &EmbeddingInput| u64::from(billed_tokens(MODEL, i));
+    assert!(inputs.iter().map(tokens).sum::<u64>() > OPENAI_REQUEST_TOKENS);
+
+    let reply = call(
+        &client(),
+        post_json(&embeddings_url(&proxy.url()), &request_for(MODEL, &inputs)),
+    )
+    .await;
+
+    assert_vectors(&reply, &inputs, "float", FAKE_DIMS);
+    let calls = embedding_calls(&upstream);
+    assert!(calls.len() >= 2, "{} calls", calls.len());
+    for (_, sent) in &calls {
+        let sent_tokens = sent.iter().map(tokens).sum::<u64>();
+        assert!(
+            sent_tokens <= OPENAI_REQUEST_TOKENS,
+            "a call of {sent_tokens} tokens"
+        );
+    }
+    assert_eq!(calls.iter().map(|(_, i)| i.len()).sum::<usize>(), 40);
+}
+
+#[tokio::test]
+async fn with_splitting_off_a_request_over_the_token_cap_passes_through_whole() {
+    let upstream = FakeUpstream::start().await;
+    let mut whole = config(&upstream, 4);
+    whole.embeddings.split_oversized = false;
+    let proxy = start_proxy(whole).await;
+    let raw = request_for(MODEL, &forty_long_inputs()).to_string();
+
+    let r = call(
+        &client(),
+        Request::post(embeddings_url(&proxy.url()))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer sk-test")
+            .body(embedcar::body::full(raw.clone()))
+            .unwrap(),
+    )
+    .await;
+
+    // The upstream judges it, and refuses it as OpenAI would.
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.header("x-embedcar-inputs"), None);
+    let seen = upstream.requests();
+    assert_eq!(seen.len(), 1, "sent once, whole");
+    assert_eq!(seen[0].body, raw.as_bytes());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_and_index_are_kept_for_a_256_string_batch_mixed_with_others() {
     let upstream = FakeUpstream::start().await;
@@ -1162,6 +1226,23 @@ async fn with_the_cache_disabled_the_upstream_is_called_again() {
         assert_eq!(r.count("x-embedcar-cache-hits"), 0);
         assert_eq!(upstream.embedding_calls(), n);
     }
+}
+
+#[tokio::test]
+async fn the_caches_entries_and_bytes_are_in_the_metrics() {
+    let upstream = FakeUpstream::start().await;
+    let proxy = start_proxy(config(&upstream, 4)).await;
+    let inputs: Vec<_> = (0..7).map(|i| text(format!("kept {i}"))).collect();
+
+    let r = call(
+        &client(),
+        post_json(&embeddings_url(&proxy.url()), &request_for(MODEL, &inputs)),
+    )
+    .await;
+
+    assert_vectors(&r, &inputs, "float", FAKE_DIMS);
+    assert_eq!(metric(&proxy, "embedcar_cache_entries").await, 7.0);
+    assert!(metric(&proxy, "embedcar_cache_bytes").await > 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------

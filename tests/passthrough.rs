@@ -413,6 +413,66 @@ async fn an_upstream_slower_than_the_first_byte_deadline_gets_504() {
 }
 
 #[tokio::test]
+async fn a_slow_answer_within_the_first_byte_timeout_is_not_cut_by_the_embeddings_deadline() {
+    let upstream = FakeUpstream::start().await;
+    let mut config = config_for(&upstream.url());
+    config.limits.request_timeout = Duration::from_secs(1);
+    config.upstream.first_byte_timeout = Duration::from_secs(30);
+    let proxy = start_proxy(config).await;
+    let mut req = post_json(
+        &format!("{}/v1/chat/completions", proxy.url()),
+        &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "think"}]}),
+    );
+    req.headers_mut()
+        .insert("x-fake-delay-ms", "2000".parse().unwrap());
+
+    let r = send(&client(), req).await;
+
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(upstream.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_post_that_times_out_waiting_for_the_upstream_is_not_sent_again() {
+    let upstream = FakeUpstream::start().await;
+    let mut config = config_for(&upstream.url());
+    config.upstream.first_byte_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    let mut req = post_json(
+        &format!("{}/v1/chat/completions", proxy.url()),
+        &json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "once"}]}),
+    );
+    req.headers_mut()
+        .insert("x-fake-hang", "1".parse().unwrap());
+
+    let r = send(&client(), req).await;
+
+    // The upstream may be working on it: a second copy could run it twice.
+    let e = expect_openai_error(r, StatusCode::GATEWAY_TIMEOUT).await;
+    assert_eq!(e["code"], "upstream_timeout");
+    assert_eq!(upstream.request_count(), 1);
+}
+
+#[tokio::test]
+async fn a_get_that_times_out_waiting_for_the_upstream_is_retried() {
+    let upstream = FakeUpstream::start().await;
+    let mut config = config_for(&upstream.url());
+    config.upstream.first_byte_timeout = Duration::from_millis(300);
+    let proxy = start_proxy(config).await;
+    let req = Request::get(format!("{}/v1/models", proxy.url()))
+        .header("x-fake-hang", "1")
+        .header("x-fake-times", "1")
+        .header("x-fake-key", "a-get-that-times-out")
+        .body(embedcar::body::empty())
+        .unwrap();
+
+    let r = send(&client(), req).await;
+
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(upstream.request_count(), 2);
+}
+
+#[tokio::test]
 async fn a_stream_that_stops_moving_is_cut_at_the_idle_timeout() {
     let upstream = FakeUpstream::start_with(FakeOptions {
         stream_chunks: 3,

@@ -161,10 +161,57 @@ impl Engine {
             Parsed::Engine(r) => r,
             Parsed::PassThrough => return self.pass_through(parts, bytes).await,
         };
-        if !self.config.split_oversized && request.inputs.len() > self.config.max_inputs_per_call {
-            return self.pass_through(parts, bytes).await;
-        }
+        let request = if self.config.split_oversized {
+            request
+        } else {
+            let (request, over) = self.over_a_calls_caps(request, &path).await?;
+            if over {
+                return self.pass_through(parts, bytes).await;
+            }
+            request
+        };
         self.embed(parts, path, request).await
+    }
+
+    /// Whether `request` is more than one upstream call may carry, in inputs or in tokens
+    /// (with `split_oversized` off such a request goes to the upstream whole, to be judged
+    /// there). A token is at least a byte, so a request with fewer bytes of text than the cap
+    /// is under it without being counted; a larger one is counted off the async workers.
+    async fn over_a_calls_caps(
+        &self,
+        request: EmbeddingsRequest,
+        path: &EmbeddingsPath,
+    ) -> Result<(EmbeddingsRequest, bool), ProxyError> {
+        if request.inputs.len() > self.config.max_inputs_per_call {
+            return Ok((request, true));
+        }
+        let cap = self.config.max_tokens_per_call;
+        let most: u64 = request
+            .inputs
+            .iter()
+            .map(|i| match i {
+                request::Input::Text(s) => s.len() as u64,
+                request::Input::Tokens(ids) => ids.len() as u64,
+            })
+            .sum();
+        if most <= cap {
+            return Ok((request, false));
+        }
+        let model_key = model_key(path, &request.model);
+        tokens::load_for(model_key.as_deref()).await;
+        let tokenizer = Tokenizer::for_model(model_key.as_deref());
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0u64;
+            let over = request.inputs.iter().any(|input| {
+                total += tokenizer
+                    .count(input)
+                    .unwrap_or_else(|| tokens::estimate(input));
+                total > cap
+            });
+            (request, over)
+        })
+        .await
+        .map_err(|e| ProxyError::Internal(format!("tokenizing failed: {e}")))
     }
 
     async fn pass_through(
@@ -186,13 +233,7 @@ impl Engine {
         path: EmbeddingsPath,
         request: EmbeddingsRequest,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        // On Azure the deployment is the model; a model in the body is forwarded as given.
-        let model_key = match &path {
-            EmbeddingsPath::OpenAi => request.model.clone(),
-            EmbeddingsPath::Azure { deployment } => {
-                Some(request.model.clone().unwrap_or_else(|| deployment.clone()))
-            }
-        };
+        let model_key = model_key(&path, &request.model);
         // The tokenizer's one-off load (the first OpenAI-model request after start) is not
         // charged to the request's own deadline.
         tokens::load_for(model_key.as_deref()).await;
@@ -337,6 +378,17 @@ impl Engine {
         headers.insert(CACHE_HITS_HEADER, count_value(hits));
         headers.insert(COALESCED_HEADER, count_value(coalesced));
         Ok(response)
+    }
+}
+
+/// The model that decides the tokenizer and the batch key. On Azure the deployment is the
+/// model; a model in the body is forwarded as given.
+fn model_key(path: &EmbeddingsPath, model: &Option<String>) -> Option<String> {
+    match path {
+        EmbeddingsPath::OpenAi => model.clone(),
+        EmbeddingsPath::Azure { deployment } => {
+            Some(model.clone().unwrap_or_else(|| deployment.clone()))
+        }
     }
 }
 
