@@ -13,8 +13,28 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use crate::{metrics::Metrics, stack::HttpService};
 
 /// How long to back off when accept fails (out of file descriptors, typically) before trying
-/// again, so the loop does not spin while the condition lasts.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// again, so the loop does not spin while the condition lasts. Both listeners (traffic and
+/// admin) go through [`accept_with_backoff`], so both back off alike.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Accepts the next connection, retrying failed accepts after [`ACCEPT_ERROR_BACKOFF`]: a
+/// failure such as EMFILE lasts until some connection closes, and retrying at once would spin a
+/// core and flood the log while it does. `what` names the listener in the warning.
+pub async fn accept_with_backoff<T, F, Fut>(what: &'static str, mut accept: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<T>>,
+{
+    loop {
+        match accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
 
 /// HTTP/2 PING interval: finds dead HTTP/2 client connections (which header_read_timeout, an
 /// HTTP/1 notion, does not cover).
@@ -62,14 +82,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                    continue;
-                }
-            },
+            accepted = accept_with_backoff("traffic", || listener.accept()) => accepted,
             () = &mut shutdown => break,
         };
         if let Err(e) = stream.set_nodelay(true) {
@@ -116,5 +129,29 @@ pub async fn serve(
             tracing::warn!("grace period over; closing the remaining connections");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_accept_is_retried_after_the_backoff_not_at_once() {
+        let mut failures_left = 2;
+        let started = Instant::now();
+        let accepted = accept_with_backoff("test", || {
+            let result = if failures_left > 0 {
+                failures_left -= 1;
+                Err(std::io::Error::from_raw_os_error(24)) // EMFILE
+            } else {
+                Ok("connection")
+            };
+            async move { result }
+        })
+        .await;
+        assert_eq!(accepted, "connection");
+        assert_eq!(started.elapsed(), 2 * ACCEPT_ERROR_BACKOFF);
     }
 }
