@@ -300,3 +300,111 @@ async fn a_streamed_body_is_counted_as_it_arrives_and_one_larger_than_the_budget
     );
     assert_eq!(upstream.request_count(), 0);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Connections at server.max_connections
+
+type Sender = hyper::client::conn::http1::SendRequest<embedcar::body::ProxyBody>;
+
+/// A keep-alive HTTP/1.1 connection of its own (a pooled client would share one).
+async fn connect(proxy: &embedcar::Handle) -> Sender {
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+/// `GET /v1/models` on `sender`, the upstream taking `delay_ms`; the status and body.
+async fn models(sender: &mut Sender, delay_ms: u64) -> Result<StatusCode, hyper::Error> {
+    let req = Request::get("/v1/models")
+        .header("host", "embedcar")
+        .header("x-fake-delay-ms", delay_ms.to_string())
+        .body(embedcar::body::empty())
+        .unwrap();
+    sender.ready().await?;
+    let r = sender.send_request(req).await?;
+    let status = r.status();
+    http_body_util::BodyExt::collect(r.into_body()).await?;
+    Ok(status)
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_an_idle_keep_alive_connection_makes_room_for_a_new_client() {
+    let upstream = FakeUpstream::start().await;
+    let mut config = config_for(&upstream.url());
+    config.server.max_connections = 4;
+    let proxy = start_proxy(config).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut c = connect(&proxy).await;
+        assert_eq!(models(&mut c, 0).await.unwrap(), StatusCode::OK);
+        idle.push(c);
+    }
+    let mut fifth = connect(&proxy).await;
+    let answered = tokio::time::timeout(Duration::from_secs(2), models(&mut fifth, 0)).await;
+    assert_eq!(
+        answered
+            .expect("answered well within header_read_timeout")
+            .unwrap(),
+        StatusCode::OK
+    );
+
+    let (_, metrics) = admin_text(&proxy, "/metrics").await;
+    assert!(metric_value(&metrics, "embedcar_connections_reclaimed_total").unwrap() >= 1.0);
+    assert!(
+        idle.iter().any(|c| c.is_closed()),
+        "an idle connection was closed"
+    );
+}
+
+#[tokio::test]
+async fn at_the_connection_cap_a_connection_with_a_request_in_flight_is_never_cut() {
+    let upstream = FakeUpstream::start().await;
+    let mut config = config_for(&upstream.url());
+    config.server.max_connections = 4;
+    let proxy = start_proxy(config).await;
+
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let mut c = connect(&proxy).await;
+        busy.push(tokio::spawn(async move {
+            let status = models(&mut c, 1500).await;
+            // The connection stays open (and idle) with its client.
+            (status, tokio::time::Instant::now(), c)
+        }));
+    }
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(10), |u| u.in_flight() == 4)
+            .await
+    );
+    let mut fifth = connect(&proxy).await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), models(&mut fifth, 0)).await;
+    let fifth_done = tokio::time::Instant::now();
+
+    let mut first_done = None;
+    let mut kept_open = Vec::new();
+    for b in busy {
+        let (status, done, c) = b.await.unwrap();
+        kept_open.push(c);
+        assert_eq!(
+            status.expect("a slow request finished, not cut"),
+            StatusCode::OK
+        );
+        first_done = Some(first_done.map_or(done, |d: tokio::time::Instant| d.min(done)));
+    }
+    assert_eq!(
+        answered
+            .expect("answered once a connection went idle")
+            .unwrap(),
+        StatusCode::OK
+    );
+    assert!(
+        fifth_done >= first_done.unwrap(),
+        "the fifth waited for a busy connection to finish"
+    );
+}
