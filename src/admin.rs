@@ -11,20 +11,14 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::AppState;
+use crate::{server::accept_with_backoff, AppState};
 
 /// Serves the admin endpoints until `stop` resolves.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: impl Future<Output = ()>) {
     tokio::pin!(stop);
     loop {
         let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
+            accepted = accept_with_backoff("admin", || listener.accept()) => accepted,
             () = &mut stop => return,
         };
         let state = state.clone();

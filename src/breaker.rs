@@ -176,10 +176,7 @@ impl CircuitBreaker {
     pub fn admit(&self, credential: &CredentialId) -> Result<Pass<'_>, ProxyError> {
         let now = Instant::now();
         let mut c = self.lock();
-        let global_probe = match self.advance(&mut c.unreachable, now)? {
-            Some(probe) => probe,
-            None => false,
-        };
+        let global_probe = self.advance(&mut c.unreachable, now)?;
         if c.by_credential.len() > CIRCUITS_BEFORE_SWEEP {
             let quiet = self.settings.window;
             c.by_credential
@@ -191,7 +188,7 @@ impl CircuitBreaker {
             .or_insert_with(|| Circuit::new(now));
         circuit.last_seen = now;
         let probe = match self.advance(&mut circuit.state, now) {
-            Ok(p) => p.unwrap_or(false),
+            Ok(p) => p,
             Err(e) => {
                 // The everyone-probe was not made after all: let another caller make it.
                 if global_probe {
@@ -209,21 +206,21 @@ impl CircuitBreaker {
         })
     }
 
-    /// Moves a circuit on in time: an attempt may go (`Some(whether it is the probe)`), or is
+    /// Moves a circuit on in time: an attempt may go (`Ok(whether it is the probe)`), or is
     /// refused.
-    fn advance(&self, state: &mut State, now: Instant) -> Result<Option<bool>, ProxyError> {
+    fn advance(&self, state: &mut State, now: Instant) -> Result<bool, ProxyError> {
         match *state {
-            State::Closed => Ok(Some(false)),
+            State::Closed => Ok(false),
             State::Open { until } if now >= until => {
                 self.transition_state(state, State::HalfOpen { probing: true });
-                Ok(Some(true))
+                Ok(true)
             }
             State::Open { until } => Err(ProxyError::CircuitOpen {
                 retry_after: until - now,
             }),
             State::HalfOpen { probing: false } => {
                 *state = State::HalfOpen { probing: true };
-                Ok(Some(true))
+                Ok(true)
             }
             State::HalfOpen { probing: true } => Err(ProxyError::CircuitOpen {
                 retry_after: self.settings.cooldown,

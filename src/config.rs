@@ -26,6 +26,10 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request body accepted. Embedding requests are far smaller; the file-upload endpoints
 /// that also pass through take parts of up to 64 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+/// Request bytes held in memory at once over all requests (bodies the embeddings engine reads
+/// whole, and small pass-through bodies kept for a retry): four of the largest bodies. Beyond
+/// it a body is refused (503 + Retry-After) rather than let memory grow with the callers.
+pub const DEFAULT_MAX_BUFFERED_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
 /// How long in-flight requests (streams included) may take to finish after SIGTERM.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -76,6 +80,8 @@ pub struct ServerConfig {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     pub max_body_bytes: u64,
+    /// Request bytes held in memory at once, over all requests.
+    pub max_buffered_request_bytes: u64,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// Async worker threads; 0 = one per CPU the process may use (its affinity / cgroup share).
@@ -372,6 +378,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            max_buffered_request_bytes: DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             worker_threads: 0,
         }
@@ -549,6 +556,11 @@ impl Config {
         }
         if self.breaker.window.is_zero() {
             return Err(ConfigError("breaker.window: must be longer than 0s".into()));
+        }
+        if self.server.max_buffered_request_bytes == 0 {
+            return Err(ConfigError(
+                "server.max_buffered_request_bytes: must be at least 1".into(),
+            ));
         }
         if self.server.max_body_bytes == 0 {
             return Err(ConfigError(

@@ -50,6 +50,9 @@ pub enum ProxyError {
     #[error("too many requests are queued in embedcar; retry later")]
     QueueFull { retry_after: Duration },
 
+    #[error("embedcar holds as many request bodies in memory as it may; retry later")]
+    BuffersFull { retry_after: Duration },
+
     #[error("the upstream did not answer within {0:?}")]
     UpstreamTimeout(Duration),
 
@@ -81,7 +84,8 @@ impl ProxyError {
             ProxyError::Overloaded { .. }
             | ProxyError::ShuttingDown
             | ProxyError::CircuitOpen { .. }
-            | ProxyError::QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ProxyError::QueueFull { .. }
+            | ProxyError::BuffersFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamInvalidReply(_) => {
@@ -104,6 +108,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => ("requests", "rate_limited"),
             ProxyError::CircuitOpen { .. } => ("server_error", "upstream_circuit_open"),
             ProxyError::QueueFull { .. } => ("server_error", "queue_full"),
+            ProxyError::BuffersFull { .. } => ("server_error", "request_buffers_full"),
             ProxyError::UpstreamTimeout(_) => ("server_error", "upstream_timeout"),
             ProxyError::UpstreamUnreachable(_) => ("server_error", "upstream_unreachable"),
             ProxyError::UpstreamInvalidReply(_) => ("server_error", "upstream_invalid_reply"),
@@ -119,7 +124,8 @@ impl ProxyError {
             ProxyError::Overloaded { retry_after, .. }
             | ProxyError::RateLimited { retry_after }
             | ProxyError::CircuitOpen { retry_after }
-            | ProxyError::QueueFull { retry_after } => Some(*retry_after),
+            | ProxyError::QueueFull { retry_after }
+            | ProxyError::BuffersFull { retry_after } => Some(*retry_after),
             // Worth a retry soon: the upstream (or its link) failing, or a deadline missed under
             // load. Also keeps a client that honours Retry-After from retrying at once.
             ProxyError::ShuttingDown
@@ -178,6 +184,35 @@ impl ProxyError {
     }
 }
 
+/// A body embedcar could not hold: 503 while other bodies fill the budget, 413 when the body
+/// alone could never fit in it.
+impl From<crate::body::Refused> for ProxyError {
+    fn from(refused: crate::body::Refused) -> Self {
+        match refused {
+            crate::body::Refused::Full => ProxyError::BuffersFull {
+                retry_after: crate::body::BUFFERS_FULL_RETRY_AFTER,
+            },
+            crate::body::Refused::TooLarge { capacity } => {
+                ProxyError::BodyTooLarge { limit: capacity }
+            }
+        }
+    }
+}
+
+/// A coded body that is not what its label says is the caller's mistake (400); one that
+/// inflates past the body limit is too large (413), like a plain body of that size.
+impl From<crate::body::DecodeError> for ProxyError {
+    fn from(e: crate::body::DecodeError) -> Self {
+        match e {
+            crate::body::DecodeError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
+            invalid @ crate::body::DecodeError::Invalid(_) => ProxyError::InvalidRequest {
+                message: invalid.to_string(),
+                param: None,
+            },
+        }
+    }
+}
+
 /// The reply for a handler that panicked: the panic is logged, the caller gets a 500 in OpenAI's
 /// shape, and the process and every other request carry on.
 pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response<ProxyBody> {
@@ -217,6 +252,9 @@ mod tests {
                 retry_after: Duration::from_secs(5),
             },
             ProxyError::QueueFull {
+                retry_after: Duration::from_secs(1),
+            },
+            ProxyError::BuffersFull {
                 retry_after: Duration::from_secs(1),
             },
             ProxyError::UpstreamTimeout(Duration::from_secs(3)),

@@ -19,7 +19,7 @@ use tower_http::request_id::RequestId;
 use tracing::Instrument as _;
 
 use crate::{
-    body::{Guarded, IdleTimeout, Limited, ProxyBody},
+    body::{BodyBounds, BufferBudget, Guarded, IdleTimeout, Limited, ProxyBody},
     errors::ProxyError,
     metrics::{MethodLabel, Metrics, Route},
 };
@@ -170,19 +170,25 @@ where
 
 /// Bounds the request body: a declared Content-Length over the limit is refused at once with
 /// 413; an undeclared (chunked) body is cut off with 413 as soon as it passes the limit; and a
-/// body that stops moving for the idle timeout is abandoned (408).
+/// body that stops moving for the idle timeout is abandoned (408). The handlers that read a
+/// body whole find the limit and the shared budget of buffered bytes in its extensions
+/// ([`BodyBounds`]).
 #[derive(Clone)]
 pub struct RequestBodyLayer {
     max_bytes: u64,
     idle: Duration,
+    bounds: BodyBounds,
     metrics: Arc<Metrics>,
 }
 
 impl RequestBodyLayer {
-    pub fn new(max_bytes: u64, idle: Duration, metrics: Arc<Metrics>) -> Self {
+    /// `max_buffered`: request bytes held in memory at once, over all requests.
+    pub fn new(max_bytes: u64, max_buffered: u64, idle: Duration, metrics: Arc<Metrics>) -> Self {
+        let budget = BufferBudget::new(max_buffered, metrics.request_buffer_bytes.clone());
         Self {
             max_bytes,
             idle,
+            bounds: BodyBounds { max_bytes, budget },
             metrics,
         }
     }
@@ -217,7 +223,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         let limit = self.layer.max_bytes;
         let declared = req
             .headers()
@@ -234,6 +240,7 @@ where
             return Box::pin(async move { Ok(err.into_response()) });
         }
         let idle = self.layer.idle;
+        req.extensions_mut().insert(self.layer.bounds.clone());
         let req = req.map(|b| Limited::new(IdleTimeout::new(b, idle), limit).boxed_unsync());
         Box::pin(self.inner.call(req))
     }

@@ -46,6 +46,10 @@ pub struct Metrics {
     /// Client connections open now, and accepted in total.
     pub open_connections: IntGauge,
     pub connections: IntCounter,
+    /// Idle keep-alive connections closed at `server.max_connections` to admit new clients.
+    pub connections_reclaimed: IntCounter,
+    /// Request body bytes held in memory now, against `server.max_buffered_request_bytes`.
+    pub request_buffer_bytes: IntGauge,
 
     /// Embeddings inputs received, answered from the cache, joined to an identical input in
     /// flight, dropped unsent because nobody waited any more.
@@ -260,6 +264,17 @@ impl Metrics {
             IntCounter::new("embedcar_connections_total", "Client connections accepted.")
                 .expect("valid metric");
 
+        let connections_reclaimed = IntCounter::new(
+            "embedcar_connections_reclaimed_total",
+            "Idle keep-alive client connections closed at server.max_connections to admit new ones.",
+        )
+        .expect("valid metric");
+        let request_buffer_bytes = IntGauge::new(
+            "embedcar_request_buffer_bytes",
+            "Request body bytes held in memory now (bodies read whole), against server.max_buffered_request_bytes.",
+        )
+        .expect("valid metric");
+
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         let embeddings_inputs = counter(
             "embedcar_embeddings_inputs_total",
@@ -407,6 +422,8 @@ impl Metrics {
             deadline_expired,
             open_connections,
             connections,
+            connections_reclaimed,
+            request_buffer_bytes,
             embeddings_inputs,
             embeddings_cache_hits,
             embeddings_coalesced,
@@ -435,7 +452,7 @@ impl Metrics {
             upstream_duration_by: Children::new(Route::COUNT),
             embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 33] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 35] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -447,6 +464,8 @@ impl Metrics {
             Box::new(m.deadline_expired.clone()),
             Box::new(m.open_connections.clone()),
             Box::new(m.connections.clone()),
+            Box::new(m.request_buffer_bytes.clone()),
+            Box::new(m.connections_reclaimed.clone()),
             Box::new(m.embeddings_inputs.clone()),
             Box::new(m.embeddings_cache_hits.clone()),
             Box::new(m.embeddings_coalesced.clone()),
@@ -689,6 +708,8 @@ mod tests {
             "embedcar_connections_total",
             "embedcar_cache_entries",
             "embedcar_cache_bytes",
+            "embedcar_connections_reclaimed_total",
+            "embedcar_request_buffer_bytes",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

@@ -16,7 +16,10 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::{
-    body::{find_cause, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout, ProxyBody},
+    body::{
+        find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
+        ProxyBody,
+    },
     embeddings::keys::credential_fingerprint,
     errors::ProxyError,
     limits::{time_budget, ConcurrencyLimit},
@@ -122,7 +125,13 @@ impl Proxy {
             .size_hint()
             .exact()
             .filter(|n| *n <= self.settings.max_buffered_body);
-        let (mut streamed, kept) = match kept {
+        // Kept only while the budget of buffered request bytes has room for it (held until the
+        // response head, as the bytes are); otherwise it streams, with one attempt.
+        let reservation = kept.and_then(|n| match parts.extensions.get::<BodyBounds>() {
+            Some(bounds) => bounds.budget.reserve(n).ok().map(Some),
+            None => Some(None),
+        });
+        let (mut streamed, kept) = match &reservation {
             Some(_) => {
                 let bytes = body
                     .collect()

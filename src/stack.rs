@@ -62,6 +62,7 @@ pub fn build(state: &AppState) -> HttpService {
         // Innermost before routing: size and idle bounds on what the caller uploads.
         .layer(RequestBodyLayer::new(
             state.config.server.max_body_bytes,
+            state.config.server.max_buffered_request_bytes,
             state.config.upstream.body_idle_timeout,
             state.metrics.clone(),
         ))

@@ -31,7 +31,7 @@ use self::{
 };
 use crate::{
     adaptive_limit::AdaptiveLimit,
-    body::{self, ProxyBody},
+    body::{self, BodyBounds, ProxyBody},
     config::Config,
     errors::ProxyError,
     limits::{time_budget, ConcurrencyLimit},
@@ -150,12 +150,50 @@ impl Engine {
         req: Request<ProxyBody>,
         path: EmbeddingsPath,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let (parts, body) = req.into_parts();
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| crate::proxy::read_error(&*e))?
-            .to_bytes();
+        let codings = match body::content_codings(req.headers()) {
+            // Bytes in a coding embedcar cannot read go to the upstream as they came, label and
+            // all, streamed: the upstream is the judge of what it accepts.
+            body::ContentCodings::Unknown => {
+                return self.proxy.forward(req, Route::Embeddings).await
+            }
+            body::ContentCodings::Identity => Vec::new(),
+            body::ContentCodings::Known(codings) => codings,
+        };
+        let (mut parts, body) = req.into_parts();
+        // Held (with what is parsed from it) until the reply: the budget bounds the request
+        // bytes in memory across all callers, not just while one is being read.
+        let bounds = parts.extensions.get::<BodyBounds>().cloned();
+        let (mut bytes, mut reservation) = match &bounds {
+            Some(bounds) => {
+                let (bytes, reservation) = body::collect_reserved(body, &bounds.budget)
+                    .await
+                    .map_err(|e| match e {
+                        body::CollectError::Refused(r) => ProxyError::from(r),
+                        body::CollectError::Body(e) => crate::proxy::read_error(&*e),
+                    })?;
+                (bytes, Some(reservation))
+            }
+            None => (
+                body.collect()
+                    .await
+                    .map_err(|e| crate::proxy::read_error(&*e))?
+                    .to_bytes(),
+                None,
+            ),
+        };
+        if !codings.is_empty() {
+            let limit = bounds
+                .as_ref()
+                .map_or(crate::config::DEFAULT_MAX_BODY_BYTES, |b| b.max_bytes);
+            bytes = decode_body(bytes, codings, limit).await?;
+            if let Some(reservation) = &mut reservation {
+                reservation.grow(bytes.len() as u64)?;
+            }
+            // What goes upstream from here is the decoded JSON (re-serialised on merged calls,
+            // or these bytes on the pass-through): its old label and length no longer fit.
+            parts.headers.remove(header::CONTENT_ENCODING);
+            parts.headers.remove(header::CONTENT_LENGTH);
+        }
         let model_required = path == EmbeddingsPath::OpenAi;
         let request = match request::parse(&bytes, model_required)? {
             Parsed::Engine(r) => r,
@@ -390,6 +428,25 @@ fn model_key(path: &EmbeddingsPath, model: &Option<String>) -> Option<String> {
             Some(model.clone().unwrap_or_else(|| deployment.clone()))
         }
     }
+}
+
+/// Compressed bodies beyond which decoding moves off the async workers: inflating runs at a few
+/// hundred MB/s, so a large body would otherwise stall every connection on its worker.
+const INLINE_DECODE_BYTES: usize = 64 * 1024;
+
+/// Undoes the body's content codings, within the body limit.
+async fn decode_body(
+    bytes: bytes::Bytes,
+    codings: Vec<body::Coding>,
+    limit: u64,
+) -> Result<bytes::Bytes, ProxyError> {
+    if bytes.len() <= INLINE_DECODE_BYTES {
+        return Ok(body::decode(bytes, &codings, limit)?);
+    }
+    tokio::task::spawn_blocking(move || body::decode(bytes, &codings, limit))
+        .await
+        .map_err(|e| ProxyError::Internal(format!("decoding the body failed: {e}")))?
+        .map_err(ProxyError::from)
 }
 
 /// A count header's value; 0 and 1, by far the most common, without formatting or allocating.
