@@ -1349,10 +1349,17 @@ async fn merged_call_answered_with(
     let url = embeddings_url(&proxy.url());
     let gate = hold_slots(proxy, upstream, 1).await;
     upstream.push_rule(Rule::repeat(behavior, 1_000_000).on_path("/embeddings"));
+    // Callers that wait 3 s, as a client's timeout hint says: a merged call keeps retrying
+    // for its callers as long as one of them has time.
     let pending = spawn_all(
         &client(),
         (0..n)
-            .map(|i| post_json(&url, &request_for(MODEL, &[text(format!("caller {i}"))])))
+            .map(|i| {
+                let mut req = post_json(&url, &request_for(MODEL, &[text(format!("caller {i}"))]));
+                req.headers_mut()
+                    .insert("x-stainless-read-timeout", HeaderValue::from_static("3"));
+                req
+            })
             .collect(),
     );
     wait_metric(proxy, QUEUE_DEPTH, n as f64).await;

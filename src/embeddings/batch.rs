@@ -1042,7 +1042,10 @@ async fn exchange(
         parts.headers.remove(header::CONTENT_LENGTH);
         let status = parts.status;
         let headers = parts.headers.clone();
-        let tried = Tried::reply(
+        // OpenAI answers a spent quota (billing) with 429 too; no wait makes it pass.
+        let quota_spent = status == StatusCode::TOO_MANY_REQUESTS
+            && bytes.windows(18).any(|w| w == b"insufficient_quota");
+        let mut tried = Tried::reply(
             Err(Arc::new(Failure {
                 status,
                 headers: parts.headers,
@@ -1051,6 +1054,10 @@ async fn exchange(
             status,
             &headers,
         );
+        if quota_spent {
+            tried.verdict = Verdict::Final;
+            return (tried, Signal::Ignore);
+        }
         return (tried, signal_of(status));
     }
     let reply = match render::parse_reply(&bytes, live.items.len()) {
