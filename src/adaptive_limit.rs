@@ -203,6 +203,18 @@ impl AdaptiveLimit {
         self.inner.lock().expected(tokens)
     }
 
+    /// The same, but only when a call of this size or larger has been seen: an estimate
+    /// extrapolated upwards is good enough to judge queueing once, not to cut a call short (a
+    /// first batch of 2048 inputs would be cut for taking longer than single inputs do).
+    pub fn expected_within_seen(&self, tokens: u64) -> Option<Duration> {
+        let s = self.inner.lock();
+        let class = class_of(tokens);
+        if s.classes[class..].iter().all(|c| c.min().is_none()) {
+            return None;
+        }
+        s.expected(tokens)
+    }
+
     /// Takes a place, waiting as long as that takes: the engine's callers each carry their own
     /// deadline and leave when it passes, and inputs nobody waits for are not sent.
     pub async fn acquire(&self) -> Place {
@@ -249,7 +261,6 @@ impl Drop for Waiting<'_> {
 impl Place {
     /// Reports how the call went; `tokens` is its size (what its baseline depends on).
     pub fn finish(mut self, signal: Signal, tokens: u64) -> Option<Decision> {
-        self.finished = true;
         let elapsed = self.started.elapsed();
         let inner = self.limit.clone();
         let mut s = inner.lock();
@@ -266,7 +277,15 @@ impl Place {
             inner.metrics.adaptive_baseline.set(e.as_secs_f64());
         }
         s.release(&inner.places);
+        self.finished = true;
         decision
+    }
+
+    /// Starts the call's clock now, when its request is sent: what the limiter judges is the
+    /// upstream's time, not embedcar's own waits (a slot shared with pass-through, a rate gate,
+    /// the batching yield) before it.
+    pub fn sent(&mut self) {
+        self.started = Instant::now();
     }
 }
 
@@ -432,7 +451,12 @@ impl State {
 
     fn rotate_windows(&mut self) {
         let now = Instant::now();
-        if now.duration_since(self.window_started) >= BASELINE_WINDOW {
+        let since = now.duration_since(self.window_started);
+        if since >= BASELINE_WINDOW * 2 {
+            // Quiet for two windows or more: what was seen then is no baseline now.
+            self.classes = [ClassBaseline::default(); CLASSES];
+            self.window_started = now;
+        } else if since >= BASELINE_WINDOW {
             for c in &mut self.classes {
                 c.previous = c.current.take();
             }
@@ -454,35 +478,31 @@ impl State {
             return Some(b);
         }
         let size = tokens.max(1) as f64;
+        // The nearest class with a baseline in a direction: (its class, its size, its latency).
         let known = |mut range: Box<dyn Iterator<Item = usize>>| {
             range.find_map(|c| {
                 self.classes[c]
                     .min()
-                    .map(|b| (class_size(c), b.as_secs_f64()))
+                    .map(|b| (c, class_size(c), b.as_secs_f64()))
             })
         };
         let below = known(Box::new((0..class).rev()));
         let above = known(Box::new(class + 1..CLASSES));
         let secs = match (below, above) {
-            (Some((s0, b0)), Some((s1, b1))) => {
+            (Some((_, s0, b0)), Some((_, s1, b1))) => {
                 let slope = ((b1 - b0) / (s1 - s0)).max(0.0);
                 b0 + slope * (size - s0)
             }
-            (Some((s0, b0)), None) => {
-                let lower = (0..class_of(s0 as u64)).rev().find_map(|c| {
-                    self.classes[c]
-                        .min()
-                        .map(|b| (class_size(c), b.as_secs_f64()))
-                });
-                let slope = match lower {
-                    Some((sl, bl)) => ((b0 - bl) / (s0 - sl)).clamp(0.0, b0 / s0),
+            (Some((c0, s0, b0)), None) => {
+                let slope = match known(Box::new((0..c0).rev())) {
+                    Some((_, sl, bl)) => ((b0 - bl) / (s0 - sl)).clamp(0.0, b0 / s0),
                     // One size seen so far: latency is assumed flat until a second size says
                     // otherwise (a bigger first call may then be judged queued once).
                     None => 0.0,
                 };
                 b0 + slope * (size - s0)
             }
-            (None, Some((_, b1))) => b1,
+            (None, Some((_, _, b1))) => b1,
             (None, None) => return None,
         };
         Some(Duration::from_secs_f64(secs.max(0.0)))

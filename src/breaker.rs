@@ -95,6 +95,8 @@ struct Circuits {
     unreachable: State,
     by_credential: HashMap<CredentialId, Circuit>,
     open: usize,
+    /// When the credential circuits were last swept.
+    swept: Instant,
 }
 
 /// How a failed attempt failed, as far as the breaker cares.
@@ -130,7 +132,17 @@ impl Pass<'_> {
             .on_result(&self.credential, self.probe, self.global_probe, Some(how));
     }
 
-    /// An outcome that says nothing about the upstream's health (a 4xx, a caller that left).
+    /// The upstream answered, with an answer about the request rather than its own health (a
+    /// 4xx, 429 included): it can be reached, so the run of connect failures ends and the
+    /// circuit for everyone closes; the credential's circuit hears nothing.
+    pub fn answered(mut self) {
+        self.reported = true;
+        self.breaker.on_reached(self.global_probe);
+        self.breaker
+            .release_probe(&self.credential, self.probe, false);
+    }
+
+    /// An outcome that says nothing about the upstream's health (a caller that left).
     pub fn neutral(mut self) {
         self.reported = true;
         self.breaker
@@ -156,6 +168,7 @@ impl CircuitBreaker {
                 unreachable: State::Closed,
                 by_credential: HashMap::new(),
                 open: 0,
+                swept: Instant::now(),
             }),
             settings: settings.clone(),
             origin: Instant::now(),
@@ -177,10 +190,24 @@ impl CircuitBreaker {
         let now = Instant::now();
         let mut c = self.lock();
         let global_probe = self.advance(&mut c.unreachable, now)?;
-        if c.by_credential.len() > CIRCUITS_BEFORE_SWEEP {
+        if c.by_credential.len() > CIRCUITS_BEFORE_SWEEP
+            && now.duration_since(c.swept) >= self.settings.window
+        {
+            // At most once a window: circuits quiet for a window go, open ones too once their
+            // cool-down and a window have passed (the tenant left), so the map stays bounded.
+            c.swept = now;
             let quiet = self.settings.window;
-            c.by_credential
-                .retain(|_, k| k.state != State::Closed || now.duration_since(k.last_seen) < quiet);
+            let cooldown = self.settings.cooldown;
+            let mut dropped_open = 0;
+            c.by_credential.retain(|_, k| {
+                let keep = now.duration_since(k.last_seen) < quiet + cooldown;
+                if !keep && k.state != State::Closed {
+                    dropped_open += 1;
+                }
+                keep
+            });
+            c.open -= dropped_open;
+            self.publish(&c);
         }
         let circuit = c
             .by_credential
@@ -266,8 +293,16 @@ impl CircuitBreaker {
             (State::Closed, false) => c.connect_failures = 0,
             _ => {}
         }
-        // A connection that could not be made says nothing about this credential's calls.
-        if cannot_connect && !probe {
+        // A connection that could not be made says nothing about this credential's calls; a
+        // credential's probe that could not connect leaves the probe to the next caller.
+        if cannot_connect {
+            if probe {
+                if let Some(circuit) = c.by_credential.get_mut(credential) {
+                    if let State::HalfOpen { probing: true } = circuit.state {
+                        circuit.state = State::HalfOpen { probing: false };
+                    }
+                }
+            }
             self.publish(c);
             return;
         }
@@ -333,6 +368,16 @@ impl CircuitBreaker {
             .breaker_state
             .set(i64::from(unreachable || c.open > 0));
         self.metrics.breaker_open_credentials.set(c.open as i64);
+    }
+
+    /// The upstream was reached: no run of connect failures, and a probe for everyone succeeded.
+    fn on_reached(&self, global_probe: bool) {
+        let mut c = self.lock();
+        c.connect_failures = 0;
+        if global_probe && matches!(c.unreachable, State::HalfOpen { .. }) {
+            self.transition_state(&mut c.unreachable, State::Closed);
+            self.publish(&c);
+        }
     }
 
     fn release_probe(&self, credential: &CredentialId, probe: bool, global_probe: bool) {

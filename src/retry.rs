@@ -610,15 +610,9 @@ impl Retrier {
         let mut previous: Option<T> = None;
         let mut number = 0;
         loop {
-            // A refusal by the breaker or the gate before a retry ends the loop with the last
-            // attempt's own answer.
-            let pass = match &self.breaker {
-                Some(b) => match b.admit(&credential()) {
-                    Ok(p) => Some(p),
-                    Err(e) => return previous.map_or(Err(e), |v| Ok(finished(v, number, true))),
-                },
-                None => None,
-            };
+            // A refusal by the gate or the breaker before a retry ends the loop with the last
+            // attempt's own answer. The gate comes first: a wait there must not hold the
+            // breaker's probe (everyone else would be refused meanwhile).
             if !self.gates.wide_open() {
                 if let Err(e) = self
                     .gates
@@ -628,6 +622,13 @@ impl Retrier {
                     return previous.map_or(Err(e), |v| Ok(finished(v, number, true)));
                 }
             }
+            let pass = match &self.breaker {
+                Some(b) => match b.admit(&credential()) {
+                    Ok(p) => Some(p),
+                    Err(e) => return previous.map_or(Err(e), |v| Ok(finished(v, number, true))),
+                },
+                None => None,
+            };
             number += 1;
             let tried = attempt(number).await;
             if let Some((status, headers)) = &tried.rate_limit {
@@ -637,6 +638,7 @@ impl Retrier {
                 match tried.health {
                     Health::Good => pass.succeeded(),
                     Health::Bad(how) => pass.failed(how),
+                    Health::Neutral if tried.rate_limit.is_some() => pass.answered(),
                     Health::Neutral => pass.neutral(),
                 }
             }

@@ -437,6 +437,13 @@ impl Ctx {
         reserved
     }
 
+    /// Counts inputs put back in the queue: they were admitted once and must not be refused
+    /// now, so the bound is not checked.
+    fn readmit(&self, n: usize) {
+        self.queued.fetch_add(n, Ordering::AcqRel);
+        self.metrics.embeddings_queue_depth.add(n as i64);
+    }
+
     fn release(&self, n: usize) {
         if n > 0 {
             self.queued.fetch_sub(n, Ordering::AcqRel);
@@ -465,6 +472,12 @@ struct Places {
 }
 
 impl Places {
+    fn sent(&mut self) {
+        if let Some(p) = &mut self.place {
+            p.sent();
+        }
+    }
+
     /// Frees both, telling the learnt limit what the call showed.
     fn finish(self, signal: Signal, tokens: u64) {
         if let Some(p) = self.place {
@@ -478,6 +491,12 @@ impl Places {
 /// still consistent (every critical section here is panic-free), so carry on with it.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Starts a lane's dispatcher. A plain function, so that `run_batch` (which the dispatcher
+/// awaits) can start one without the compiler having to prove its own future `Send` first.
+fn start_dispatcher(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>) {
+    tokio::spawn(dispatch(ctx, key, kind, lane));
 }
 
 /// The dispatcher of one lane: runs while the lane has queued inputs.
@@ -700,16 +719,52 @@ async fn run_batch(
     };
     let mut budget = isolation_budget(items.len());
     let mut held = Some(places);
-    let outcomes = call_isolating(&ctx, &lane, &items, &mut budget, &mut held).await;
+    let mut outcomes = call_isolating(&ctx, &lane, &items, &mut budget, &mut held).await;
     if let Some(unused) = held {
         unused.finish(Signal::Ignore, 0);
+    }
+    // Inputs not sent (or abandoned) for want of callers may have been joined since by a caller
+    // with time left: they go back to the head of the queue instead of failing it.
+    let mut delivery = delivery;
+    if outcomes.iter().any(is_gone) {
+        let (again, start) = {
+            let mut state = lock(&lane.state);
+            let mut again = Vec::new();
+            for (item, outcome) in items.iter().zip(&outcomes) {
+                let wanted = is_gone(outcome)
+                    && state
+                        .flights
+                        .get(&item.hash)
+                        .is_some_and(|f| f.waiters.iter().any(|w| !w.tx.is_closed()));
+                if wanted {
+                    state.queue.push_front(item.hash);
+                    again.push(item.hash);
+                }
+            }
+            let start = !again.is_empty() && !state.dispatching;
+            if start {
+                state.dispatching = true;
+            }
+            (again, start)
+        };
+        if !again.is_empty() {
+            ctx.readmit(again.len());
+            let keep: Vec<bool> = delivery.hashes.iter().map(|h| !again.contains(h)).collect();
+            let mut k = keep.iter();
+            outcomes.retain(|_| *k.next().unwrap_or(&true));
+            let mut k = keep.iter();
+            delivery.hashes.retain(|_| *k.next().unwrap_or(&true));
+        }
+        if start {
+            start_dispatcher(ctx.clone(), key.clone(), kind, lane.clone());
+        }
     }
     // Fill the cache before the flights leave the lane, so a caller arriving in between finds
     // one or the other, never neither.
     let scope = lane.template.cache_scope;
-    for (item, outcome) in items.iter().zip(&outcomes) {
+    for (hash, outcome) in delivery.hashes.iter().zip(&outcomes) {
         if let Ok(embedded) = outcome {
-            ctx.cache.insert((scope, item.hash), embedded.clone());
+            ctx.cache.insert((scope, *hash), embedded.clone());
         }
     }
     delivery.deliver(outcomes);
@@ -782,6 +837,13 @@ async fn call_once(
     let tokens = items.iter().map(|i| i.size).sum();
     let callers = live(lane, items).callers.len();
     let current_deadline = || live(lane, items).latest;
+    // A call that may wait at its credential's rate gate does not hold its places there (other
+    // tenants would wait behind one tenant's quota): its first attempt takes them after the gate.
+    if !ctx.retrier.gates.wide_open() {
+        if let Some(p) = held.take() {
+            p.finish(Signal::Ignore, 0);
+        }
+    }
     let finished = ctx
         .retrier
         .run(
@@ -870,34 +932,57 @@ const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One attempt of an upstream call with the places it holds, which it frees (telling the learnt
 /// limit what it saw) before it returns.
-async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], places: Places) -> Tried<CallResult> {
+async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], mut places: Places) -> Tried<CallResult> {
     let live = live(lane, items);
     let Some(latest) = live.latest else {
         places.finish(Signal::Ignore, 0);
         return Tried::abandoned(Err(gone()));
     };
     let tokens: u64 = live.items.iter().map(|&i| items[i].size).sum();
-    let (tried, signal) = exchange(ctx, lane, items, &live, latest, tokens).await;
+    let (tried, signal) = exchange(ctx, lane, items, &live, latest, tokens, &mut places).await;
     places.finish(signal, tokens);
     tried
 }
 
 /// The failure for inputs whose every caller left before the upstream answered: nobody receives
 /// it.
+/// One shared value, so that `run_batch` can tell "not sent for want of callers" from a real
+/// failure and send the input again if a caller has joined it since.
 fn gone() -> Arc<Failure> {
-    Arc::new(Failure::from_error(ProxyError::Internal(
-        "every caller of this input left".into(),
-    )))
+    static GONE: std::sync::OnceLock<Arc<Failure>> = std::sync::OnceLock::new();
+    GONE.get_or_init(|| {
+        Arc::new(Failure::from_error(ProxyError::Internal(
+            "every caller of this input left".into(),
+        )))
+    })
+    .clone()
 }
 
-/// The adaptive limit's view of an upstream reply's status.
-fn signal_of(status: StatusCode) -> Signal {
+fn is_gone(outcome: &Outcome) -> bool {
+    matches!(outcome, Err(f) if Arc::ptr_eq(f, &gone()))
+}
+
+/// The adaptive limit's view of an upstream reply. A 429 that reports a credential's budget
+/// (`x-ratelimit-remaining-*`) is about that tenant's quota, which its rate gate deals with,
+/// not about the upstream's capacity: it must not shrink the limit every tenant shares. A 429
+/// without one (text-embeddings-inference's "Model is overloaded") is about capacity.
+fn signal_of(status: StatusCode, headers: &HeaderMap) -> Signal {
     match status.as_u16() {
         200..=299 => Signal::Answered,
+        429 if headers.contains_key(REMAINING_REQUESTS)
+            || headers.contains_key(REMAINING_TOKENS) =>
+        {
+            Signal::Ignore
+        }
         429 | 503 | 504 => Signal::Overloaded,
         _ => Signal::Ignore,
     }
 }
+
+const REMAINING_REQUESTS: http::HeaderName =
+    http::HeaderName::from_static("x-ratelimit-remaining-requests");
+const REMAINING_TOKENS: http::HeaderName =
+    http::HeaderName::from_static("x-ratelimit-remaining-tokens");
 
 async fn exchange(
     ctx: &Ctx,
@@ -906,6 +991,7 @@ async fn exchange(
     live: &Live,
     latest: Instant,
     tokens: u64,
+    places: &mut Places,
 ) -> (Tried<CallResult>, Signal) {
     let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
     let internal = |e: ProxyError| Tried {
@@ -973,28 +1059,50 @@ async fn exchange(
         .embeddings_batch_inputs
         .observe(live.items.len() as f64);
     let started = Instant::now();
-    let callers_wait = latest.saturating_duration_since(started);
-    let upstream_wait = match ctx.adaptive.as_ref().and_then(|a| a.expected(tokens)) {
+    let upstream_wait = match ctx
+        .adaptive
+        .as_ref()
+        .and_then(|a| a.expected_within_seen(tokens))
+    {
         Some(expected) => (expected * ATTEMPT_TIMEOUT_FACTOR)
             .max(MIN_ATTEMPT_TIMEOUT)
             .min(ctx.settings.first_byte_timeout),
         None => ctx.settings.first_byte_timeout,
     };
-    let wait = upstream_wait.min(callers_wait);
-    let sent = tokio::time::timeout(wait, ctx.upstream.client.request(request)).await;
+    let upstream_deadline = started + upstream_wait;
+    places.sent();
+    let send = ctx.upstream.client.request(request);
+    tokio::pin!(send);
+    // Waits for the reply until the upstream's own time is up, or no caller is left with time:
+    // when the callers' deadline comes, a caller who joined meanwhile may have more.
+    let mut callers_deadline = latest;
+    let sent = loop {
+        let until = upstream_deadline.min(callers_deadline);
+        match tokio::time::timeout_at(until, &mut send).await {
+            Ok(result) => break Ok(result),
+            Err(_) if until == upstream_deadline => break Err(true),
+            Err(_) => match self::live(lane, items).latest {
+                Some(later) if later > callers_deadline && later < upstream_deadline => {
+                    callers_deadline = later;
+                }
+                Some(later) if later > callers_deadline => callers_deadline = upstream_deadline,
+                _ => break Err(false),
+            },
+        }
+    };
     let response = match sent {
         // Every caller's deadline came first: slow is not broken. Nothing to retry, and the
         // breaker hears nothing; the adaptive limit learns the call took at least this long.
-        Err(_) if callers_wait <= upstream_wait => {
+        Err(false) => {
             ctx.metrics
                 .observe_upstream(Route::Embeddings, "abandoned", started.elapsed());
             return (Tried::abandoned(Err(gone())), Signal::Abandoned);
         }
-        Err(_) => {
+        Err(true) => {
             ctx.metrics
                 .observe_upstream(Route::Embeddings, "timeout", started.elapsed());
             let tried = Tried::broken(
-                Err(fail(ProxyError::UpstreamTimeout(wait))),
+                Err(fail(ProxyError::UpstreamTimeout(upstream_wait))),
                 RetryReason::Timeout,
             );
             return (tried, Signal::Overloaded);
@@ -1058,7 +1166,8 @@ async fn exchange(
             tried.verdict = Verdict::Final;
             return (tried, Signal::Ignore);
         }
-        return (tried, signal_of(status));
+        let signal = signal_of(status, &headers);
+        return (tried, signal);
     }
     let reply = match render::parse_reply(&bytes, live.items.len()) {
         Ok(r) => r,

@@ -327,8 +327,15 @@ impl Engine {
             self.metrics.count_tokens(TokenSource::Cache, cached_tokens);
         }
 
-        let (shared_headers, own_headers) = split_headers(&parts.headers, &self.ignored);
-        let caller = Arc::new(Caller { own_headers });
+        // The caller's own headers are picked out only when something goes upstream; the
+        // shared ones only when a lane has to be made (`template`).
+        let caller = Arc::new(Caller {
+            own_headers: if misses.iter().any(|g| !g.is_empty()) {
+                own_headers(&parts.headers, &self.ignored)
+            } else {
+                HeaderMap::new()
+            },
+        });
         let mut waiting: Vec<(usize, Ticket)> = Vec::new();
         for (kind, group) in [InputKind::Text, InputKind::Tokens].into_iter().zip(misses) {
             if group.is_empty() {
@@ -337,7 +344,7 @@ impl Engine {
             let (positions, group): (Vec<usize>, Vec<Miss>) = group.into_iter().unzip();
             let template = || Template {
                 target: target.to_string(),
-                headers: shared_headers.clone(),
+                headers: shared_headers(&parts.headers, &self.ignored),
                 model: request.model.clone(),
                 dimensions: request.dimensions,
                 user: request.user.clone(),
@@ -502,38 +509,49 @@ fn answer_margin(budget: std::time::Duration) -> std::time::Duration {
     )
 }
 
-/// The caller's headers as they go upstream, split in two: those every caller of its batch key
-/// shares (the key covers them), and its own per-request ones (`embeddings.ignore_headers`),
-/// which go only on a call that carries this caller alone.
-fn split_headers(headers: &HeaderMap, ignored: &IgnoredHeaders) -> (HeaderMap, HeaderMap) {
+/// The end-to-end headers every caller of a batch key shares (the key covers them): what a
+/// lane's calls carry.
+fn shared_headers(headers: &HeaderMap, ignored: &IgnoredHeaders) -> HeaderMap {
     let mut shared = forwarded_headers(headers);
-    let mut own = HeaderMap::new();
     let names: Vec<HeaderName> = shared
         .keys()
         .filter(|n| ignored.ignores(n.as_str()))
         .cloned()
         .collect();
     for name in names {
-        for value in shared.get_all(&name) {
-            own.append(name.clone(), value.clone());
-        }
         shared.remove(&name);
     }
-    (shared, own)
+    shared
 }
+
+/// A caller's own per-request headers (`embeddings.ignore_headers`: ids, trace context,
+/// idempotency keys, user agent), which go only on a call that carries this caller alone.
+fn own_headers(headers: &HeaderMap, ignored: &IgnoredHeaders) -> HeaderMap {
+    let mut own = HeaderMap::new();
+    for (name, value) in headers {
+        if ignored.ignores(name.as_str()) && !NOT_FORWARDED.contains(name) {
+            own.append(name.clone(), value.clone());
+        }
+    }
+    own
+}
+
+/// Headers embedcar sets itself on an upstream call (length and type of the body it writes) or
+/// cannot honour (a compressed reply it would have to undo), besides the hop-by-hop ones.
+const NOT_FORWARDED: [HeaderName; 5] = [
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::ACCEPT_ENCODING,
+    header::UPGRADE,
+];
 
 /// The caller's end-to-end headers as they may go upstream: not those embedcar sets (length
 /// and type of the body it writes) or cannot honour (a compressed reply it would have to undo).
 fn forwarded_headers(headers: &HeaderMap) -> HeaderMap {
     let mut h = headers.clone();
     strip_hop_by_hop(&mut h);
-    for name in [
-        header::HOST,
-        header::CONTENT_LENGTH,
-        header::CONTENT_TYPE,
-        header::ACCEPT_ENCODING,
-        header::UPGRADE,
-    ] {
+    for name in NOT_FORWARDED {
         h.remove(name);
     }
     h
