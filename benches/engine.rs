@@ -23,6 +23,12 @@
 //!   upstream requests in flight at once, embeddings per second (callers / completion time), and
 //!   embedcar's CPU time per caller. Every reply is checked afterwards against the vector the
 //!   fake computes for that input.
+//! * **Fan-in at the defaults** (issue #9): the same 1,000 callers against an upstream that works
+//!   on 4 calls at once and queues the rest (`capacity: Some(4)`, no connection cap), direct
+//!   (the same pool of 4 connections) and through embedcar started with no configuration at all:
+//!   it is not told the capacity and learns it (the adaptive concurrency limit). The limit, the
+//!   upstream calls in flight and the latencies are read every 5 ms and drawn as an SVG chart.
+//!   Beside it, the adaptive limit's own CPU per upstream call, timed in this process.
 //! * **Saturation**: embedcar's own CPU time per single-input base64 request through the engine,
 //!   the pass-through benchmark's method: a closed loop of 64 keep-alive connections, each
 //!   sending its next request as soon as the previous reply is read, the upstream answering at
@@ -49,8 +55,10 @@
 //! Environment: `BENCH_CALLERS` (default 1000), `BENCH_DELAY_MS` (50), `BENCH_SLOTS` (4),
 //! `BENCH_DIMS` (1536), `BENCH_SECONDS` (measured seconds per saturation run, default 8),
 //! `BENCH_WARMUP_SECONDS` (1.5), `BENCH_CONNECTIONS` (64), `BENCH_HOT_INPUTS` (1024),
-//! `BENCH_PIN=0` (do not pin), `BENCH_PARTS` (a comma list of `render`, `fanin`, `misses`,
-//! `one-per-call`, `few-slots`, `hits`; default all), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar (the fan-in run sets
+//! `BENCH_PIN=0` (do not pin), `BENCH_PARTS` (a comma list of `render`, `fanin`,
+//! `fanin-defaults`, `adaptive`, `misses`, `one-per-call`, `few-slots`, `hits`; default all),
+//! `BENCH_CHART` (where the defaults fan-in's chart goes, default
+//! `target/bench-adaptive-limit.svg`), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar (the fan-in run sets
 //! `EMBEDCAR_LIMITS__MAX_CONCURRENCY` itself).
 //!
 //! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
@@ -93,6 +101,13 @@ const TARGET_CALLERS_PER_CALL: f64 = 20.0;
 const TARGET_SPEEDUP: f64 = 10.0;
 const TARGET_CPU_US: f64 = 40.0;
 const TARGET_FLOAT_US: f64 = 15.0;
+/// The adaptive concurrency limit's own CPU per upstream call (a place taken and given back
+/// with a judgement).
+const TARGET_ADAPTIVE_NS: f64 = 1000.0;
+/// The fan-in pair where the upstream works on `slots` calls and queues the rest, and embedcar
+/// runs at its defaults (not told the capacity).
+const DIRECT_QUEUED: &str = "direct, queueing upstream";
+const THROUGH_DEFAULTS: &str = "embedcar, defaults";
 
 /// A render figure whose median is this much above its minimum was disturbed.
 const MAX_RENDER_SPREAD: f64 = 1.25;
@@ -328,17 +343,23 @@ impl Embedcar {
 
     /// The sum of every series of one metric on the admin port's `/metrics`.
     async fn metric(&self, name: &str) -> Option<f64> {
-        let admin = self.admin?;
-        let mut sender = connect(admin).await.ok()?;
-        let req = Request::get("/metrics")
-            .header(HOST, admin.to_string())
-            .body(Empty::<Bytes>::new())
-            .ok()?;
-        let resp = sender.send_request(req).await.ok()?;
-        let body = resp.into_body().collect().await.ok()?.to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        let mut sum = None;
-        for line in text.lines() {
+        metric_at(self.admin?, name).await
+    }
+}
+
+/// The sum of every series of each named metric on an admin port's `/metrics`, one scrape.
+async fn metrics_at(admin: SocketAddr, names: &[&str]) -> Option<Vec<Option<f64>>> {
+    let mut sender = connect(admin).await.ok()?;
+    let req = Request::get("/metrics")
+        .header(HOST, admin.to_string())
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    let mut sums = vec![None; names.len()];
+    for line in text.lines() {
+        for (name, sum) in names.iter().zip(sums.iter_mut()) {
             let Some(rest) = line.strip_prefix(name) else {
                 continue;
             };
@@ -349,8 +370,12 @@ impl Embedcar {
                 *sum.get_or_insert(0.0) += v;
             }
         }
-        sum
     }
+    Some(sums)
+}
+
+async fn metric_at(admin: SocketAddr, name: &str) -> Option<f64> {
+    metrics_at(admin, &[name]).await?.pop().flatten()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,12 +647,15 @@ async fn check_through(
     check_reply(&reply.body, input, s.dims).map_err(|e| format!("through embedcar: {e}"))
 }
 
-/// EMBEDCAR: every caller on its own connection to embedcar, all sending at once.
+/// EMBEDCAR: every caller on its own connection to embedcar, all sending at once. With
+/// `sample`, the adaptive limit is read every few milliseconds during the run (for the chart).
 async fn fan_in_through(
     s: &Settings,
     fake: &FakeUpstream,
     ec: &mut Embedcar,
-) -> Result<FanIn, String> {
+    path: &'static str,
+    sample: bool,
+) -> Result<(FanIn, Vec<LimitSample>), String> {
     let host = HeaderValue::from_str(&ec.addr.to_string()).expect("host header");
     // One request first: embedcar works end to end (and has one pooled upstream connection,
     // as a running sidecar would). Its input is not one of the callers'.
@@ -661,6 +689,11 @@ async fn fan_in_through(
     fake.reset_stats();
     let a = Snapshot::take(Some(ec.pid()), fake, None);
     let t0 = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = match (sample, ec.admin) {
+        (true, Some(admin)) => Some(tokio::spawn(sample_limit(admin, t0, stop.clone()))),
+        _ => None,
+    };
     let mut tasks = Vec::with_capacity(s.callers);
     for (i, (mut sender, body)) in senders.into_iter().zip(bodies).enumerate() {
         let host = host.clone();
@@ -671,15 +704,175 @@ async fn fan_in_through(
     }
     let outcomes = join_callers(tasks, fan_in_limit(s)).await;
     let b = Snapshot::take(Some(ec.pid()), fake, None);
+    stop.store(true, Ordering::Relaxed);
+    let samples = match sampler {
+        Some(t) => t.await.unwrap_or_default(),
+        None => Vec::new(),
+    };
     let peak = fake.peak_concurrency();
-    Ok(fan_in_result(
-        "embedcar",
+    let result = fan_in_result(
+        path,
         s,
         outcomes,
         Window::between(&a, &b),
         peak,
         Some(ec.peak_mib()),
+    );
+    Ok((result, samples))
+}
+
+/// One look at the adaptive limit during a fan-in.
+#[derive(Clone, Copy, Debug)]
+struct LimitSample {
+    /// Seconds since the callers' common start.
+    at: f64,
+    limit: f64,
+    upstream_in_flight: f64,
+    baseline_ms: f64,
+    /// Mean time to the upstream's reply head of the calls finished since the last look.
+    latency_ms: Option<f64>,
+}
+
+/// Reads the limit, the calls in flight and the latencies every 5 ms until `stop`.
+async fn sample_limit(
+    admin: SocketAddr,
+    t0: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<LimitSample> {
+    const NAMES: [&str; 5] = [
+        "embedcar_upstream_concurrency_limit",
+        "embedcar_upstream_in_flight",
+        "embedcar_upstream_latency_baseline_seconds",
+        "embedcar_upstream_duration_seconds_sum",
+        "embedcar_upstream_duration_seconds_count",
+    ];
+    let mut out = Vec::new();
+    let mut last: Option<(f64, f64)> = None;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(v) = metrics_at(admin, &NAMES).await {
+            let (sum, count) = (v[3].unwrap_or(0.0), v[4].unwrap_or(0.0));
+            let latency_ms = last
+                .filter(|(_, c)| count > *c)
+                .map(|(s0, c0)| (sum - s0) / (count - c0) * 1e3);
+            last = Some((sum, count));
+            out.push(LimitSample {
+                at: t0.elapsed().as_secs_f64(),
+                limit: v[0].unwrap_or(f64::NAN),
+                upstream_in_flight: v[1].unwrap_or(0.0),
+                baseline_ms: v[2].unwrap_or(0.0) * 1e3,
+                latency_ms,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    out
+}
+
+/// Draws the limit and the upstream's latency over a run as an SVG.
+fn write_chart(path: &str, samples: &[LimitSample], capacity: usize) -> Result<(), String> {
+    use plotters::prelude::*;
+    let err = |e: &dyn std::fmt::Debug| format!("chart: {e:?}");
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(260);
+    let t_max = samples.last().map_or(1.0, |s| s.at).max(1e-3);
+    let y_max = samples
+        .iter()
+        .map(|s| s.limit.max(s.upstream_in_flight))
+        .fold(capacity as f64, f64::max)
+        + 1.0;
+    let mut c = ChartBuilder::on(&top)
+        .caption(
+            "embeddings calls in flight: the adaptive limit finds the upstream's capacity",
+            ("sans-serif", 16),
+        )
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_max)
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .x_desc("seconds since the callers' common start")
+        .draw()
+        .map_err(|e| err(&e))?;
+    c.draw_series(LineSeries::new(
+        [(0.0, capacity as f64), (t_max, capacity as f64)],
+        BLACK.mix(0.4),
     ))
+    .map_err(|e| err(&e))?
+    .label("upstream capacity (unknown to embedcar)")
+    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.4)));
+    c.draw_series(LineSeries::new(
+        samples.iter().map(|s| (s.at, s.limit)),
+        BLUE.stroke_width(2),
+    ))
+    .map_err(|e| err(&e))?
+    .label("adaptive limit")
+    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE));
+    c.draw_series(LineSeries::new(
+        samples.iter().map(|s| (s.at, s.upstream_in_flight)),
+        RED,
+    ))
+    .map_err(|e| err(&e))?
+    .label("upstream calls in flight")
+    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+
+    let l_max = samples
+        .iter()
+        .flat_map(|s| [s.baseline_ms, s.latency_ms.unwrap_or(0.0)])
+        .fold(1.0, f64::max)
+        * 1.2;
+    let mut c = ChartBuilder::on(&bottom)
+        .caption("upstream latency", ("sans-serif", 16))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0.0..t_max, 0.0..l_max)
+        .map_err(|e| err(&e))?;
+    c.configure_mesh()
+        .y_desc("ms")
+        .x_desc("seconds since the callers' common start")
+        .draw()
+        .map_err(|e| err(&e))?;
+    c.draw_series(LineSeries::new(
+        samples.iter().map(|s| (s.at, s.baseline_ms)),
+        GREEN.stroke_width(2),
+    ))
+    .map_err(|e| err(&e))?
+    .label("baseline (an unqueued call of that size)")
+    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], GREEN));
+    c.draw_series(samples.iter().filter_map(|s| {
+        s.latency_ms
+            .map(|l| Circle::new((s.at, l), 3, MAGENTA.filled()))
+    }))
+    .map_err(|e| err(&e))?
+    .label("calls finished since the last look (mean)")
+    .legend(|(x, y)| Circle::new((x + 10, y), 3, MAGENTA.filled()));
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// CPU per upstream call of the adaptive limit itself: a place taken and given back with a
+/// judgement, in this process, on this thread (nothing here waits, so the task stays put).
+async fn adaptive_cost_ns() -> f64 {
+    use embedcar::adaptive_limit::{AdaptiveLimit, Signal};
+    let limit = AdaptiveLimit::new(256, Arc::new(embedcar::metrics::Metrics::new()));
+    const CALLS: u64 = 200_000;
+    let start = thread_cpu_ns();
+    for i in 0..CALLS {
+        let place = limit.acquire().await;
+        place.finish(Signal::Answered, 10 + (i % 4096));
+    }
+    (thread_cpu_ns() - start) as f64 / CALLS as f64
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1128,7 +1321,7 @@ fn fan_in_table(runs: &[FanIn]) -> String {
                 .map_or("-".into(), |ns| f1(ns / 1e3 / r.callers.max(1) as f64)),
             r.embedcar_mib.map_or("-".into(), f1),
             f1(w.self_util * 100.0),
-            if r.path == "direct" {
+            if r.path.starts_with("direct") {
                 "-".into()
             } else {
                 core(EMBEDCAR_CORE)
@@ -1230,45 +1423,73 @@ const LEGEND: &[&str] = &[
     "core0/1%     whole-core busy time (/proc/stat), other load included",
 ];
 
-fn targets(fan: &[FanIn], sat: &[Saturation], render: &[RenderFigure]) -> Vec<String> {
+/// The fan-in targets for one direct run and one run through embedcar.
+fn pair_targets(fan: &[FanIn], direct: &str, through: &str, what: &str) -> Vec<String> {
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
     let mut lines = Vec::new();
-    let direct = fan.iter().find(|r| r.path == "direct");
-    let through = fan.iter().find(|r| r.path == "embedcar");
+    let direct = fan.iter().find(|r| r.path == direct);
+    let through = fan.iter().find(|r| r.path == through);
     match through {
         Some(t) if t.ok == t.callers => {
             let ratio = t.callers as f64 / t.window.upstream_calls.max(1) as f64;
             lines.push(format!(
-                "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: {} callers / {} calls = {ratio:.1} {}",
+                "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}{what}: {} callers / {} calls = {ratio:.1} {}",
                 t.callers,
                 t.window.upstream_calls,
                 verdict(ratio >= TARGET_CALLERS_PER_CALL)
             ));
         }
         Some(_) => lines.push(format!(
-            "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: not measured (the embedcar fan-in run failed)"
+            "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}{what}: not measured (the embedcar fan-in run failed)"
         )),
         None => lines.push(format!(
-            "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}: not run (BENCH_PARTS)"
+            "TARGET callers_per_upstream_call >= {TARGET_CALLERS_PER_CALL}{what}: not run (BENCH_PARTS)"
         )),
     }
     match (direct, through) {
         (Some(d), Some(t)) if d.ok == d.callers && t.ok == t.callers => {
             let x = d.completion.as_secs_f64() / t.completion.as_secs_f64().max(1e-9);
             lines.push(format!(
-                "TARGET completion_speedup >= {TARGET_SPEEDUP}: direct {:.3} s / embedcar {:.3} s = {x:.1}x {}",
+                "TARGET completion_speedup >= {TARGET_SPEEDUP}{what}: direct {:.3} s / embedcar {:.3} s = {x:.1}x {}",
                 d.completion.as_secs_f64(),
                 t.completion.as_secs_f64(),
                 verdict(x >= TARGET_SPEEDUP)
             ));
         }
         (None, _) | (_, None) => lines.push(format!(
-            "TARGET completion_speedup >= {TARGET_SPEEDUP}: not run (BENCH_PARTS)"
+            "TARGET completion_speedup >= {TARGET_SPEEDUP}{what}: not run (BENCH_PARTS)"
         )),
         _ => lines.push(format!(
-            "TARGET completion_speedup >= {TARGET_SPEEDUP}: not measured (a fan-in run failed)"
+            "TARGET completion_speedup >= {TARGET_SPEEDUP}{what}: not measured (a fan-in run failed)"
         )),
     }
+    lines
+}
+
+fn targets(
+    fan: &[FanIn],
+    sat: &[Saturation],
+    render: &[RenderFigure],
+    adaptive_ns: Option<f64>,
+) -> Vec<String> {
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let mut lines = Vec::new();
+    match adaptive_ns {
+        Some(ns) => lines.push(format!(
+            "TARGET adaptive_limit_cpu_ns_per_call <= {TARGET_ADAPTIVE_NS}: {ns:.0} {}",
+            verdict(ns <= TARGET_ADAPTIVE_NS)
+        )),
+        None => lines.push(format!(
+            "TARGET adaptive_limit_cpu_ns_per_call <= {TARGET_ADAPTIVE_NS}: not run (BENCH_PARTS)"
+        )),
+    }
+    lines.extend(pair_targets(fan, "direct", "embedcar", ""));
+    lines.extend(pair_targets(
+        fan,
+        DIRECT_QUEUED,
+        THROUGH_DEFAULTS,
+        " (embedcar at its defaults, not told the capacity)",
+    ));
     let cpu = |inputs: Inputs| {
         sat.iter()
             .find(|r| r.inputs == inputs)
@@ -1406,15 +1627,53 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
             &[("EMBEDCAR_LIMITS__MAX_CONCURRENCY", s.slots.to_string())],
         )?;
         embedcar_cpus = ec.cpus.clone();
-        let through = fan_in_through(&s, &fake, &mut ec).await;
+        let through = fan_in_through(&s, &fake, &mut ec, "embedcar", false).await;
         let died = !ec.alive();
         ec.stop().await;
         if died {
             return Err("embedcar exited during the fan-in run".into());
         }
-        fan.push(through?);
+        fan.push(through?.0);
     }
     drop(fake);
+
+    // The same fan-in against an upstream that works on `slots` calls at once and queues the
+    // rest (a model server's workers, not a connection cap), embedcar at its defaults: it is
+    // not told the capacity. The limit is charted over the run.
+    let mut chart = None;
+    if s.runs("fanin-defaults") {
+        let fake = FakeUpstream::start_with(FakeOptions {
+            dims: s.dims,
+            capacity: Some(s.slots),
+            record_requests: false,
+            ..FakeOptions::default()
+        })
+        .await;
+        fake.set_behavior(Behavior::Delay(s.delay));
+        let mut direct = fan_in_direct(&s, &fake).await?;
+        direct.path = DIRECT_QUEUED;
+        fan.push(direct);
+        let mut ec = Embedcar::start(&fake.url(), pinned, EMBEDCAR_CORE, &[])?;
+        let through = fan_in_through(&s, &fake, &mut ec, THROUGH_DEFAULTS, true).await;
+        let died = !ec.alive();
+        ec.stop().await;
+        if died {
+            return Err("embedcar exited during the defaults fan-in run".into());
+        }
+        let (run, samples) = through?;
+        fan.push(run);
+        let path = std::env::var("BENCH_CHART")
+            .unwrap_or_else(|_| "target/bench-adaptive-limit.svg".into());
+        match write_chart(&path, &samples, s.slots) {
+            Ok(()) => chart = Some(path),
+            Err(e) => warnings.push(format!("warning: {e}")),
+        }
+    }
+    let adaptive_ns = if s.runs("adaptive") {
+        Some(adaptive_cost_ns().await)
+    } else {
+        None
+    };
 
     // Saturation: an upstream that answers at once, no connection cap.
     // The fake bills with a word count here, not tiktoken: it shares a core with the load
@@ -1476,8 +1735,11 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     }
     println!();
     if !s.smoke {
-        for line in targets(&fan, &sat, &render) {
+        for line in targets(&fan, &sat, &render, adaptive_ns) {
             println!("{line}");
+        }
+        if let Some(path) = &chart {
+            println!("NOTE the adaptive limit over the defaults fan-in is charted in {path}");
         }
     }
 
