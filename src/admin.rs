@@ -50,6 +50,10 @@ fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/readyz" => {
             if state.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if state.engine.is_some() && !crate::embeddings::tokens::loaded() {
+                // Traffic waits until the first callers would not: the tokenizer's tables
+                // load in the background at start (a second or so).
+                text(StatusCode::SERVICE_UNAVAILABLE, "loading the tokenizer\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }

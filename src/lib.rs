@@ -133,6 +133,9 @@ pub async fn run(
         );
     }
     tracing::info!(%addr, %admin_addr, upstream = %base, "listening");
+    if state.engine.is_some() {
+        embeddings::tokens::preload();
+    }
 
     let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
     let admin = tokio::spawn(admin::serve(admin_listener, state.clone(), async {

@@ -548,6 +548,7 @@ async fn admin_endpoints_answer_and_metrics_move() {
     let upstream = FakeUpstream::start().await;
     let proxy = start_proxy(config_for(&upstream.url())).await;
     assert_eq!(admin_text(&proxy, "/healthz").await.0, StatusCode::OK);
+    wait_ready(&proxy).await;
     assert_eq!(admin_text(&proxy, "/readyz").await.0, StatusCode::OK);
     assert_eq!(admin_text(&proxy, "/nope").await.0, StatusCode::NOT_FOUND);
 

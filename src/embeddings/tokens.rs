@@ -77,9 +77,22 @@ pub fn uses_cl100k(model: &str) -> bool {
     model.contains("text-embedding-3") || model.contains("text-embedding-ada-002")
 }
 
-/// Loads the cl100k tables on the first request that needs them, on a blocking
-/// thread: a proxy that never serves OpenAI embeddings never pays for them, and loading never
-/// stalls an async worker.
+/// Loads the cl100k tables at start, on a blocking thread, when the engine is on: the first
+/// callers after a start (a new pod, often under the very burst that scaled it out) would
+/// otherwise wait for them, a second or more of their deadline on a busy machine.
+pub fn preload() {
+    tokio::task::spawn_blocking(|| {
+        Cl100k::get();
+    });
+}
+
+/// Whether the cl100k tables are loaded (readiness waits for them when the engine is on).
+pub fn loaded() -> bool {
+    CL100K.get().is_some()
+}
+
+/// Loads the cl100k tables if a request needs them before `preload` is done, on a blocking
+/// thread, so loading never stalls an async worker.
 pub async fn load_for(model: Option<&str>) {
     if CL100K.get().is_some() || !model.is_some_and(uses_cl100k) {
         return;

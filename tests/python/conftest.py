@@ -7,6 +7,7 @@ Binaries are found in target/debug unless EMBEDCAR_BIN / FAKE_UPSTREAM_BIN say o
 import json
 import os
 import re
+import time
 import subprocess
 import threading
 import urllib.request
@@ -122,6 +123,18 @@ class Embedcar:
     def stop(self):
         """Stops embedcar (SIGTERM, drain); its upstream connections close with it."""
         self.proc.stop()
+
+    def wait_ready(self, timeout=30):
+        """Waits until /readyz says ready (the tokenizer's tables load at start), as an
+        orchestrator would before sending traffic."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                _get_text(f"{self.admin}/readyz")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"embedcar not ready within {timeout} s")
 
     def metrics_text(self):
         return _get_text(f"{self.admin}/metrics")

@@ -103,7 +103,9 @@ def test_a_final_failure_is_tried_once_by_the_client(spawn, route):
 def test_a_429_embedcar_gave_up_on_is_tried_once_by_the_client(spawn, route):
     fake = spawn.fake()
     ec = spawn.embedcar(fake)
-    c = Counted(ec.url, max_retries=2)
+    # A 3 s timeout: embedcar retries a merged call for as long as its callers have time (here
+    # three attempts, 1 s apart as the upstream asks), then tells the client not to retry.
+    c = Counted(ec.url, max_retries=2, timeout=3)
 
     with pytest.raises(openai.RateLimitError) as err:
         call(c.client, route, {"x-fake-status": "429", "x-fake-retry-after": "1"})
@@ -336,6 +338,7 @@ DEFAULTS_LEVELS = [(5, 3), (10, 3), (50, 3), (500, 6)]
 def test_hang_scenario_at_the_defaults(spawn, measurements):
     fake = spawn.fake("--delay-ms", UPSTREAM_DELAY_MS, "--capacity", UPSTREAM_CONNECTIONS)
     ec = spawn.embedcar(fake)
+    ec.wait_ready()
     failures = []
     for n, timeout in DEFAULTS_LEVELS:
         outcomes, attempts, wall = run_threads(ec.url, n, dict(timeout=timeout, max_retries=0))

@@ -31,6 +31,18 @@ pub async fn start_proxy(config: Config) -> embedcar::Handle {
     embedcar::start(config).await.expect("embedcar starts")
 }
 
+/// Waits until `/readyz` says ready (the tokenizer's tables load at start), as an orchestrator
+/// would before sending traffic.
+pub async fn wait_ready(handle: &embedcar::Handle) {
+    for _ in 0..600 {
+        if admin_text(handle, "/readyz").await.0 == StatusCode::OK {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("embedcar did not become ready within 30 s");
+}
+
 pub type TestClient = Client<HttpConnector, ProxyBody>;
 
 /// A keep-alive HTTP/1.1 client, like most applications' HTTP clients.
