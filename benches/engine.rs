@@ -797,11 +797,11 @@ fn write_chart(path: &str, samples: &[LimitSample], capacity: usize) -> Result<(
         .map_err(|e| err(&e))?;
     c.draw_series(LineSeries::new(
         [(0.0, capacity as f64), (t_max, capacity as f64)],
-        BLACK.mix(0.4),
+        RGBColor(255, 140, 0).stroke_width(3),
     ))
     .map_err(|e| err(&e))?
     .label("upstream capacity (unknown to embedcar)")
-    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.4)));
+    .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(255, 140, 0)));
     c.draw_series(LineSeries::new(
         samples.iter().map(|s| (s.at, s.limit)),
         BLUE.stroke_width(2),
