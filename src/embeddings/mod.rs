@@ -500,12 +500,13 @@ async fn size_misses(
 }
 
 /// How much sooner than the client's deadline embedcar answers: enough for the reply to cross
-/// loopback and the client to read it (a fortieth of the budget, 25 ms to 250 ms), little enough
-/// not to cut into the time the work itself may take.
+/// loopback and the client to read it (a hundredth of the budget, 10 ms to 100 ms), little
+/// enough not to cut into the time the work itself may take (a slow upstream's second round can
+/// end a few tens of milliseconds before the client's timeout, and that answer must still count).
 fn answer_margin(budget: std::time::Duration) -> std::time::Duration {
-    (budget / 40).clamp(
-        std::time::Duration::from_millis(25),
-        std::time::Duration::from_millis(250),
+    (budget / 100).clamp(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(100),
     )
 }
 
