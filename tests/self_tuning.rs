@@ -33,6 +33,20 @@ fn defaults(upstream: &FakeUpstream) -> Config {
     config_for(&upstream.url())
 }
 
+/// A model server: `capacity` calls worked on at once, `delay` each, the rest queued or
+/// refused as `over` says.
+async fn model_server(capacity: usize, over: OverCapacity, delay: Duration) -> FakeUpstream {
+    let upstream = FakeUpstream::start_with(FakeOptions {
+        capacity: Some(capacity),
+        over_capacity: over,
+        record_requests: false,
+        ..FakeOptions::default()
+    })
+    .await;
+    upstream.set_behavior(Behavior::Delay(delay));
+    upstream
+}
+
 /// One caller's embeddings request for `input`, telling embedcar (as the official clients do)
 /// how long it will wait.
 fn caller(proxy: &Handle, input: &str, timeout: Duration) -> Request<ProxyBody> {
@@ -136,14 +150,7 @@ fn assert_all_correct(tag: &str, outcomes: &[Outcome]) {
 /// with the official client.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hang_scenario_passes_at_the_defaults() {
-    let upstream = FakeUpstream::start_with(FakeOptions {
-        capacity: Some(3),
-        over_capacity: OverCapacity::Queue,
-        record_requests: false,
-        ..FakeOptions::default()
-    })
-    .await;
-    upstream.set_behavior(Behavior::Delay(Duration::from_millis(300)));
+    let upstream = model_server(3, OverCapacity::Queue, Duration::from_millis(300)).await;
     let proxy = start_proxy(defaults(&upstream)).await;
     // The tokenizer loads once per process; not part of the scenario.
     assert_all_correct(
@@ -174,14 +181,7 @@ async fn the_hang_scenario_passes_at_the_defaults() {
 /// text-embeddings-inference: 3 calls at once, 429 "Model is overloaded" at once beyond.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_refuses_beyond_its_capacity_is_found_and_rarely_refuses() {
-    let upstream = FakeUpstream::start_with(FakeOptions {
-        capacity: Some(3),
-        over_capacity: OverCapacity::Refuse,
-        record_requests: false,
-        ..FakeOptions::default()
-    })
-    .await;
-    upstream.set_behavior(Behavior::Delay(Duration::from_millis(300)));
+    let upstream = model_server(3, OverCapacity::Refuse, Duration::from_millis(300)).await;
     let proxy = start_proxy(defaults(&upstream)).await;
     let outcomes = wave(&proxy, "tei", 300, Duration::from_secs(10)).await;
     assert_all_correct("text-embeddings-inference", &outcomes);
@@ -196,14 +196,7 @@ async fn a_server_that_refuses_beyond_its_capacity_is_found_and_rarely_refuses()
 /// Ollama: one call at a time, the rest queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_works_on_one_call_at_a_time_serves_everyone() {
-    let upstream = FakeUpstream::start_with(FakeOptions {
-        capacity: Some(1),
-        over_capacity: OverCapacity::Queue,
-        record_requests: false,
-        ..FakeOptions::default()
-    })
-    .await;
-    upstream.set_behavior(Behavior::Delay(Duration::from_millis(300)));
+    let upstream = model_server(1, OverCapacity::Queue, Duration::from_millis(300)).await;
     let proxy = start_proxy(defaults(&upstream)).await;
     let outcomes = wave(&proxy, "ollama", 300, Duration::from_secs(10)).await;
     assert_all_correct("ollama", &outcomes);
