@@ -32,6 +32,10 @@ def quantile(q, metric, by=""):
     return f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{{{SEL}}}[{RI}])))"
 
 
+EMB_REQUESTS = rate("embedcar_requests_total", 'route="embeddings"')
+EMB_UPSTREAM = rate("embedcar_upstream_requests_total", 'route="embeddings"')
+
+
 def gauge(metric, agg="sum", by="instance"):
     return f"{agg} by ({by}) ({metric}{{{SEL}}})"
 
@@ -84,10 +88,12 @@ PANELS = [
      [(f'{rate("embedcar_embeddings_batch_inputs_sum")} / {rate("embedcar_embeddings_batch_inputs_count")}', "mean"),
       (quantile(0.99, "embedcar_embeddings_batch_inputs"), "p99")],
      ""),
-    ("Upstream calls avoided / s", "ts", "short",
-     [(f'{rate("embedcar_embeddings_inputs_total")} - {rate("embedcar_embeddings_batch_inputs_count")}', "avoided"),
-      (rate("embedcar_embeddings_batch_inputs_count"), "upstream calls")],
-     "Inputs received minus upstream embeddings calls made: the calls a client calling directly, one input per call, would have made more."),
+    ("Upstream calls avoided / s", "ts", "reqps",
+     [(EMB_REQUESTS + " - " + EMB_UPSTREAM, "avoided"),
+      (EMB_REQUESTS, "embeddings requests received"),
+      (EMB_UPSTREAM, "upstream embeddings calls")],
+     "Embeddings requests received minus upstream embeddings exchanges (retries included): the "
+     "calls the applications would have made calling the API directly, less what embedcar sent."),
     ("Cache hit ratio and coalesced share", "ts", "percentunit",
      [(f'{rate("embedcar_embeddings_cache_hits_total")} / {rate("embedcar_embeddings_inputs_total")}', "cache hits"),
       (f'{rate("embedcar_embeddings_coalesced_total")} / {rate("embedcar_embeddings_inputs_total")}', "coalesced")],
