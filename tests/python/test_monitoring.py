@@ -334,6 +334,21 @@ def live(spawn_module):
         prom.stop()
 
 
+def test_the_traffic_reached_the_engine_and_the_upstream_paths(live):
+    car, _, _ = live
+    for name, labels in [
+        ("embedcar_embeddings_cache_hits_total", {}),
+        ("embedcar_embeddings_coalesced_total", {}),
+        ("embedcar_retries_total", {"reason": "500"}),
+        ("embedcar_upstream_requests_total", {"status": "429"}),
+        ("embedcar_rate_gate_closures_total", {}),
+        ("embedcar_upstream_ratelimit_exhausted_total", {"kind": "requests"}),
+        ("embedcar_requests_total", {"status": "500"}),
+        ("embedcar_shed_requests_total", {"reason": "invalid_request"}),
+    ]:
+        assert car.metric(name, **labels) > 0, (name, labels)
+
+
 def test_live_metrics_pass_promtool_check_metrics(live):
     car, _, _ = live
     text = car.metrics_text()
