@@ -118,6 +118,31 @@ def test_the_memory_rule_uses_the_container_memory_limit():
     assert str(int(limit[:-2]) * 1024 * 1024) in rule["expr"]
 
 
+def test_compose_provisions_grafana_and_mounts_the_rules():
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    mounts = {}
+    for name, svc in services.items():
+        for v in svc.get("volumes", []):
+            src, dst = v.split(":")[:2]
+            if src.startswith("./"):
+                assert (DEPLOY / src).exists(), f"{name} mounts missing {src}"
+                mounts[dst] = DEPLOY / src
+    # Prometheus finds its rule files beside its config.
+    prom = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    for rule_file in prom["rule_files"]:
+        assert mounts[f"/etc/prometheus/{rule_file}"] == DEPLOY / "prometheus" / rule_file
+    # Grafana: the data source is the compose Prometheus, the provider reads where the
+    # dashboard is mounted, and the dashboard's uid is stable.
+    ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    url = urllib.parse.urlsplit(ds["datasources"][0]["url"])
+    assert url.hostname in services and url.port == 9090
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/embedcar.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert mounts[f"{path}/embedcar.json"] == DASHBOARD
+    assert json.loads(DASHBOARD.read_text())["uid"] == "embedcar"
+
+
 # ------------------------------------------------------------------------------------------
 # Kubernetes manifests
 # ------------------------------------------------------------------------------------------
