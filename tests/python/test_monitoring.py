@@ -109,6 +109,26 @@ def test_the_dashboard_json_is_generated_and_names_only_exported_metrics():
             assert name in names, f"{name} is not a metric embedcar exports: {expr}"
 
 
+def test_the_dashboard_layout_is_well_formed():
+    d = json.loads(DASHBOARD.read_text())
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    cells = set()
+    for p in d["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not cells & mine, f"{p['title']} overlaps another panel"
+        cells |= mine
+        refs = [t["refId"] for t in p.get("targets", [])]
+        assert len(refs) == len(set(refs)), p["title"]
+        for t in p.get("targets", []):
+            assert t["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert 'job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"], t["expr"]
+    names = [v["name"] for v in d["templating"]["list"]]
+    assert names == ["datasource", "job", "instance"]
+
+
 def test_the_memory_rule_uses_the_container_memory_limit():
     pod = next(yaml.safe_load_all((K8S / "deployment.yaml").read_text()))["spec"]["template"]["spec"]
     sidecar = next(c for c in pod["initContainers"] if c["name"] == "embedcar")
