@@ -2,7 +2,7 @@
 """Writes deploy/grafana/embedcar.json, the embedcar Grafana dashboard, from the panel list below.
 
     python3 deploy/grafana/dashboard.py            # rewrite embedcar.json
-    python3 deploy/grafana/dashboard.py --check    # exit 1 if embedcar.json differs (CI does this)
+    python3 deploy/grafana/dashboard.py --check    # exit 1 if embedcar.json differs from the script
 
 Edit the panels here, not the JSON: tests/python/test_monitoring.py checks that the two agree and
 runs every query against a real Prometheus scraping a real embedcar. Every query reads metrics
@@ -41,7 +41,7 @@ def gauge(metric, agg="sum", by="instance"):
 
 
 # Each panel: (title, kind, unit, [(expr, legend)], description). kind: "ts" (time series),
-# "stat". A row starts with ("row", title).
+# "stat", "text" (markdown: the description). A row starts with ("row", title).
 PANELS = [
     ("row", "At a glance"),
     ("Requests / s", "stat", "reqps", [(rate("embedcar_requests_total"), "")],
