@@ -269,6 +269,7 @@ fn history_json(history: &VecDeque<Snapshot>) -> Value {
         .collect();
     json!({
         "interval_seconds": SAMPLE_INTERVAL.as_secs(),
+        "max_points": HISTORY_POINTS,
         "inputs": delta(|s| s.inputs),
         "upstream_inputs": delta(|s| s.upstream_inputs),
         "upstream_calls": delta(|s| s.upstream_calls),
