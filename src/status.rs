@@ -103,12 +103,13 @@ fn by_label(vec: &impl Collector, label: &str) -> BTreeMap<String, u64> {
             let Some(value) = metric
                 .get_label()
                 .iter()
-                .find(|l| l.get_name() == label)
-                .map(|l| l.get_value())
+                .find(|l| l.name() == label)
+                .map(|l| l.value())
             else {
                 continue;
             };
-            *out.entry(value.to_string()).or_insert(0) += as_count(metric.get_counter().get_value());
+            *out.entry(value.to_string()).or_insert(0) +=
+                as_count(metric.get_counter().get_value());
         }
     }
     out
@@ -185,10 +186,8 @@ impl Status {
             (calls > 0).then(|| (now.latency_sum - from.latency_sum).max(0.0) / calls as f64)
         });
         let tokens = by_label(&m.embeddings_tokens, "source");
-        let (cache_entries, cache_bytes) = state
-            .engine
-            .as_ref()
-            .map_or((0, 0), |e| e.cache().usage());
+        let (cache_entries, cache_bytes) =
+            state.engine.as_ref().map_or((0, 0), |e| e.cache().usage());
         let recent_window = oldest
             .and_then(|o| o.at)
             .and_then(|at| now.at.map(|n| n.duration_since(at).as_secs_f64()))
@@ -300,9 +299,20 @@ mod tests {
         let v = history_json(&h);
         let inputs = v["inputs"].as_array().expect("inputs");
         assert_eq!(inputs.len(), HISTORY_POINTS);
-        assert_eq!(inputs.last().and_then(Value::as_u64), Some(HISTORY_POINTS as u64 + 9));
-        assert!(v["errors"].as_array().expect("errors").iter().all(|e| e == 1));
-        assert!(v["latency_ms"].as_array().expect("latency").iter().all(Value::is_null));
+        assert_eq!(
+            inputs.last().and_then(Value::as_u64),
+            Some(HISTORY_POINTS as u64 + 9)
+        );
+        assert!(v["errors"]
+            .as_array()
+            .expect("errors")
+            .iter()
+            .all(|e| e == 1));
+        assert!(v["latency_ms"]
+            .as_array()
+            .expect("latency")
+            .iter()
+            .all(Value::is_null));
     }
 
     #[test]

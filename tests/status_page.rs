@@ -51,7 +51,10 @@ async fn the_page_is_self_contained_html() {
     assert!(page.starts_with("<!doctype html>"));
     assert!(page.contains("status.json"), "the page polls its JSON");
     for scheme in ["http://", "https://"] {
-        assert!(!page.contains(scheme), "the page names an external URL ({scheme})");
+        assert!(
+            !page.contains(scheme),
+            "the page names an external URL ({scheme})"
+        );
     }
     for target in link_targets(&page) {
         assert!(
@@ -60,9 +63,16 @@ async fn the_page_is_self_contained_html() {
         );
     }
     for css_fetch in ["@import", "url("] {
-        assert!(!page.contains(css_fetch), "the page's CSS fetches ({css_fetch})");
+        assert!(
+            !page.contains(css_fetch),
+            "the page's CSS fetches ({css_fetch})"
+        );
     }
-    assert!(page.len() < 16 * 1024, "the page stays small: {} bytes", page.len());
+    assert!(
+        page.len() < 16 * 1024,
+        "the page stays small: {} bytes",
+        page.len()
+    );
 
     // HEAD answers as GET does, without the body.
     let head = Request::head(format!("{}/status.json", proxy.admin_url()))
@@ -70,10 +80,7 @@ async fn the_page_is_self_contained_html() {
         .unwrap();
     let r = send(&client(), head).await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(
-        r.headers().get("content-type").unwrap(),
-        "application/json"
-    );
+    assert_eq!(r.headers().get("content-type").unwrap(), "application/json");
     assert!(body_bytes(r).await.is_empty());
 
     // Unknown paths still list the endpoints, the new ones included.
@@ -85,7 +92,11 @@ async fn the_page_is_self_contained_html() {
 }
 
 async fn status_json(proxy: &embedcar::Handle) -> Value {
-    let r = send(&client(), get(&format!("{}/status.json", proxy.admin_url()))).await;
+    let r = send(
+        &client(),
+        get(&format!("{}/status.json", proxy.admin_url())),
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers().get("cache-control").unwrap(), "no-store");
     body_json(r).await
@@ -103,7 +114,9 @@ async fn the_json_counts_inputs_calls_and_cache_hits() {
     assert!(e["cache_hit_ratio"].is_null(), "no ratio before any input");
     assert_eq!(before["breaker"]["state"], "closed");
     assert_eq!(before["concurrency"]["adaptive"], true);
-    assert!(before["concurrency"]["limit"].as_u64().is_some_and(|l| l >= 1));
+    assert!(before["concurrency"]["limit"]
+        .as_u64()
+        .is_some_and(|l| l >= 1));
     assert_eq!(before["history"]["interval_seconds"], 5);
     assert!(before["history"]["inputs"].is_array());
 
@@ -130,18 +143,25 @@ async fn the_json_counts_inputs_calls_and_cache_hits() {
     assert!(e["upstream_calls"].as_u64().is_some_and(|c| c >= 1));
     assert_eq!(e["saved_inputs"], 3, "{after}");
     assert_eq!(e["cache_hit_ratio"], 0.5, "{after}");
-    assert!(e["cache_entries"].as_u64().is_some_and(|n| n >= 3), "{after}");
+    assert!(
+        e["cache_entries"].as_u64().is_some_and(|n| n >= 3),
+        "{after}"
+    );
     assert!(e["tokens_cache"].as_u64().is_some_and(|n| n > 0), "{after}");
     let ok = &after["upstream_statuses"]["200"];
     assert_eq!(ok["total"], upstream.embedding_calls(), "{after}");
     assert_eq!(ok["recent"], ok["total"], "every call is within the window");
     assert!(
-        after["concurrency"]["latency_recent_seconds"].as_f64().is_some(),
+        after["concurrency"]["latency_recent_seconds"]
+            .as_f64()
+            .is_some(),
         "{after}"
     );
     let shed = after["shed"].as_object().expect("shed by reason");
     assert_eq!(
-        shed.values().map(|v| v["total"].as_u64().unwrap_or(0)).sum::<u64>(),
+        shed.values()
+            .map(|v| v["total"].as_u64().unwrap_or(0))
+            .sum::<u64>(),
         1,
         "{after}"
     );
