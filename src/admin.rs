@@ -1,6 +1,6 @@
-//! The admin listener: liveness, readiness and metrics on a port of their own, so that probes
-//! and scrapes are answered even when the traffic port is saturated, and so that the traffic
-//! port exposes nothing but the API.
+//! The admin listener: liveness, readiness, metrics and the status page on a port of their own,
+//! so that probes and scrapes are answered even when the traffic port is saturated, and so that
+//! the traffic port exposes nothing but the API.
 
 use std::{convert::Infallible, future::Future, sync::Arc};
 
@@ -11,10 +11,24 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::{server::accept_with_backoff, AppState};
+use crate::{server::accept_with_backoff, status::Status, AppState};
 
-/// Serves the admin endpoints until `stop` resolves.
+/// Ends a task when dropped, so the status sampler stops with the listener however `serve` ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves the admin endpoints until `stop` resolves. The status page's history is sampled here,
+/// so it lives exactly as long as the page that shows it.
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: impl Future<Output = ()>) {
+    let status = Arc::new(Status::new());
+    let _sampler = AbortOnDrop(tokio::spawn(
+        status.clone().run_sampler(state.metrics.clone()),
+    ));
     tokio::pin!(stop);
     loop {
         let (stream, _) = tokio::select! {
@@ -22,10 +36,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: impl Futur
             () = &mut stop => return,
         };
         let state = state.clone();
+        let status = status.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req)) }
+                let status = status.clone();
+                async move { Ok::<_, Infallible>(handle(&state, &status, req)) }
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -39,7 +55,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, stop: impl Futur
     }
 }
 
-fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// What the page may load: nothing but its own inline script and style and its own JSON, so a
+/// page that reached for a CDN would break in testing, not first in an air-gapped cluster.
+const PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
+
+fn handle(state: &AppState, status: &Status, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
@@ -70,9 +92,38 @@ fn handle(state: &AppState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        "/" => {
+            let mut r = Response::new(Full::new(Bytes::from_static(
+                crate::status::PAGE.as_bytes(),
+            )));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static(PAGE_CSP),
+            );
+            r
+        }
+        "/status.json" => {
+            let mut r = Response::new(Full::new(Bytes::from(status.json(state))));
+            let h = r.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            // Live figures: a cached copy would show a healthy upstream that is down now.
+            h.insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-store"),
+            );
+            r
+        }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /readyz /metrics\n",
+            "not found; try / /status.json /healthz /readyz /metrics\n",
         ),
     }
 }

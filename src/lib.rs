@@ -21,6 +21,7 @@ pub mod retry;
 pub mod router;
 pub mod server;
 pub mod stack;
+pub mod status;
 pub mod upstream;
 
 use std::{

@@ -565,6 +565,13 @@ impl Metrics {
         self.observe_upstream_duration(route, elapsed);
     }
 
+    /// A route's upstream latency histogram, or `None` before its first upstream exchange: the
+    /// status page reads it without creating the series (which would put an empty one in
+    /// /metrics for a route that never had traffic).
+    pub fn upstream_duration_of(&self, route: Route) -> Option<&Histogram> {
+        self.upstream_duration_by.slots[route as usize].get()
+    }
+
     fn observe_upstream_duration(&self, route: Route, elapsed: Duration) {
         self.upstream_duration_by
             .get(route as usize, || {
