@@ -51,6 +51,9 @@ pub const MIN_LIMIT: usize = 1;
 /// noise of a healthy upstream (and for a call up to one size class larger than its class's
 /// baseline when latency grows linearly with size).
 pub const TOLERANCE: f64 = 1.5;
+/// ...and by at least this much: at a few milliseconds per call, scheduling noise alone doubles
+/// a latency now and then, and that is no queue.
+pub const MIN_QUEUEING_DELAY: Duration = Duration::from_millis(5);
 /// After the first sign of congestion the limit probes one higher only after this many round
 /// trips at the limit with latency holding.
 pub const PROBE_ROUNDS: u32 = 5;
@@ -304,6 +307,12 @@ impl Inner {
     }
 }
 
+/// Whether a call that took `elapsed` where an unqueued one takes `expected` waited in a queue.
+fn queued(expected: Duration, elapsed: Duration) -> bool {
+    elapsed.as_secs_f64() > expected.as_secs_f64() * TOLERANCE
+        && elapsed > expected + MIN_QUEUEING_DELAY
+}
+
 /// A call's size class: half-octaves of its tokens.
 fn class_of(tokens: u64) -> usize {
     let t = tokens.max(1) as f64;
@@ -341,8 +350,7 @@ impl State {
             Signal::Abandoned => {
                 let expected = self.expected(tokens)?;
                 self.last_expected = Some(expected);
-                let ratio = elapsed.as_secs_f64() / expected.as_secs_f64();
-                if fresh && ratio > TOLERANCE {
+                if fresh && queued(expected, elapsed) && place.in_flight_at_start >= 2 {
                     let target = self.queued_target(place);
                     self.decrease(places, target, Decision::DecreaseLatency)
                 } else {
@@ -352,16 +360,18 @@ impl State {
             Signal::Answered => {
                 let expected = self.expected(tokens);
                 self.last_expected = expected.or(Some(elapsed));
-                let ratio = expected.map_or(1.0, |e| elapsed.as_secs_f64() / e.as_secs_f64());
+                let was_queued = expected.is_some_and(|e| queued(e, elapsed));
                 // A queued call's latency is no baseline: recorded, it would make its size
                 // look slow for good. A call that ran alone was queued behind none of ours, so
                 // it counts whatever it took (this also heals a size misjudged from too few
                 // others: the limit falls until calls run alone, and they teach the baseline).
-                if ratio <= TOLERANCE || place.in_flight_at_start <= 1 {
+                if !was_queued || place.in_flight_at_start <= 1 {
                     self.record(tokens, elapsed);
                 }
-                if ratio > TOLERANCE {
-                    return if fresh {
+                // A call that ran alone queued behind none of ours: whatever slowed it (the
+                // upstream's other clients), fewer calls of ours would not help.
+                if was_queued {
+                    return if fresh && place.in_flight_at_start >= 2 {
                         let target = self.queued_target(place);
                         self.decrease(places, target, Decision::DecreaseLatency)
                     } else {
@@ -398,9 +408,9 @@ impl State {
         }
     }
 
-    /// The limit a queued call asks for: below the calls in flight when it started (it queued
-    /// behind them, so that many were too many); a call that ran alone and was slow all the
-    /// same says less (the upstream's own load, or a size it had not seen), and takes one off.
+    /// The limit a queued or refused call asks for: below the calls in flight when it started
+    /// (it queued behind them, so that many were too many); a call refused while it ran alone
+    /// says less (the upstream's other clients), and takes one off.
     fn queued_target(&self, place: &Place) -> usize {
         let target = if place.in_flight_at_start >= 2 {
             place.in_flight_at_start - 1
