@@ -284,8 +284,10 @@ async fn a_patient_caller_is_not_failed_with_an_impatient_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_upstream_gets_embedcars_answer_before_the_client_gives_up() {
     let upstream = FakeUpstream::start().await;
-    upstream.set_behavior(Behavior::Hang);
+    // The first embeddings call is answered (the warm-up), every later one hangs; other paths
+    // answer normally.
     upstream.push_rule(Rule::once(Behavior::Normal).on_path("/embeddings"));
+    upstream.push_rule(Rule::repeat(Behavior::Hang, 1_000_000).on_path("/embeddings"));
     let proxy = start_proxy(defaults(&upstream)).await;
     // The tokenizer loads once per process (not charged to a deadline); then the upstream freezes.
     assert_all_correct(
@@ -296,6 +298,20 @@ async fn a_frozen_upstream_gets_embedcars_answer_before_the_client_gives_up() {
     // a loaded test machine does not turn embedcar's answer into a client timeout.
     let hint = Duration::from_secs(1);
     let client = client();
+    // Connections opened first (a client's pool is warm): the client's read timeout starts
+    // once its request is sent, so connecting is not part of what is timed here.
+    let warm: Vec<_> = (0..20)
+        .map(|_| {
+            let req = Request::get(format!("{}/v1/models", proxy.url()))
+                .body(embedcar::body::empty())
+                .unwrap();
+            let client = client.clone();
+            tokio::spawn(async move { body_bytes(send(&client, req).await).await })
+        })
+        .collect();
+    for w in warm {
+        w.await.unwrap();
+    }
     let tasks: Vec<_> = (0..20)
         .map(|i| {
             let input = format!("frozen {i}");

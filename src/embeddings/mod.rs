@@ -150,6 +150,9 @@ impl Engine {
         req: Request<ProxyBody>,
         path: EmbeddingsPath,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // The deadline runs from the request's arrival, as the client's timer does from its
+        // sending, not from when its body is read and parsed.
+        let arrived = Instant::now();
         let codings = match body::content_codings(req.headers()) {
             // Bytes in a coding embedcar cannot read go to the upstream as they came, label and
             // all, streamed: the upstream is the judge of what it accepts.
@@ -208,7 +211,7 @@ impl Engine {
             }
             request
         };
-        self.embed(parts, path, request).await
+        self.embed(parts, path, request, arrived).await
     }
 
     /// Whether `request` is more than one upstream call may carry, in inputs or in tokens
@@ -270,15 +273,18 @@ impl Engine {
         parts: Parts,
         path: EmbeddingsPath,
         request: EmbeddingsRequest,
+        arrived: Instant,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let model_key = model_key(&path, &request.model);
-        // The tokenizer's one-off load (the first OpenAI-model request after start) is not
-        // charged to the request's own deadline.
+        // The tokenizer's one-off load (if a request comes before the load at start is done)
+        // is not charged to the request's own deadline.
+        let loading = Instant::now();
         tokens::load_for(model_key.as_deref()).await;
+        let arrived = arrived + loading.elapsed();
         let budget = time_budget(&parts.headers, self.request_timeout);
         // embedcar's own answer (a 504, or its last retry's error) reaches the client a moment
         // before the client gives up, so it learns why instead of timing out itself.
-        let deadline = Instant::now() + budget.saturating_sub(answer_margin(budget));
+        let deadline = arrived + budget.saturating_sub(answer_margin(budget));
         let target = parts
             .uri
             .path_and_query()
