@@ -156,7 +156,7 @@ fn health(args: &HealthArgs, config: Option<&std::path::Path>, overrides: &Overr
         }
     };
     let url = target.url();
-    match runtime.block_on(tokio::time::timeout(timeout, probe(&target))) {
+    match runtime.block_on(async { tokio::time::timeout(timeout, probe(&target)).await }) {
         Ok(Ok((status, _))) if status == http::StatusCode::OK => {
             println!(
                 "embedcar health: ready ({url} answered {})",

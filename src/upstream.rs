@@ -277,9 +277,10 @@ impl HeldCredential {
         let credential = match Credential::from_text(self.header, &text) {
             Ok(c) => c,
             Err(e) => {
+                let why = e.strip_prefix("credentials: ").unwrap_or(&e);
                 return KeyReload::Refused {
-                    reason: format!("{e} (read from {path})"),
-                }
+                    reason: format!("credentials.api_key_file: {path}: {why}"),
+                };
             }
         };
         let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
@@ -517,14 +518,14 @@ mod tests {
         for bad in [
             Ok(String::new()),
             Ok(" \n\t".into()),
-            Ok("sk-bad\u{7f}secret".into()),
-            Ok("sk-two\nlines-secret".into()),
+            Ok("sk-bad\u{7f}HIDDEN".into()),
+            Ok("sk-two\nlines-HIDDEN".into()),
             Err(std::io::Error::from(std::io::ErrorKind::NotFound)),
         ] {
             let shown = format!("{bad:?}");
             match h.consider(bad) {
                 KeyReload::Refused { reason } => {
-                    assert!(!reason.contains("secret"), "{reason}");
+                    assert!(!reason.contains("HIDDEN"), "{reason}");
                     assert!(reason.contains("/secrets/key"), "{reason}");
                 }
                 other => panic!("{shown}: {other:?}"),
