@@ -271,6 +271,9 @@ async fn a_single_threaded_embedcar_serves_embeddings_and_drains() {
     assert!(status.success());
 }
 
+/// Environment variables for a child process.
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
 /// Runs `embedcar health ARGS` with `env`; its exit code, stdout, stderr and how long it took.
 async fn health(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String, Duration) {
     let mut cmd = tokio::process::Command::new(BIN);
@@ -305,7 +308,7 @@ async fn health_exits_zero_for_a_ready_instance_found_the_way_it_finds_its_addre
     .unwrap();
     let file = file.display().to_string();
     let url = format!("http://{admin}/readyz");
-    let cases: [(Vec<&str>, Vec<(&str, &str)>); 5] = [
+    let cases: [(Vec<&str>, Env); 5] = [
         (vec!["--admin-listen", admin], vec![]),
         // Bound to every interface (as in a container): probed on loopback.
         (
