@@ -17,7 +17,7 @@ use std::{
 use http::StatusCode;
 use serde_json::json;
 use support::{
-    fake_upstream::{Behavior, FakeUpstream},
+    fake_upstream::{Behavior, FakeUpstream, Rule},
     harness::*,
 };
 
@@ -87,6 +87,9 @@ struct Traffic {
 /// work queued or in flight, so it lives across the rotation (an idle lane is dropped and made
 /// anew, which would hide a key baked into a lane).
 const EMBEDDINGS_WORKERS: usize = 4;
+/// How long the first embeddings call takes, holding its lane open: well past
+/// [`ROTATION_DEADLINE`].
+const LANE_HELD_FOR: Duration = Duration::from_secs(8);
 /// How long the fake upstream takes per request.
 const UPSTREAM_DELAY: Duration = Duration::from_millis(50);
 
@@ -183,19 +186,27 @@ async fn wait_for_key(upstream: &FakeUpstream, from: usize, bearer: &str) -> usi
     }
 }
 
-async fn proxy_holding(upstream: &FakeUpstream, key_file: &Path) -> embedcar::Handle {
+fn proxy_config(upstream: &FakeUpstream, key_file: &Path) -> embedcar::Config {
     let mut config = config_for(&upstream.url());
     config.credentials.api_key_file = Some(key_file.display().to_string());
     config.credentials.reload_interval = RELOAD_INTERVAL;
-    start_proxy(config).await
+    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_secret_is_used_without_a_restart_and_a_bad_one_is_not() {
     let upstream = FakeUpstream::start().await;
     upstream.set_behavior(Behavior::Delay(UPSTREAM_DELAY));
+    // The first embeddings call takes longer than the rotation may: its lane stays alive (work
+    // in flight) across the rotation, so a key baked into the lane when it was made would
+    // still be sent on the lane's later calls and the new key would not show in time.
+    upstream.push_rule(Rule::once(Behavior::Delay(LANE_HELD_FOR)).on_path("/v1/embeddings"));
     let mut volume = SecretVolume::new("rotate", "sk-old-key\n");
-    let proxy = proxy_holding(&upstream, &volume.key_path()).await;
+    let mut config = proxy_config(&upstream, &volume.key_path());
+    // The adaptive limit would cut the held call at 10 times the others' latency and retry it;
+    // a fixed limit lets it run its full time.
+    config.limits.adaptive_concurrency = false;
+    let proxy = start_proxy(config).await;
     let traffic = Traffic::start(proxy.url());
 
     let mark = wait_for_key(&upstream, 0, "Bearer sk-old-key").await;
@@ -244,7 +255,7 @@ async fn a_rotated_secret_is_used_without_a_restart_and_a_bad_one_is_not() {
 async fn the_caller_key_is_replaced_by_the_rotated_key_in_both_paths() {
     let upstream = FakeUpstream::start().await;
     let mut volume = SecretVolume::new("replace", "sk-first");
-    let proxy = proxy_holding(&upstream, &volume.key_path()).await;
+    let proxy = start_proxy(proxy_config(&upstream, &volume.key_path())).await;
     volume.publish("sk-second");
     tokio::time::sleep(RELOAD_INTERVAL * 5).await;
     let c = client();
