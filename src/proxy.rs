@@ -143,12 +143,12 @@ impl Proxy {
             None => (Some(body), None),
         };
         let retryable = kept.is_some();
+        // A held key is one tenant whichever key is in use now (see `HeldCredential::id`).
+        let held = self.upstream.credential.as_ref().map(|c| c.id());
 
         // The gate is passed before a slot is taken, and each attempt takes its own slot and
         // lets it go before a retry's wait, so a caller held at its credential's gate or
         // sitting out a backoff holds back no one else.
-        // A held key is one tenant whichever key is in use now (see `HeldCredential::id`).
-        let held = self.upstream.credential.as_ref().map(|c| c.id());
         let finished = self
             .retrier
             .run(

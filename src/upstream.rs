@@ -341,11 +341,15 @@ pub async fn watch_key_file(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_refusal: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
+        // The read too is given up at shutdown: a file on a hung mount must not hold the exit.
+        let read = tokio::select! {
+            read = async {
+                ticks.tick().await;
+                tokio::fs::read_to_string(&path).await
+            } => read,
             () = &mut stop => return,
-        }
-        match credential.consider(tokio::fs::read_to_string(&path).await) {
+        };
+        match credential.consider(read) {
             KeyReload::Unchanged => last_refusal = None,
             KeyReload::Rotated { fingerprint } => {
                 last_refusal = None;
