@@ -223,9 +223,14 @@ impl Default for BreakerConfig {
     }
 }
 
+/// How often a held key's file is read for a new key. Kubernetes takes up to a minute or so
+/// to project an updated Secret; a couple of seconds more is lost in the noise, and a read of
+/// a tiny file this often costs nothing.
+pub const DEFAULT_KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Where embedcar's own upstream key comes from, if it holds one. The key itself never appears
 /// in the config file: only the name of the variable or file that holds it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CredentialsConfig {
     /// Name of an environment variable holding the key, e.g. "OPENAI_API_KEY".
@@ -235,6 +240,20 @@ pub struct CredentialsConfig {
     pub api_key_file: Option<String>,
     /// Header the key is sent in: `authorization` (`Bearer KEY`, OpenAI) or `api-key` (Azure).
     pub header: CredentialHeader,
+    /// How often `api_key_file` is read for a rotated key; 0 = read once at start only.
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for CredentialsConfig {
+    fn default() -> Self {
+        Self {
+            api_key_env: None,
+            api_key_file: None,
+            header: CredentialHeader::default(),
+            reload_interval: DEFAULT_KEY_RELOAD_INTERVAL,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]

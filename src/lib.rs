@@ -54,6 +54,8 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// The embeddings engine, unless `embeddings.enabled` is off.
     pub engine: Option<Arc<Engine>>,
+    /// Kept here for the key file's watcher, which [`run`] starts and stops with the listeners.
+    upstream: Arc<Upstream>,
     draining: AtomicBool,
 }
 
@@ -84,7 +86,7 @@ impl AppState {
         let engine = config.embeddings.enabled.then(|| {
             Arc::new(Engine::new(
                 &config,
-                upstream,
+                upstream.clone(),
                 retrier,
                 limit,
                 metrics.clone(),
@@ -96,6 +98,7 @@ impl AppState {
             metrics,
             proxy,
             engine,
+            upstream,
             draining: AtomicBool::new(false),
         }))
     }
@@ -142,6 +145,18 @@ pub async fn run(
     let admin = tokio::spawn(admin::serve(admin_listener, state.clone(), async {
         let _ = admin_stop_rx.await;
     }));
+    // Watched until the drain is over: calls made during the grace period use the newest key too.
+    let (watch_stop_tx, watch_stop_rx) = oneshot::channel::<()>();
+    let reload_interval = state.config.credentials.reload_interval;
+    let key_watch = (!reload_interval.is_zero()).then(|| {
+        tokio::spawn(upstream::watch_key_file(
+            state.upstream.clone(),
+            reload_interval,
+            async {
+                let _ = watch_stop_rx.await;
+            },
+        ))
+    });
 
     let drain_state = state.clone();
     let shutdown = async move {
@@ -164,7 +179,11 @@ pub async fn run(
     .await;
 
     let _ = admin_stop_tx.send(());
+    let _ = watch_stop_tx.send(());
     let _ = admin.await;
+    if let Some(watch) = key_watch {
+        let _ = watch.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -143,6 +143,8 @@ impl Proxy {
             None => (Some(body), None),
         };
         let retryable = kept.is_some();
+        // A held key is one tenant whichever key is in use now (see `HeldCredential::id`).
+        let held = self.upstream.credential.as_ref().map(|c| c.id());
 
         // The gate is passed before a slot is taken, and each attempt takes its own slot and
         // lets it go before a retry's wait, so a caller held at its credential's gate or
@@ -150,7 +152,7 @@ impl Proxy {
         let finished = self
             .retrier
             .run(
-                || credential_fingerprint(&parts.headers),
+                || held.unwrap_or_else(|| credential_fingerprint(&parts.headers)),
                 Policy {
                     tokens: 0,
                     deadline,
@@ -165,7 +167,12 @@ impl Proxy {
                         (None, Some(body)) => body,
                         (None, None) => crate::body::empty(),
                     };
-                    let request = Request::from_parts(clone_parts(&parts), body);
+                    let mut head = clone_parts(&parts);
+                    // Per attempt: a retry after a key rotation goes with the new key.
+                    if let Some(credential) = &self.upstream.credential {
+                        credential.apply(&mut head.headers);
+                    }
+                    let request = Request::from_parts(head, body);
                     async move {
                         match self.limit.acquire(Some(deadline)).await {
                             Err(e) => Tried::refused((Err(e), None)),

@@ -270,3 +270,145 @@ async fn a_single_threaded_embedcar_serves_embeddings_and_drains() {
         .unwrap();
     assert!(status.success());
 }
+
+/// Environment variables for a child process.
+type Env<'a> = Vec<(&'a str, &'a str)>;
+
+/// Runs `embedcar health ARGS` with `env`; its exit code, stdout, stderr and how long it took.
+async fn health(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String, Duration) {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.arg("health").args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = std::time::Instant::now();
+    let out = cmd.output().await.expect("embedcar health runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test]
+async fn health_exits_zero_for_a_ready_instance_found_the_way_it_finds_its_address() {
+    let upstream = FakeUpstream::start().await;
+    let process = spawn(&upstream.url(), &[]);
+    let admin = process.admin_addr.as_str();
+    let port = admin.rsplit(':').next().unwrap();
+    let on_every_interface = format!("0.0.0.0:{port}");
+    let dir = std::env::temp_dir().join(format!("embedcar-health-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("embedcar.toml");
+    std::fs::write(
+        &file,
+        format!("[server]\nadmin_listen = \"{on_every_interface}\"\n"),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let url = format!("http://{admin}/readyz");
+    let cases: [(Vec<&str>, Env); 5] = [
+        (vec!["--admin-listen", admin], vec![]),
+        // Bound to every interface (as in a container): probed on loopback.
+        (
+            vec![],
+            vec![("EMBEDCAR_SERVER__ADMIN_LISTEN", &on_every_interface)],
+        ),
+        (vec!["--config", &file], vec![]),
+        (vec!["--addr", admin], vec![]),
+        (vec!["--url", &url], vec![]),
+    ];
+    for (args, env) in cases {
+        let (code, stdout, stderr, _) = health(&args, &env).await;
+        assert_eq!(code, Some(0), "{args:?} {env:?}: {stdout}{stderr}");
+        assert!(stdout.contains("ready"), "{stdout}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn health_exits_one_for_a_draining_instance() {
+    let upstream = FakeUpstream::start().await;
+    let mut process = spawn(&upstream.url(), &[]);
+    let c = client();
+    // A slow request keeps the instance draining (not ready, still up) after SIGTERM.
+    let mut req = get(&format!("http://{}/v1/models", process.addr));
+    req.headers_mut()
+        .insert("x-fake-delay-ms", "4000".parse().unwrap());
+    let slow = tokio::spawn({
+        let c = c.clone();
+        async move { c.request(req).await }
+    });
+    assert!(
+        upstream
+            .wait_until(Duration::from_secs(10), |u| u.in_flight() == 1)
+            .await
+    );
+    let (code, ..) = health(&["--admin-listen", &process.admin_addr], &[]).await;
+    assert_eq!(code, Some(0), "ready before SIGTERM");
+
+    signal(&process, "-TERM");
+    let readyz = format!("http://{}/readyz", process.admin_addr);
+    let started = std::time::Instant::now();
+    while send(&c, get(&readyz)).await.status() != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(started.elapsed() < Duration::from_secs(3), "never draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, stdout, stderr, _) = health(&["--admin-listen", &process.admin_addr], &[]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("not ready") && stderr.contains("503") && stderr.contains("draining"),
+        "{stderr}"
+    );
+    assert!(
+        upstream.in_flight() == 1,
+        "the probe ran while the slow request was still in flight"
+    );
+
+    let r = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request is answered");
+    assert_eq!(r.status(), StatusCode::OK);
+    let status = tokio::task::spawn_blocking(move || process.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn health_exits_one_quickly_when_nothing_listens() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let (code, stdout, stderr, took) = health(&["--admin-listen", &addr], &[]).await;
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("unreachable"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+#[tokio::test]
+async fn health_gives_up_on_a_silent_listener_at_its_timeout() {
+    // Connections are accepted by the kernel but never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let (code, _, stderr, took) = health(&["--addr", &addr, "--timeout", "300ms"], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("timed out"), "{stderr}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "took {took:?}"
+    );
+    drop(silent);
+}
+
+#[tokio::test]
+async fn health_exits_one_not_two_on_a_bad_config() {
+    // Docker reserves exit status 2; a health check reports every failure as 1.
+    let (code, _, stderr, _) = health(&[], &[("EMBEDCAR_SERVER__ADMIN_LISTEN", "nowhere")]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("server.admin_listen"), "{stderr}");
+}

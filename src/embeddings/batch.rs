@@ -224,7 +224,8 @@ impl Lane {
 struct RequestParts {
     /// The upstream URI, or why the caller's path could not make one.
     uri: Result<Uri, String>,
-    /// The template's headers plus the body's type and the held credential (if any). Not
+    /// The template's headers plus the body's type. Not the held credential: that is applied
+    /// per call, so a lane made before a key rotation sends the new key on its next call. Not
     /// `host`: the pooled client adds it on HTTP/1 connections, and on HTTP/2 it must not be
     /// there beside `:authority`.
     headers: HeaderMap,
@@ -241,9 +242,6 @@ impl RequestParts {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(credential) = &upstream.credential {
-            credential.apply(&mut headers);
-        }
         RequestParts { uri, headers }
     }
 }
@@ -1029,6 +1027,9 @@ async fn exchange(
     *request.uri_mut() = uri;
     let headers = request.headers_mut();
     *headers = lane.request.headers.clone();
+    if let Some(credential) = &ctx.upstream.credential {
+        credential.apply(headers);
+    }
     match live.callers.as_slice() {
         // One caller's call is that caller's request: its own ids and trace context go along.
         [one] => {

@@ -99,12 +99,9 @@ impl Engine {
             .then(|| AdaptiveLimit::new(config.limits.max_concurrency, metrics.clone()));
         let cache = Arc::new(VectorCache::new(&config.cache));
         let e = &config.embeddings;
-        // With a held key every caller is the same upstream tenant, whatever dummy key it sends.
-        let held_credential = upstream.credential.as_ref().map(|c| {
-            let mut h = HeaderMap::new();
-            c.apply(&mut h);
-            keys::credential_fingerprint(&h)
-        });
+        // With a held key every caller is the same upstream tenant, whatever dummy key it sends,
+        // and stays that tenant across key rotations (see `HeldCredential::id`).
+        let held_credential = upstream.credential.as_ref().map(|c| c.id());
         let batcher = Batcher::new(
             upstream,
             retrier,

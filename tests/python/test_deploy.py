@@ -2,6 +2,7 @@
 endpoints on the admin port, the ports match the configuration the container sets, and that
 configuration is one embedcar accepts."""
 
+import json
 import os
 import re
 import subprocess
@@ -31,6 +32,36 @@ def test_the_container_configuration_is_valid_and_its_ports_are_exposed():
     assert 'admin_listen = "0.0.0.0:9901"' in printed
     exposed = re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()
     assert exposed == ["8080", "9901"]
+
+
+def dockerfile_healthcheck():
+    text = (DEPLOY / "Dockerfile").read_text()
+    cmd = re.search(r"^HEALTHCHECK .*?\bCMD (\[.*?\])$", text, re.S | re.M).group(1)
+    return json.loads(cmd)
+
+
+def test_the_image_and_compose_health_checks_probe_readiness_with_the_binary(spawn):
+    argv = dockerfile_healthcheck()
+    assert argv[0] == "/usr/local/bin/embedcar" and argv[-1] == "health"
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert compose["services"]["embedcar"]["healthcheck"]["test"] == ["CMD", *argv]
+    # Run it as the container would (its environment, its config file), against a live embedcar
+    # whose admin listener is on the container's 0.0.0.0 address but this test's port.
+    live = spawn.embedcar("http://127.0.0.1:9")
+    admin_port = live.admin.rsplit(":", 1)[1]
+    env, _ = dockerfile_env()
+    env["EMBEDCAR_SERVER__ADMIN_LISTEN"] = f"0.0.0.0:{admin_port}"
+    local = [EMBEDCAR_BIN] + [
+        str(ROOT / "config/embedcar.toml") if a == "/etc/embedcar/embedcar.toml" else a
+        for a in argv[1:]
+    ]
+    out = subprocess.run(local, env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 0, out.stdout + out.stderr
+    live.stop()
+    out = subprocess.run(local, env={**os.environ, **env}, capture_output=True, text=True,
+                         timeout=10)
+    assert out.returncode == 1, out.stdout + out.stderr
 
 
 def test_the_kubernetes_sidecar_is_native_and_probes_the_admin_port():
