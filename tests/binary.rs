@@ -275,6 +275,21 @@ async fn a_single_threaded_embedcar_serves_embeddings_and_drains() {
 type Env<'a> = Vec<(&'a str, &'a str)>;
 
 /// Runs `embedcar health ARGS` with `env`; its exit code, stdout, stderr and how long it took.
+/// Waits until the instance's `/readyz` says ready (the tokenizer's tables load at start).
+async fn wait_ready(admin: &str) {
+    let c = client();
+    let url = format!("http://{admin}/readyz");
+    for _ in 0..600 {
+        if let Ok(r) = c.request(get(&url)).await {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{admin} did not become ready within 30 s");
+}
+
 async fn health(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String, Duration) {
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.arg("health").args(args);
@@ -296,6 +311,7 @@ async fn health_exits_zero_for_a_ready_instance_found_the_way_it_finds_its_addre
     let upstream = FakeUpstream::start().await;
     let process = spawn(&upstream.url(), &[]);
     let admin = process.admin_addr.as_str();
+    wait_ready(admin).await;
     let port = admin.rsplit(':').next().unwrap();
     let on_every_interface = format!("0.0.0.0:{port}");
     let dir = std::env::temp_dir().join(format!("embedcar-health-{}", std::process::id()));
@@ -331,6 +347,7 @@ async fn health_exits_zero_for_a_ready_instance_found_the_way_it_finds_its_addre
 async fn health_exits_one_for_a_draining_instance() {
     let upstream = FakeUpstream::start().await;
     let mut process = spawn(&upstream.url(), &[]);
+    wait_ready(&process.admin_addr).await;
     let c = client();
     // A slow request keeps the instance draining (not ready, still up) after SIGTERM.
     let mut req = get(&format!("http://{}/v1/models", process.addr));
