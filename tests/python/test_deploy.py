@@ -48,6 +48,7 @@ def test_the_image_and_compose_health_checks_probe_readiness_with_the_binary(spa
     # Run it as the container would (its environment, its config file), against a live embedcar
     # whose admin listener is on the container's 0.0.0.0 address but this test's port.
     live = spawn.embedcar("http://127.0.0.1:9")
+    live.wait_ready()
     admin_port = live.admin.rsplit(":", 1)[1]
     env, _ = dockerfile_env()
     env["EMBEDCAR_SERVER__ADMIN_LISTEN"] = f"0.0.0.0:{admin_port}"
