@@ -98,6 +98,19 @@ def test_the_prometheusrule_is_alerts_yml_generated():
     assert wrapped["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
 
 
+# The standard process metrics of the prometheus crate's ProcessCollector (Linux), registered
+# beside embedcar's own in src/metrics.rs.
+PROCESS_METRICS = {
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+}
+
+
 def test_the_dashboard_json_is_generated_and_names_only_exported_metrics():
     assert DASHBOARD.read_text() == dashboard.render(), (
         "deploy/grafana/embedcar.json is out of date: run python3 deploy/grafana/dashboard.py")
@@ -402,6 +415,8 @@ def test_live_metrics_pass_promtool_check_metrics(live):
     car, _, _ = live
     text = car.metrics_text()
     assert "embedcar_embeddings_cache_hits_total" in text
+    for name in PROCESS_METRICS:
+        assert f"\n{name} " in text, f"{name} is missing from /metrics"
     out = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
                          capture_output=True, text=True, timeout=30)
     findings = (out.stdout + out.stderr).strip()
