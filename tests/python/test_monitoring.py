@@ -116,9 +116,10 @@ def test_the_dashboard_json_is_generated_and_names_only_exported_metrics():
         "deploy/grafana/embedcar.json is out of date: run python3 deploy/grafana/dashboard.py")
     exported = set(re.findall(r'"(embedcar_[a-z_]+)"', (ROOT / "src/metrics.rs").read_text()))
     histograms = {n for n in exported if n.endswith(("_seconds", "_inputs"))}
-    names = exported | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")} | {"up"}
+    names = (exported | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
+             | {"up"} | PROCESS_METRICS)
     for expr in dashboard_queries():
-        for name in re.findall(r"\b((?:embedcar_|up\b)[a-z_]*)", expr):
+        for name in re.findall(r"\b((?:embedcar_|process_|up\b)[a-z_]*)", expr):
             assert name in names, f"{name} is not a metric embedcar exports: {expr}"
 
 
@@ -451,6 +452,8 @@ def test_every_dashboard_query_evaluates_and_most_return_data(live):
     for q in empty:
         print("  ", q)
     assert not errors, "\n".join(errors)
+    # The Process row's resident memory, CPU and fds are always there.
+    assert not [q for q in empty if "process_" in q], "a process_* query returned no data"
     assert with_data > total / 2, f"only {with_data} of {total} queries returned data"
 
 
