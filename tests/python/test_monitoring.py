@@ -149,7 +149,7 @@ def test_the_memory_rule_uses_the_container_memory_limit():
     limit = sidecar["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
     rule = next(r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
-                if r["alert"] == "EmbedcarMemoryHeldNearLimit")
+                if r["alert"] == "EmbedcarMemoryNearLimit")
     assert str(int(limit[:-2]) * 1024 * 1024) in rule["expr"]
 
 
