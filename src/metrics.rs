@@ -31,7 +31,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     /// Requests being handled now.
     pub requests_in_flight: IntGauge,
-    /// Upstream exchanges by route and outcome (a status code, or `connect_error` / `timeout`).
+    /// Upstream exchanges by route and outcome (a status code, or `connect_error`, `timeout`,
+    /// `io_error`, `abandoned`).
     pub upstream_requests: IntCounterVec,
     /// Time to the upstream's response headers, by route.
     pub upstream_duration: HistogramVec,
@@ -79,7 +80,8 @@ pub struct Metrics {
     pub gate_wait: Histogram,
     pub gate_closures: IntCounter,
     pub gate_rejections: IntCounter,
-    /// Circuit breaker: 0 closed, 1 open, 2 half-open; transitions by the state entered.
+    /// Circuit breaker: 1 while it refuses anyone's calls (the upstream cannot be reached, or a
+    /// credential's calls nearly all fail), else 0; transitions by the state entered.
     pub breaker_state: IntGauge,
     pub breaker_transitions: IntCounterVec,
     /// The upstream's `x-ratelimit-remaining-{requests,tokens}`, as last seen.
@@ -214,7 +216,7 @@ impl Metrics {
         let upstream_requests = IntCounterVec::new(
             Opts::new(
                 "embedcar_upstream_requests_total",
-                "Upstream exchanges by route and outcome (status code, connect_error, timeout).",
+                "Upstream exchanges by route and outcome (status code, connect_error, timeout, io_error, abandoned).",
             ),
             &["route", "status"],
         )
@@ -252,7 +254,7 @@ impl Metrics {
         let deadline_expired = IntCounterVec::new(
             Opts::new(
                 "embedcar_deadline_expired_total",
-                "Deadlines that expired, by kind (first_byte, body_idle).",
+                "Deadlines that expired, by kind (first_byte, body_idle, embeddings).",
             ),
             &["kind"],
         )
@@ -492,6 +494,15 @@ impl Metrics {
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
         }
+        // The standard process_* metrics (resident and virtual memory, CPU seconds, open and max
+        // fds, start time), read from /proc/self at each scrape. Unprefixed, by the Prometheus
+        // client convention, so dashboards and alerts written for any process work unchanged.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metric names are unique");
         m
     }
 
@@ -688,8 +699,10 @@ mod tests {
         assert_eq!(Route::of("/"), Route::Other);
     }
 
+    /// embedcar's own metrics are exposed with the `embedcar_` prefix; the standard process_*
+    /// ones (Linux) carry the Prometheus client convention's names, unprefixed.
     #[test]
-    fn every_metric_is_exposed_with_the_embedcar_prefix() {
+    fn own_metrics_have_the_embedcar_prefix_and_process_metrics_are_exposed() {
         let m = Metrics::new();
         m.record_request(
             Route::Other,
@@ -719,6 +732,29 @@ mod tests {
             "embedcar_request_buffer_bytes",
         ] {
             assert!(text.contains(name), "missing {name}");
+        }
+        // Every metric family is either embedcar's own (prefixed) or a standard process_* one.
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            let family = line["# TYPE ".len()..].split(' ').next().unwrap();
+            assert!(
+                family.starts_with("embedcar_") || family.starts_with("process_"),
+                "unexpected metric family {family}"
+            );
+        }
+        #[cfg(target_os = "linux")]
+        for name in [
+            "process_resident_memory_bytes",
+            "process_cpu_seconds_total",
+            "process_open_fds",
+            "process_max_fds",
+            "process_virtual_memory_bytes",
+            "process_start_time_seconds",
+            "process_threads",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{name} "))),
+                "missing {name}"
+            );
         }
     }
 }

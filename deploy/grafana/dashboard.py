@@ -6,8 +6,8 @@
 
 Edit the panels here, not the JSON: tests/python/test_monitoring.py checks that the two agree and
 runs every query against a real Prometheus scraping a real embedcar. Every query reads metrics
-embedcar exports (README "Admin endpoints and metrics"); embedcar has no process_* metrics, so
-the "Process" row shows the memory it holds in its two bounded stores instead of RSS and CPU.
+embedcar exports (README "Admin endpoints and metrics"): its own embedcar_* ones, the standard
+process_* ones (resident memory, CPU, fds; Linux) and Prometheus' own `up`.
 """
 
 import json
@@ -154,17 +154,24 @@ PANELS = [
      ""),
 
     ("row", "Process"),
+    ("Resident memory", "ts", "bytes",
+     [(gauge("process_resident_memory_bytes"), "resident {{instance}}")],
+     "The process's resident set (process_resident_memory_bytes, from /proc/self/stat): what "
+     "the container's memory limit and the EmbedcarMemoryNearLimit alert (80% of it) are about."),
+    ("CPU", "ts", "short",
+     [(rate("process_cpu_seconds_total", by="instance"), "cores {{instance}}")],
+     "CPU time used per second (user + system), in cores: 1 is one core kept busy."),
+    ("Open file descriptors", "ts", "short",
+     [(gauge("process_open_fds"), "open {{instance}}"),
+      (gauge("process_max_fds", "max"), "max {{instance}}")],
+     "Open fds (client and upstream connections, listeners, files) against the soft limit "
+     "(RLIMIT_NOFILE): at the limit, accept() and upstream connects fail."),
     ("Memory held in bounded stores", "ts", "bytes",
      [(gauge("embedcar_cache_bytes"), "cache {{instance}}"),
       (gauge("embedcar_request_buffer_bytes"), "request bodies {{instance}}")],
-     "embedcar exports no process_* metrics: no RSS, no CPU. These are its two big holders of "
-     "memory (cache.max_bytes, server.max_buffered_request_bytes), a floor of its footprint. "
-     "For the container's own memory and CPU use cAdvisor / kubelet metrics."),
-    ("Process metrics", "text", "", [],
-     "embedcar does not export `process_resident_memory_bytes` or `process_cpu_seconds_total` "
-     "(its registry holds only the `embedcar_*` metrics). Container memory and CPU come from "
-     "the kubelet's cAdvisor (`container_memory_working_set_bytes`, "
-     "`container_cpu_usage_seconds_total`), which this dashboard does not assume."),
+     "The part of resident memory embedcar bounds itself: the vector cache (cache.max_bytes) "
+     "and request bodies held whole (server.max_buffered_request_bytes). Resident memory well "
+     "above their sum is the rest: connections, the allocator, code."),
 ]
 
 

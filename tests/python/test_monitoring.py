@@ -98,14 +98,28 @@ def test_the_prometheusrule_is_alerts_yml_generated():
     assert wrapped["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
 
 
+# The standard process metrics of the prometheus crate's ProcessCollector (Linux), registered
+# beside embedcar's own in src/metrics.rs.
+PROCESS_METRICS = {
+    "process_cpu_seconds_total",
+    "process_open_fds",
+    "process_max_fds",
+    "process_virtual_memory_bytes",
+    "process_resident_memory_bytes",
+    "process_start_time_seconds",
+    "process_threads",
+}
+
+
 def test_the_dashboard_json_is_generated_and_names_only_exported_metrics():
     assert DASHBOARD.read_text() == dashboard.render(), (
         "deploy/grafana/embedcar.json is out of date: run python3 deploy/grafana/dashboard.py")
     exported = set(re.findall(r'"(embedcar_[a-z_]+)"', (ROOT / "src/metrics.rs").read_text()))
     histograms = {n for n in exported if n.endswith(("_seconds", "_inputs"))}
-    names = exported | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")} | {"up"}
+    names = (exported | {h + s for h in histograms for s in ("_bucket", "_sum", "_count")}
+             | {"up"} | PROCESS_METRICS)
     for expr in dashboard_queries():
-        for name in re.findall(r"\b((?:embedcar_|up\b)[a-z_]*)", expr):
+        for name in re.findall(r"\b((?:embedcar_|process_|up\b)[a-z_]*)", expr):
             assert name in names, f"{name} is not a metric embedcar exports: {expr}"
 
 
@@ -135,7 +149,7 @@ def test_the_memory_rule_uses_the_container_memory_limit():
     limit = sidecar["resources"]["limits"]["memory"]
     assert limit.endswith("Mi")
     rule = next(r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
-                if r["alert"] == "EmbedcarMemoryHeldNearLimit")
+                if r["alert"] == "EmbedcarMemoryNearLimit")
     assert str(int(limit[:-2]) * 1024 * 1024) in rule["expr"]
 
 
@@ -402,6 +416,8 @@ def test_live_metrics_pass_promtool_check_metrics(live):
     car, _, _ = live
     text = car.metrics_text()
     assert "embedcar_embeddings_cache_hits_total" in text
+    for name in PROCESS_METRICS:
+        assert f"\n{name} " in text, f"{name} is missing from /metrics"
     out = subprocess.run([tool("promtool"), "check", "metrics"], input=text,
                          capture_output=True, text=True, timeout=30)
     findings = (out.stdout + out.stderr).strip()
@@ -436,6 +452,8 @@ def test_every_dashboard_query_evaluates_and_most_return_data(live):
     for q in empty:
         print("  ", q)
     assert not errors, "\n".join(errors)
+    # The Process row's resident memory, CPU and fds are always there.
+    assert not [q for q in empty if "process_" in q], "a process_* query returned no data"
     assert with_data > total / 2, f"only {with_data} of {total} queries returned data"
 
 
