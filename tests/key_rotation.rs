@@ -104,6 +104,12 @@ impl Traffic {
                 let base = base.clone();
                 tokio::spawn(async move {
                     let c = client();
+                    // The first embeddings worker's first call goes out alone (it is the one
+                    // the upstream holds); the others start once it is on its way, or their
+                    // first inputs would join it in one merged call and be held with it.
+                    if worker > 1 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
                     let mut i = 0u64;
                     while !stop.load(Ordering::Relaxed) {
                         i += 1;
@@ -180,7 +186,8 @@ async fn wait_for_key(upstream: &FakeUpstream, from: usize, bearer: &str) -> usi
         }
         assert!(
             started.elapsed() < ROTATION_DEADLINE,
-            "{bearer} not seen upstream on both paths within {ROTATION_DEADLINE:?}"
+            "{bearer} not seen upstream on both paths within {ROTATION_DEADLINE:?}: {:?}",
+            seen.iter().rev().take(12).collect::<Vec<_>>()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -207,6 +214,7 @@ async fn a_rotated_secret_is_used_without_a_restart_and_a_bad_one_is_not() {
     // a fixed limit lets it run its full time.
     config.limits.adaptive_concurrency = false;
     let proxy = start_proxy(config).await;
+    wait_ready(&proxy).await;
     let traffic = Traffic::start(proxy.url());
 
     let mark = wait_for_key(&upstream, 0, "Bearer sk-old-key").await;
