@@ -1071,6 +1071,11 @@ async fn exchange(
         None => ctx.settings.first_byte_timeout,
     };
     let upstream_deadline = started + upstream_wait;
+    // Nobody left with time (the wait at the gate or for a place took it): nothing is sent. A
+    // timer already due would still let the request go out on its first poll.
+    if latest <= started {
+        return (Tried::abandoned(Err(gone())), Signal::Ignore);
+    }
     places.sent();
     let send = ctx.upstream.client.request(request);
     tokio::pin!(send);
