@@ -43,7 +43,8 @@ use crate::metrics::Metrics;
 
 /// Where the limit starts: low, so a new embedcar does not open a burst of calls against an
 /// upstream whose capacity it has not seen. Batching makes a low limit cheap (one call carries
-/// up to 2048 inputs), and start-up growth finds a larger capacity within a few round trips.
+/// up to 2048 inputs, and the call that takes the last free place gathers the tail of a burst),
+/// and start-up growth finds a larger capacity within a few round trips.
 pub const INITIAL_LIMIT: usize = 2;
 /// The limit never goes below this.
 pub const MIN_LIMIT: usize = 1;
@@ -54,6 +55,11 @@ pub const TOLERANCE: f64 = 1.5;
 /// ...and by at least this much: at a few milliseconds per call, scheduling noise alone doubles
 /// a latency now and then, and that is no queue.
 pub const MIN_QUEUEING_DELAY: Duration = Duration::from_millis(5);
+/// The longest a call taking the last free place waits to gather the tail of a burst, and how
+/// long before any baseline is known.
+pub const MAX_LAST_PLACE_GATHER: Duration = Duration::from_millis(100);
+/// How long that is before any call has been judged (nothing known of the upstream yet).
+pub const FIRST_LAST_PLACE_GATHER: Duration = Duration::from_millis(20);
 /// After the first sign of congestion the limit probes one higher only after this many round
 /// trips at the limit with latency holding.
 pub const PROBE_ROUNDS: u32 = 5;
@@ -216,6 +222,20 @@ impl AdaptiveLimit {
             return None;
         }
         s.expected(tokens)
+    }
+
+    /// When the place just taken was the last free one: how long its call may gather more
+    /// inputs before it leaves (a twentieth of the last judged baseline, at most
+    /// [`MAX_LAST_PLACE_GATHER`]; [`FIRST_LAST_PLACE_GATHER`] when no baseline is known yet).
+    /// `None` while places are left.
+    pub fn last_place_gather(&self) -> Option<Duration> {
+        if self.inner.places.available_permits() > 0 {
+            return None;
+        }
+        let s = self.inner.lock();
+        Some(s.last_expected.map_or(MAX_LAST_PLACE_GATHER, |e| {
+            (e / 20).min(MAX_LAST_PLACE_GATHER)
+        }))
     }
 
     /// Takes a place, waiting as long as that takes: the engine's callers each carry their own
