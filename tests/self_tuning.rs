@@ -275,7 +275,9 @@ async fn a_patient_caller_is_not_failed_with_an_impatient_one() {
     )
     .await;
     assert!(!hasty.correct);
-    assert!(hasty.took < Duration::from_secs(1), "{:?}", hasty.took);
+    // Failed at its own deadline (plus the test's own connection set-up), not held for the
+    // patient caller's retries.
+    assert!(hasty.took < Duration::from_millis(1500), "{:?}", hasty.took);
     tokio::time::sleep(Duration::from_millis(500)).await;
     upstream.clear_rules();
     let patient = patient.await.unwrap();
