@@ -519,7 +519,7 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
         if let Some(gather) = last_place {
             // The last free place: a caller arriving after it leaves waits a whole upstream
             // round trip for the next one, so the tail of a burst is gathered into it first (a
-            // twentieth of the round trip, at most 20 ms). Idle traffic never gets here: places
+            // twentieth of the round trip, at most 100 ms). Idle traffic never gets here: places
             // are free.
             tokio::time::sleep(gather).await;
         } else if ctx.settings.linger.is_zero() {
