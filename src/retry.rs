@@ -850,23 +850,28 @@ mod loop_tests {
         assert!(Instant::now() < soon);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_breaker_opening_mid_retries_ends_with_the_last_answer_marked_final() {
+    /// Up to 5 attempts against an upstream that answers 503 every time, with a breaker that
+    /// opens once `min_calls` calls have all failed.
+    async fn always_503_with_breaker_after(min_calls: u32) -> Finished<u16> {
         let r = retrier(|c| {
-            c.breaker.min_calls = 3;
+            c.breaker.min_calls = min_calls;
             c.breaker.failure_rate = 1.0;
             c.retry.max_attempts = 5;
         });
         let far = Instant::now() + Duration::from_secs(60);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |_| async { reply(503, &[]) },
-                |v| v,
-            )
-            .await
-            .expect("the upstream's own answer, not the breaker's");
+        r.run(
+            || KEY,
+            policy(&r, far, true),
+            |_| async { reply(503, &[]) },
+            |v| v,
+        )
+        .await
+        .expect("the upstream's own answer, not the breaker's")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_opening_mid_retries_ends_with_the_last_answer_marked_final() {
+        let done = always_503_with_breaker_after(3).await;
         assert_eq!(done.value, 503);
         assert_eq!(done.attempts, 3);
         assert!(
@@ -877,21 +882,7 @@ mod loop_tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failure_after_fewer_attempts_than_the_clients_is_left_to_the_client() {
-        let r = retrier(|c| {
-            c.breaker.min_calls = 2;
-            c.breaker.failure_rate = 1.0;
-            c.retry.max_attempts = 5;
-        });
-        let far = Instant::now() + Duration::from_secs(60);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |_| async { reply(503, &[]) },
-                |v| v,
-            )
-            .await
-            .unwrap();
+        let done = always_503_with_breaker_after(2).await;
         assert_eq!(done.attempts, 2);
         assert!(!done.gave_up, "the client's own retry is still due");
     }

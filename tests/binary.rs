@@ -8,7 +8,8 @@ use std::{
     time::Duration,
 };
 
-use http::StatusCode;
+use http::{Response, StatusCode};
+use hyper::body::Incoming;
 use support::{fake_upstream::FakeUpstream, harness::*};
 
 const BIN: &str = env!("CARGO_BIN_EXE_embedcar");
@@ -83,14 +84,17 @@ fn signal(p: &Process, sig: &str) {
     assert!(ok, "kill {sig}");
 }
 
-#[tokio::test]
-async fn sigterm_drains_an_in_flight_slow_request_then_exits_zero() {
-    let upstream = FakeUpstream::start().await;
-    let mut process = spawn(&upstream.url(), &[]);
-    let c = client();
+/// Sends `GET /v1/models` that the fake upstream answers after `delay_ms`, and waits until
+/// the upstream is working on it: something in flight for a drain to wait for.
+async fn slow_request_in_flight(
+    c: &TestClient,
+    upstream: &FakeUpstream,
+    process: &Process,
+    delay_ms: u64,
+) -> tokio::task::JoinHandle<Result<Response<Incoming>, hyper_util::client::legacy::Error>> {
     let mut req = get(&format!("http://{}/v1/models", process.addr));
     req.headers_mut()
-        .insert("x-fake-delay-ms", "1500".parse().unwrap());
+        .insert("x-fake-delay-ms", delay_ms.to_string().parse().unwrap());
     let slow = tokio::spawn({
         let c = c.clone();
         async move { c.request(req).await }
@@ -100,6 +104,15 @@ async fn sigterm_drains_an_in_flight_slow_request_then_exits_zero() {
             .wait_until(Duration::from_secs(10), |u| u.in_flight() == 1)
             .await
     );
+    slow
+}
+
+#[tokio::test]
+async fn sigterm_drains_an_in_flight_slow_request_then_exits_zero() {
+    let upstream = FakeUpstream::start().await;
+    let mut process = spawn(&upstream.url(), &[]);
+    let c = client();
+    let slow = slow_request_in_flight(&c, &upstream, &process, 1500).await;
 
     signal(&process, "-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -350,18 +363,7 @@ async fn health_exits_one_for_a_draining_instance() {
     wait_ready(&process.admin_addr).await;
     let c = client();
     // A slow request keeps the instance draining (not ready, still up) after SIGTERM.
-    let mut req = get(&format!("http://{}/v1/models", process.addr));
-    req.headers_mut()
-        .insert("x-fake-delay-ms", "4000".parse().unwrap());
-    let slow = tokio::spawn({
-        let c = c.clone();
-        async move { c.request(req).await }
-    });
-    assert!(
-        upstream
-            .wait_until(Duration::from_secs(10), |u| u.in_flight() == 1)
-            .await
-    );
+    let slow = slow_request_in_flight(&c, &upstream, &process, 4000).await;
     let (code, ..) = health(&["--admin-listen", &process.admin_addr], &[]).await;
     assert_eq!(code, Some(0), "ready before SIGTERM");
 
