@@ -447,23 +447,30 @@ impl BreakerLayer {
 impl<S> tower::Layer<S> for BreakerLayer {
     type Service = Breaker<S>;
     fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker {
-            breaker: self.breaker.clone(),
-            inner,
-        }
+        Breaker(Arc::new((self.breaker.clone(), inner)))
     }
 }
 
-#[derive(Clone)]
-pub struct Breaker<S> {
-    breaker: Option<Arc<CircuitBreaker>>,
-    inner: S,
+/// The breaker layer's service; the breaker and the service below are shared behind one `Arc`.
+pub struct Breaker<S>(Arc<(Option<Arc<CircuitBreaker>>, S)>);
+
+impl<S> Clone for Breaker<S> {
+    fn clone(&self) -> Self {
+        Breaker(self.0.clone())
+    }
 }
 
 impl<S, R, T> tower::Service<Attempt<R>> for Breaker<S>
 where
-    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
-    S::Future: Send,
+    S: tower::Service<
+            Attempt<R>,
+            Response = Tried<T>,
+            Error = ProxyError,
+            Future = BoxFuture<Result<Tried<T>, ProxyError>>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
     R: Send + 'static,
     T: Send + 'static,
 {
@@ -479,12 +486,13 @@ where
     }
 
     fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
-        let breaker = self.breaker.clone();
-        let mut inner = self.inner.clone();
+        let (breaker, inner) = &*self.0;
+        let Some(breaker) = breaker.clone() else {
+            // No breaker: the attempt goes straight on, without a future of this layer's own.
+            return inner.clone().call(attempt);
+        };
+        let mut inner = inner.clone();
         Box::pin(async move {
-            let Some(breaker) = breaker else {
-                return inner.call(attempt).await;
-            };
             let pass = breaker.admit(&attempt.credential)?;
             let tried = inner.call(attempt).await?;
             match tried.health {

@@ -234,22 +234,26 @@ impl PlaceLayer {
 impl<S> tower::Layer<S> for PlaceLayer {
     type Service = Place<S>;
     fn layer(&self, inner: S) -> Place<S> {
-        Place {
-            capacity: self.capacity.clone(),
-            inner,
-        }
+        Place(Arc::new((self.capacity.clone(), inner)))
     }
 }
 
-#[derive(Clone)]
-pub struct Place<S> {
-    capacity: Arc<Capacity>,
-    inner: S,
+/// The places layer's service; the capacity and the service below are shared behind one `Arc`.
+pub struct Place<S>(Arc<(Arc<Capacity>, S)>);
+
+impl<S> Clone for Place<S> {
+    fn clone(&self) -> Self {
+        Place(self.0.clone())
+    }
 }
 
 impl<S, R, T> tower::Service<Attempt<R>> for Place<S>
 where
-    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send,
     R: Send + 'static,
     T: Send + 'static,
@@ -266,9 +270,9 @@ where
     }
 
     fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
-        let capacity = self.capacity.clone();
-        let mut inner = self.inner.clone();
+        let shared = self.0.clone();
         Box::pin(async move {
+            let (capacity, inner) = &*shared;
             let mut places = match (attempt.places.take(), attempt.kind) {
                 (Some(held), _) => held,
                 (None, Kind::Engine) => capacity.engine_places().await,
@@ -278,11 +282,12 @@ where
             };
             let (kind, tokens) = (attempt.kind, attempt.tokens);
             places.sent();
-            let tried = inner.call(attempt).await?;
+            let tried = inner.clone().call(attempt).await?;
             Ok(match kind {
-                // The engine's attempt has read its reply: its places are done with.
+                // The engine's attempt has read its reply: its places are done with. Its size
+                // is what it sent (only the inputs someone still waited for).
                 Kind::Engine => {
-                    places.finish(tried.signal, tokens);
+                    places.finish(tried.signal, tried.size.unwrap_or(tokens));
                     tried.map(|value| Placed { value, slot: None })
                 }
                 // A passed-through response streams on: its slot goes with it.

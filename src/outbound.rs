@@ -7,8 +7,10 @@
 //! another). Everything above it, the retry loop, the rate gate, the breaker, the places and
 //! the attempt's timeout, is shared.
 //!
-//! Every layer is always ready: its waits depend on the call (its credential, its deadline),
-//! so they happen in `call`, bounded by that call's deadline, not in `poll_ready`.
+//! Every layer is always ready: its waits depend on the call (its credential, its deadline, its
+//! callers), so they happen in the future `call` returns, not in `poll_ready`, and `send` calls
+//! the stack at once. A tower middleware that is not always ready (a `Buffer`, tower's own
+//! concurrency limit) does not belong in it.
 
 use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
@@ -129,7 +131,7 @@ pub type LiveDeadline = Arc<dyn Fn() -> Option<Instant> + Send + Sync>;
 pub struct Call<R> {
     /// Makes attempt `n` (from 1), or says there is nobody left to make it for.
     pub attempts: Box<dyn FnMut(u32) -> Option<Attempt<R>> + Send>,
-    /// No retry starts unless it can before this.
+    /// No retry starts unless it can before this (when `live` is given, it is read instead).
     pub deadline: Instant,
     /// False for a body that was streamed and is gone: one attempt.
     pub retryable: bool,
@@ -168,6 +170,8 @@ pub struct Attempt<R> {
     pub live: Option<LiveDeadline>,
     /// Places already held (the engine dispatcher's, for a first attempt).
     pub places: Option<Places>,
+    /// Where the exchange says its response head has come (set by the timeout layer).
+    pub head: HeadArrived,
 }
 
 /// A value as the attempt that made it left it: with the pass-through's upstream slot, which
@@ -181,7 +185,8 @@ pub struct Placed<T> {
 pub trait Reply: Sized + Send + 'static {
     /// The attempt failed inside embedcar's bounds (a timeout, say).
     fn error(e: ProxyError) -> Self;
-    /// Every caller left before the attempt ended: nobody reads this.
+    /// The callers' time ran out before the attempt ended (the engine's callers have left;
+    /// a pass-through caller is told its timeout hint passed).
     fn abandoned(e: ProxyError) -> Self {
         Self::error(e)
     }
@@ -214,19 +219,18 @@ impl AttemptTimeoutLayer {
 impl<S> Layer<S> for AttemptTimeoutLayer {
     type Service = AttemptTimeout<S>;
     fn layer(&self, inner: S) -> AttemptTimeout<S> {
-        AttemptTimeout {
-            timeouts: self.timeouts.clone(),
-            metrics: self.metrics.clone(),
-            inner,
-        }
+        AttemptTimeout(Arc::new((self.clone(), inner)))
     }
 }
 
-#[derive(Clone)]
-pub struct AttemptTimeout<S> {
-    timeouts: Timeouts,
-    metrics: Arc<Metrics>,
-    inner: S,
+/// The attempt's timeout. The layer and the service below are shared behind one `Arc`, so a
+/// call clones one pointer, not the stack.
+pub struct AttemptTimeout<S>(Arc<(AttemptTimeoutLayer, S)>);
+
+impl<S> Clone for AttemptTimeout<S> {
+    fn clone(&self) -> Self {
+        AttemptTimeout(self.0.clone())
+    }
 }
 
 /// An engine attempt ends without waiting for the upstream any longer than this many times
@@ -256,9 +260,35 @@ impl Timeouts {
     }
 }
 
+/// Set by an exchange that reads its reply inside the attempt (the engine's) when the response
+/// head has come: the timeouts bound the wait for the upstream's answer, not the reading of a
+/// reply already under way (a body that stalls is `upstream.body_idle_timeout`'s business), and
+/// a reply being read fills the cache even if its callers have just left.
+#[derive(Clone, Default)]
+pub struct HeadArrived(Option<Arc<std::sync::atomic::AtomicBool>>);
+
+impl HeadArrived {
+    fn watched() -> HeadArrived {
+        HeadArrived(Some(Arc::default()))
+    }
+
+    /// Called by the exchange when the response head is in.
+    pub fn arrived(&self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    fn has_arrived(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire))
+    }
+}
+
 impl<S, R, T> Service<Attempt<R>> for AttemptTimeout<S>
 where
-    S: Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
+    S: Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + Sync + 'static,
     S::Future: Send,
     R: Send + 'static,
     T: Reply,
@@ -272,22 +302,33 @@ where
     }
 
     fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
-        let started = Instant::now();
-        let wait = self.timeouts.upstream_wait(attempt.kind, attempt.tokens);
-        let upstream_deadline = started + wait;
-        let (kind, route) = (attempt.kind, attempt.route);
-        let live = attempt.live.clone();
-        let answer_by = attempt.answer_by;
-        let metrics = self.metrics.clone();
-        let exchange = self.inner.clone().call(attempt);
+        let shared = self.0.clone();
         Box::pin(async move {
-            // Nobody left with time (the wait at the gate or for a place took it): nothing is
-            // sent. A timer already due would still let the request go out on its first poll.
-            if answer_by.is_some_and(|by| by <= started) {
-                return Ok(Tried::not_sent(T::abandoned(ProxyError::UpstreamTimeout(
-                    Duration::ZERO,
-                ))));
+            let (layer, inner) = &*shared;
+            let mut attempt = attempt;
+            let started = Instant::now();
+            let wait = layer.timeouts.upstream_wait(attempt.kind, attempt.tokens);
+            let upstream_deadline = started + wait;
+            let (kind, route) = (attempt.kind, attempt.route);
+            let live = attempt.live.clone();
+            // The callers' deadline as it stands now: an engine call's callers may have come
+            // and gone while it waited for its place.
+            let answer_by = match &live {
+                Some(live) => live(),
+                None => attempt.answer_by,
+            };
+            if kind == Kind::Engine {
+                // Nobody left with time: nothing is sent. (A timer already due would still let
+                // the request go out on its first poll.)
+                if answer_by.is_none_or(|by| by <= started) {
+                    return Ok(Tried::not_sent(T::abandoned(ProxyError::UpstreamTimeout(
+                        Duration::ZERO,
+                    ))));
+                }
+                attempt.head = HeadArrived::watched();
             }
+            let head = attempt.head.clone();
+            let exchange = inner.clone().call(attempt);
             tokio::pin!(exchange);
             // Waits until the upstream's own time is up, or no caller is left with time: when
             // the callers' deadline comes, a caller who joined meanwhile may have more.
@@ -296,6 +337,7 @@ where
                 let until = upstream_deadline.min(callers);
                 match tokio::time::timeout_at(until, &mut exchange).await {
                     Ok(result) => return result,
+                    Err(_) if head.has_arrived() => return exchange.await,
                     Err(_) if until == upstream_deadline => break true,
                     Err(_) => match live.as_ref().and_then(|l| l()) {
                         Some(later) if later > callers => callers = later.min(upstream_deadline),
@@ -303,6 +345,7 @@ where
                     },
                 }
             };
+            let metrics = &layer.metrics;
             let elapsed = started.elapsed();
             if let Kind::PassThrough { .. } = kind {
                 metrics
@@ -310,8 +353,7 @@ where
                     .with_label_values(&["first_byte"])
                     .inc();
             }
-            let waited = elapsed.min(wait);
-            let timed_out = ProxyError::UpstreamTimeout(waited);
+            let timed_out = ProxyError::UpstreamTimeout(elapsed.min(wait));
             if !upstream_timed_out {
                 // Every caller's deadline came first: slow is not broken. Nothing to retry,
                 // and the breaker hears nothing; the learnt limit hears the call took at least

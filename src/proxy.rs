@@ -24,7 +24,7 @@ use crate::{
     errors::ProxyError,
     limits::time_budget,
     metrics::{Metrics, Route},
-    outbound::{self, Attempt, BoxFuture, Call, Kind, Outbound, Placed, Reply},
+    outbound::{self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply},
     retry::{mark_final, RetryReason, Tried},
     upstream::Upstream,
 };
@@ -79,10 +79,10 @@ impl Proxy {
         metrics: Arc<Metrics>,
         settings: ProxySettings,
     ) -> Self {
-        let exchange = Exchange {
+        let exchange = Exchange(Arc::new(ExchangeParts {
             upstream: upstream.clone(),
             metrics: metrics.clone(),
-        };
+        }));
         Self {
             upstream,
             outbound: outbound::build(exchange, outbound),
@@ -177,6 +177,7 @@ impl Proxy {
                 answer_by,
                 live: None,
                 places: None,
+                head: HeadArrived::default(),
             })
         };
         let finished = outbound::send(
@@ -232,7 +233,9 @@ impl Proxy {
 /// The bottom of the pass-through's outbound stack: one exchange with the pooled client, up to
 /// the response head (the body streams to the caller afterwards).
 #[derive(Clone)]
-pub struct Exchange {
+pub struct Exchange(Arc<ExchangeParts>);
+
+pub struct ExchangeParts {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
 }
@@ -247,7 +250,7 @@ impl Service<Attempt<Request<ProxyBody>>> for Exchange {
     }
 
     fn call(&mut self, attempt: Attempt<Request<ProxyBody>>) -> Self::Future {
-        let this = self.clone();
+        let this = self.0.clone();
         Box::pin(async move {
             let route = attempt.route;
             let started = Instant::now();
@@ -275,7 +278,7 @@ impl Service<Attempt<Request<ProxyBody>>> for Exchange {
     }
 }
 
-impl Exchange {
+impl ExchangeParts {
     /// Turns a failed exchange into the caller's error: our own body limits first (the request
     /// body failed while being streamed), then connection failures.
     fn classify_send_error(

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use http::StatusCode;
 
 use crate::{
+    adaptive_limit::Signal,
     errors::ProxyError,
     metrics::Metrics,
     outbound::{Attempt, BoxFuture},
@@ -367,22 +368,26 @@ impl GateLayer {
 impl<S> tower::Layer<S> for GateLayer {
     type Service = Gate<S>;
     fn layer(&self, inner: S) -> Gate<S> {
-        Gate {
-            layer: self.clone(),
-            inner,
-        }
+        Gate(Arc::new((self.clone(), inner)))
     }
 }
 
-#[derive(Clone)]
-pub struct Gate<S> {
-    layer: GateLayer,
-    inner: S,
+/// The gate layer's service; the layer and the service below are shared behind one `Arc`.
+pub struct Gate<S>(Arc<(GateLayer, S)>);
+
+impl<S> Clone for Gate<S> {
+    fn clone(&self) -> Self {
+        Gate(self.0.clone())
+    }
 }
 
 impl<S, R, T> tower::Service<Attempt<R>> for Gate<S>
 where
-    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
     S::Future: Send,
     R: Send + 'static,
     T: Send + 'static,
@@ -398,18 +403,23 @@ where
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
-        let layer = self.layer.clone();
-        let mut inner = self.inner.clone();
+    fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
+        let shared = self.0.clone();
         Box::pin(async move {
+            let (layer, inner) = &*shared;
             let credential = attempt.credential;
             if !layer.gates.wide_open() {
+                // Places already held are not carried through a wait here: other tenants would
+                // wait behind one tenant's quota. The places layer takes fresh ones after.
+                if let Some(held) = attempt.places.take() {
+                    held.finish(Signal::Ignore, 0);
+                }
                 layer
                     .gates
                     .pass(&credential, attempt.tokens, attempt.deadline)
                     .await?;
             }
-            let tried = inner.call(attempt).await?;
+            let tried = inner.clone().call(attempt).await?;
             if let Some((status, headers)) = &tried.rate_limit {
                 layer.observe(&credential, *status, headers);
             }

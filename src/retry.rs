@@ -428,6 +428,9 @@ pub struct Tried<T> {
     pub rate_limit: Option<(StatusCode, RateLimitHeaders)>,
     /// What the attempt says about the upstream's load.
     pub signal: Signal,
+    /// The size the attempt sent, when its exchange decided it (the engine sends only the
+    /// inputs someone still waits for); else the attempt's own estimate stands.
+    pub size: Option<u64>,
 }
 
 impl<T> Tried<T> {
@@ -457,6 +460,7 @@ impl<T> Tried<T> {
             health,
             signal: load_signal(status, &rate_limit),
             rate_limit: Some((status, rate_limit)),
+            size: None,
         }
     }
 
@@ -468,6 +472,7 @@ impl<T> Tried<T> {
             health: self.health,
             rate_limit: self.rate_limit,
             signal: self.signal,
+            size: self.size,
         }
     }
 
@@ -479,6 +484,7 @@ impl<T> Tried<T> {
             health: Health::Neutral,
             rate_limit: None,
             signal: Signal::Ignore,
+            size: None,
         }
     }
 
@@ -502,6 +508,7 @@ impl<T> Tried<T> {
                 RetryReason::Timeout => Signal::Overloaded,
                 _ => Signal::Ignore,
             },
+            size: None,
         }
     }
 
@@ -599,7 +606,7 @@ impl RetryState {
     /// the loop with the last attempt's own answer.
     async fn run<S, R, T>(
         &self,
-        inner: S,
+        inner: &S,
         mut call: Call<R>,
     ) -> Result<Finished<Placed<T>>, ProxyError>
     where
@@ -685,17 +692,18 @@ impl RetryLayer {
 impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
     fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            state: self.state.clone(),
-            inner,
-        }
+        Retry(Arc::new((self.state.clone(), inner)))
     }
 }
 
-#[derive(Clone)]
-pub struct Retry<S> {
-    state: Arc<RetryState>,
-    inner: S,
+/// The retry layer's service; the loop's state and the stack below are shared behind one
+/// `Arc`, so a call clones one pointer, not the stack.
+pub struct Retry<S>(Arc<(Arc<RetryState>, S)>);
+
+impl<S> Clone for Retry<S> {
+    fn clone(&self) -> Self {
+        Retry(self.0.clone())
+    }
 }
 
 impl<S, R, T> Service<Call<R>> for Retry<S>
@@ -718,9 +726,11 @@ where
     }
 
     fn call(&mut self, call: Call<R>) -> Self::Future {
-        let state = self.state.clone();
-        let inner = self.inner.clone();
-        Box::pin(async move { state.run(inner, call).await })
+        let shared = self.0.clone();
+        Box::pin(async move {
+            let (state, inner) = &*shared;
+            state.run(inner, call).await
+        })
     }
 }
 
@@ -802,6 +812,7 @@ mod loop_tests {
                 answer_by: None,
                 live: None,
                 places: None,
+                head: Default::default(),
             })
         };
         let f = outbound::send(
@@ -1051,6 +1062,7 @@ mod loop_tests {
                 answer_by: None,
                 live: None,
                 places: None,
+                head: Default::default(),
             })
         };
         let call = Call {
@@ -1066,5 +1078,148 @@ mod loop_tests {
         assert_eq!(done.attempts, 2);
         assert!(started.elapsed() >= Duration::from_secs(5));
         assert!(started.elapsed() < Duration::from_secs(7));
+    }
+
+    /// A call of `kind` whose attempts carry their number to the exchange.
+    fn one_call(deadline: Instant, kind: Kind, live: Option<outbound::LiveDeadline>) -> Call<u32> {
+        let answer_by = live.as_ref().and_then(|l| l());
+        let attempt_live = live.clone();
+        let attempts = move |n| {
+            Some(Attempt {
+                request: n,
+                kind,
+                route: crate::metrics::Route::Other,
+                credential: KEY,
+                tokens: 1,
+                deadline,
+                answer_by,
+                live: attempt_live.clone(),
+                places: None,
+                head: Default::default(),
+            })
+        };
+        Call {
+            attempts: Box::new(attempts),
+            deadline,
+            retryable: true,
+            max_attempts: Some(3),
+            callers: 1,
+            live,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_sitting_out_a_backoff_holds_no_slot() {
+        let p = stack(|c| c.limits.max_concurrency = 1);
+        let far = Instant::now() + Duration::from_secs(60);
+        // The upstream asks the first exchange ever to come back in 2 s, and answers the rest.
+        let exchanges = Arc::new(AtomicU32::new(0));
+        let exchange = tower::service_fn(move |_: Attempt<u32>| {
+            let n = exchanges.fetch_add(1, Ordering::SeqCst);
+            async move {
+                Ok::<_, ProxyError>(match n {
+                    0 => reply(503, &[("retry-after", "2")]),
+                    _ => reply(200, &[]),
+                })
+            }
+        });
+        let stack = outbound::build(exchange, &p);
+        let started = Instant::now();
+        let pass_through = Kind::PassThrough { idempotent: true };
+        let first = tokio::spawn(outbound::send(&stack, one_call(far, pass_through, None)));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The first call waits out its 2 s; the only slot is free for this one meanwhile.
+        let second = outbound::send(&stack, one_call(far, pass_through, None))
+            .await
+            .unwrap();
+        assert_eq!(second.value.value, 200);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // A passed-through answer holds its slot until its body is read: this one is, now.
+        drop(second);
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.value.value, 200);
+        assert_eq!(first.attempts, 2);
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_slot_for_a_retry_ends_the_call_with_its_last_answer() {
+        let p = stack(|c| {
+            c.limits.max_concurrency = 1;
+            c.limits.max_waiting_requests = 0;
+        });
+        let far = Instant::now() + Duration::from_secs(60);
+        let exchange = tower::service_fn(|_: Attempt<u32>| async move {
+            Ok::<_, ProxyError>(reply(503, &[("retry-after", "1")]))
+        });
+        let stack = outbound::build(exchange, &p);
+        let call = tokio::spawn(outbound::send(
+            &stack,
+            one_call(far, Kind::PassThrough { idempotent: true }, None),
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Someone else holds the only slot when the retry comes, and nobody may wait for it.
+        let _held = p.capacity.ceiling.acquire(None).await.unwrap();
+        let done = call.await.unwrap().expect("the upstream's own answer");
+        assert_eq!(done.value.value, 503);
+        assert_eq!(done.attempts, 1);
+        assert!(
+            !done.gave_up,
+            "fewer attempts than the client's own: its retry is due"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_engine_attempt_waits_on_for_a_caller_who_joined_with_more_time() {
+        let p = stack(|_| {});
+        let start = Instant::now();
+        let exchange = tower::service_fn(|_: Attempt<u32>| async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, ProxyError>(reply(200, &[]))
+        });
+        let stack = outbound::build(exchange, &p);
+        // The first caller has 1 s; a second one with 5 s joins at 0.5 s.
+        let joined = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live: outbound::LiveDeadline = {
+            let joined = joined.clone();
+            Arc::new(move || {
+                let far = joined.load(Ordering::SeqCst);
+                Some(start + Duration::from_secs(if far { 5 } else { 1 }))
+            })
+        };
+        let call = tokio::spawn(outbound::send(
+            &stack,
+            one_call(start + Duration::from_secs(1), Kind::Engine, Some(live)),
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        joined.store(true, Ordering::SeqCst);
+        let done = call.await.unwrap().unwrap();
+        assert_eq!(
+            done.value.value, 200,
+            "not abandoned at the first caller's deadline"
+        );
+        assert_eq!(done.attempts, 1);
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_engine_attempt_nobody_waits_for_is_not_sent() {
+        let p = stack(|_| {});
+        let sent = Arc::new(AtomicU32::new(0));
+        let exchange = {
+            let sent = sent.clone();
+            tower::service_fn(move |_: Attempt<u32>| {
+                sent.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, ProxyError>(reply(200, &[])) }
+            })
+        };
+        let stack = outbound::build(exchange, &p);
+        let far = Instant::now() + Duration::from_secs(60);
+        let nobody: outbound::LiveDeadline = Arc::new(|| None);
+        // Whoever the call was made for has left.
+        let call = one_call(far, Kind::Engine, Some(nobody));
+        let done = outbound::send(&stack, call).await.unwrap();
+        assert_eq!(done.value.value, 0);
+        assert_eq!(sent.load(Ordering::SeqCst), 0);
     }
 }

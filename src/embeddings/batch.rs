@@ -15,6 +15,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     future::Future,
+    ops::Range,
     pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -43,7 +44,7 @@ use crate::{
     errors::ProxyError,
     limits::{Capacity, Places},
     metrics::{Metrics, Route, TokenSource},
-    outbound::{self, Attempt, Call, Kind, LiveDeadline, Outbound, Reply},
+    outbound::{self, Attempt, Call, HeadArrived, Kind, LiveDeadline, Outbound, Reply},
     proxy::{error_chain, strip_hop_by_hop},
     rate_gate::{CredentialId, RateGates},
     retry::{mark_final, RetryReason, Tried, Verdict},
@@ -262,7 +263,7 @@ pub struct BatchSettings {
 struct Ctx {
     upstream: Arc<Upstream>,
     /// Every upstream call goes down this stack (retries, gate, breaker, places, timeout).
-    outbound: Outbound<Exchange>,
+    outbound: Outbound<SharedExchange>,
     /// The credentials' rate gates, also consulted before queueing: a gate the upstream shut
     /// holds a whole lane.
     gates: Arc<RateGates>,
@@ -299,11 +300,12 @@ impl Batcher {
         cache: Arc<VectorCache>,
         settings: BatchSettings,
     ) -> Self {
-        let exchange = Exchange {
+        let exchange = SharedExchange(Arc::new(Exchange {
             upstream: upstream.clone(),
             metrics: metrics.clone(),
             body_idle_timeout: settings.body_idle_timeout,
-        };
+            upstream_encoding: settings.upstream_encoding,
+        }));
         Batcher {
             ctx: Arc::new(Ctx {
                 outbound: outbound::build(exchange, outbound),
@@ -699,7 +701,9 @@ async fn run_batch(
     };
     let mut budget = isolation_budget(items.len());
     let mut held = Some(places);
-    let mut outcomes = call_isolating(&ctx, &lane, &items, &mut budget, &mut held).await;
+    let items: Arc<[Item]> = items.into();
+    let all = 0..items.len();
+    let mut outcomes = call_isolating(&ctx, &lane, &items, all, &mut budget, &mut held).await;
     if let Some(unused) = held {
         unused.finish(Signal::Ignore, 0);
     }
@@ -759,22 +763,25 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 fn call_isolating<'a>(
     ctx: &'a Arc<Ctx>,
     lane: &'a Arc<Lane>,
-    items: &'a [Item],
+    items: &'a Arc<[Item]>,
+    range: Range<usize>,
     budget: &'a mut usize,
     held: &'a mut Option<Places>,
 ) -> BoxFuture<'a, Vec<Outcome>> {
     Box::pin(async move {
-        match call_once(ctx, lane, items, held).await {
+        let n = range.len();
+        match call_once(ctx, lane, items, range.clone(), held).await {
             Ok(done) => done,
-            Err(failure) if items.len() > 1 && *budget >= 2 && blames_input(&failure) => {
+            Err(failure) if n > 1 && *budget >= 2 && blames_input(&failure) => {
                 *budget -= 2;
                 ctx.metrics.embeddings_isolation_splits.inc();
-                let (left, right) = items.split_at(items.len() / 2);
-                let mut out = call_isolating(ctx, lane, left, budget, held).await;
-                out.extend(call_isolating(ctx, lane, right, budget, held).await);
+                let middle = range.start + n / 2;
+                let mut out =
+                    call_isolating(ctx, lane, items, range.start..middle, budget, held).await;
+                out.extend(call_isolating(ctx, lane, items, middle..range.end, budget, held).await);
                 out
             }
-            Err(failure) => vec![Err(failure); items.len()],
+            Err(failure) => vec![Err(failure); n],
         }
     })
 }
@@ -816,44 +823,46 @@ impl Reply for CallResult {
 async fn call_once(
     ctx: &Arc<Ctx>,
     lane: &Arc<Lane>,
-    items: &[Item],
+    items: &Arc<[Item]>,
+    range: Range<usize>,
     held: &mut Option<Places>,
 ) -> CallResult {
-    let items: Arc<[Item]> = items.into();
-    let latest = items
+    let part = &items[range.clone()];
+    let latest = part
         .iter()
         .map(|i| i.latest)
         .max()
         .unwrap_or_else(Instant::now);
-    let callers = live(lane, &items).callers.len();
-    let live_deadline: LiveDeadline = {
-        let (lane, items) = (lane.clone(), items.clone());
-        Arc::new(move || live(&lane, &items).latest)
+    let callers = live(lane, part).callers.len();
+    let call = EngineCall {
+        lane: lane.clone(),
+        items: items.clone(),
+        range,
     };
-    // A call that may wait at its credential's rate gate does not hold its places there (other
-    // tenants would wait behind one tenant's quota): its first attempt takes them after the gate.
-    if !ctx.gates.wide_open() {
-        if let Some(p) = held.take() {
-            p.finish(Signal::Ignore, 0);
-        }
-    }
+    let live_deadline: LiveDeadline = {
+        let call = call.clone();
+        Arc::new(move || live(&call.lane, call.part()).latest)
+    };
     let mut first = held.take();
     let attempts = {
-        let (ctx, lane, live_deadline) = (ctx.clone(), lane.clone(), live_deadline.clone());
+        let live_deadline = live_deadline.clone();
         move |_| {
-            let live = live(&lane, &items);
+            // Who waits is read here for the gate's cost and deadline; the exchange reads it
+            // again when it holds its places, and sends only what is still wanted then.
+            let live = live(&call.lane, call.part());
             let latest = live.latest?;
-            let tokens = live.items.iter().map(|&i| items[i].size).sum();
+            let tokens = live.items.iter().map(|&i| call.part()[i].size).sum();
             Some(Attempt {
-                request: upstream_request(&ctx, &lane, &items, &live),
+                request: call.clone(),
                 kind: Kind::Engine,
                 route: Route::Embeddings,
-                credential: lane.template.credential,
+                credential: call.lane.template.credential,
                 tokens,
                 deadline: latest,
                 answer_by: Some(latest),
                 live: Some(live_deadline.clone()),
                 places: first.take(),
+                head: HeadArrived::default(),
             })
         }
     };
@@ -883,6 +892,20 @@ async fn call_once(
             }
             other => other,
         },
+    }
+}
+
+/// One upstream call's inputs: a range of a batch (the whole batch, or a part being isolated).
+#[derive(Clone)]
+struct EngineCall {
+    lane: Arc<Lane>,
+    items: Arc<[Item]>,
+    range: Range<usize>,
+}
+
+impl EngineCall {
+    fn part(&self) -> &[Item] {
+        &self.items[self.range.clone()]
     }
 }
 
@@ -923,45 +946,49 @@ fn live(lane: &Lane, items: &[Item]) -> Live {
     out
 }
 
-/// An engine attempt's request, and what its reply is read against.
-struct EngineRequest {
-    /// The request, unless it could not be written (a failure inside embedcar).
-    request: Result<Request<ProxyBody>, ProxyError>,
+/// The request for the inputs someone still waits for, and what its reply is read against.
+struct Sending {
+    request: Request<ProxyBody>,
     /// Positions, in the call's items, of the inputs sent.
     positions: Vec<usize>,
     /// Their sizes (exact token counts, or estimates the upstream's usage is apportioned by).
     sizes: Vec<u64>,
-    /// How many items the call has (the outcomes are one per item).
-    items: usize,
-    /// Whether `sizes` are exact token counts.
-    exact: bool,
 }
 
-/// The request for the inputs someone still waits for.
-fn upstream_request(ctx: &Ctx, lane: &Lane, items: &[Item], live: &Live) -> EngineRequest {
-    let request = (|| {
+impl Exchange {
+    /// Writes the request for the inputs someone still waits for now; `None` when nobody does.
+    fn request(&self, call: &EngineCall) -> Option<Result<Sending, ProxyError>> {
+        let lane = &call.lane;
+        let items = call.part();
+        let live = live(lane, items);
+        live.latest?;
         let body = UpstreamBody {
             input: live.items.iter().map(|&i| &*items[i].input).collect(),
             model: lane.template.model.as_deref(),
-            encoding_format: match ctx.settings.upstream_encoding {
+            encoding_format: match self.upstream_encoding {
                 UpstreamEncoding::Base64 => "base64",
                 UpstreamEncoding::Float => "float",
             },
             dimensions: lane.template.dimensions,
             user: lane.template.user.as_deref(),
         };
-        let body = serde_json::to_vec(&body)
-            .map_err(|e| ProxyError::Internal(format!("cannot write the request: {e}")))?;
+        let body = match serde_json::to_vec(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                let e = ProxyError::Internal(format!("cannot write the request: {e}"));
+                return Some(Err(e));
+            }
+        };
         let uri = match &lane.request.uri {
             Ok(u) => u.clone(),
-            Err(e) => return Err(ProxyError::Internal(format!("bad upstream URI: {e}"))),
+            Err(e) => return Some(Err(ProxyError::Internal(format!("bad upstream URI: {e}")))),
         };
         let mut request = Request::new(body::full(body));
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri;
         let headers = request.headers_mut();
         *headers = lane.request.headers.clone();
-        if let Some(credential) = &ctx.upstream.credential {
+        if let Some(credential) = &self.upstream.credential {
             credential.apply(headers);
         }
         match live.callers.as_slice() {
@@ -989,17 +1016,14 @@ fn upstream_request(ctx: &Ctx, lane: &Lane, items: &[Item], live: &Live) -> Engi
                 }
             }
         }
-        Ok(request)
-    })();
-    ctx.metrics
-        .embeddings_batch_inputs
-        .observe(live.items.len() as f64);
-    EngineRequest {
-        request,
-        positions: live.items.clone(),
-        sizes: live.items.iter().map(|&i| items[i].size).collect(),
-        items: items.len(),
-        exact: matches!(lane.template.tokenizer, Tokenizer::Exact(_)),
+        self.metrics
+            .embeddings_batch_inputs
+            .observe(live.items.len() as f64);
+        Some(Ok(Sending {
+            request,
+            sizes: live.items.iter().map(|&i| items[i].size).collect(),
+            positions: live.items,
+        }))
     }
 }
 
@@ -1023,14 +1047,18 @@ fn is_gone(outcome: &Outcome) -> bool {
 
 /// The bottom of the engine's outbound stack: one exchange with the pooled client, the reply
 /// read whole and decoded. A reply cut short or garbled is a failed attempt, worth another.
-#[derive(Clone)]
 struct Exchange {
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     body_idle_timeout: Duration,
+    upstream_encoding: UpstreamEncoding,
 }
 
-impl tower::Service<Attempt<EngineRequest>> for Exchange {
+/// The exchange as the bottom of the engine's stack (one pointer to clone per attempt).
+#[derive(Clone)]
+struct SharedExchange(Arc<Exchange>);
+
+impl tower::Service<Attempt<EngineCall>> for SharedExchange {
     type Response = Tried<CallResult>;
     type Error = ProxyError;
     type Future = outbound::BoxFuture<Result<Tried<CallResult>, ProxyError>>;
@@ -1042,19 +1070,42 @@ impl tower::Service<Attempt<EngineRequest>> for Exchange {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, attempt: Attempt<EngineRequest>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.exchange(attempt.request).await) })
+    fn call(&mut self, attempt: Attempt<EngineCall>) -> Self::Future {
+        let this = self.0.clone();
+        Box::pin(async move { Ok(this.exchange(&attempt.request, &attempt.head).await) })
     }
 }
 
 impl Exchange {
-    async fn exchange(&self, call: EngineRequest) -> Tried<CallResult> {
+    async fn exchange(&self, call: &EngineCall, head: &HeadArrived) -> Tried<CallResult> {
         let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
-        let request = match call.request {
-            Ok(r) => r,
-            Err(e) => return Tried::refused(Err(fail(e))),
+        let sending = match self.request(call) {
+            None => return Tried::not_sent(Err(gone())),
+            Some(Err(e)) => return Tried::refused(Err(fail(e))),
+            Some(Ok(sending)) => sending,
         };
+        let size = sending.sizes.iter().sum();
+        let exact = matches!(call.lane.template.tokenizer, Tokenizer::Exact(_));
+        let mut tried = self
+            .exchange_sending(sending, call.range.len(), exact, head)
+            .await;
+        tried.size = Some(size);
+        tried
+    }
+
+    async fn exchange_sending(
+        &self,
+        sending: Sending,
+        items: usize,
+        exact: bool,
+        head: &HeadArrived,
+    ) -> Tried<CallResult> {
+        let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
+        let Sending {
+            request,
+            positions,
+            sizes,
+        } = sending;
         let started = Instant::now();
         let response = match self.upstream.client.request(request).await {
             Ok(r) => r,
@@ -1066,6 +1117,7 @@ impl Exchange {
                 return Tried::broken(Err(fail(error)), reason);
             }
         };
+        head.arrived();
         self.metrics.observe_upstream_status(
             Route::Embeddings,
             response.status(),
@@ -1116,7 +1168,7 @@ impl Exchange {
             }
             return tried;
         }
-        let reply = match render::parse_reply(&bytes, call.positions.len()) {
+        let reply = match render::parse_reply(&bytes, positions.len()) {
             Ok(r) => r,
             // A 200 whose body is cut or garbled: the exchange broke, another attempt may not.
             Err(e) => {
@@ -1131,17 +1183,17 @@ impl Exchange {
             model,
             prompt_tokens: reported,
         } = reply;
-        let tokens: Vec<u64> = if call.exact {
-            call.sizes
+        let tokens: Vec<u64> = if exact {
+            sizes
         } else {
-            let total = reported.unwrap_or_else(|| call.sizes.iter().sum());
-            apportion(total, &call.sizes)
+            let total = reported.unwrap_or_else(|| sizes.iter().sum());
+            apportion(total, &sizes)
         };
         self.metrics
             .count_tokens(TokenSource::Upstream, tokens.iter().sum());
         let model: Arc<str> = model.into();
-        let mut outcomes: Vec<Outcome> = vec![Err(gone()); call.items];
-        for ((&position, vector), t) in call.positions.iter().zip(vectors).zip(tokens) {
+        let mut outcomes: Vec<Outcome> = vec![Err(gone()); items];
+        for ((&position, vector), t) in positions.iter().zip(vectors).zip(tokens) {
             outcomes[position] = Ok(Arc::new(Embedded {
                 vector: vector.into_boxed_slice(),
                 tokens: t,

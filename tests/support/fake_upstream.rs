@@ -687,6 +687,10 @@ impl FakeUpstream {
 
     /// Starts on a given address (the example binary uses this for `--host`/`--port`).
     pub async fn bind(addr: SocketAddr, opts: FakeOptions) -> std::io::Result<FakeUpstream> {
+        // The billing tokenizer's tables load once per process, in about a second: here, off
+        // the runtime's workers, rather than inside the first billed reply, where the stall
+        // would be taken for a slow upstream (and trip a test's short first-byte timeout).
+        let _ = tokio::task::spawn_blocking(tiktoken_rs::cl100k_base_singleton).await;
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
