@@ -63,7 +63,7 @@ struct HealthArgs {
     #[arg(long)]
     addr: Option<SocketAddr>,
     /// Give up after this long, e.g. 500ms or 2s [default: 2s].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = embedcar::durations::parse)]
     timeout: Option<Duration>,
 }
 
@@ -114,6 +114,9 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::CheckConfig) = cli.command {
+        for warning in config.warnings() {
+            eprintln!("embedcar: warning: {warning}");
+        }
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
@@ -184,7 +187,7 @@ fn health(args: &HealthArgs, config: Option<&std::path::Path>, overrides: &Overr
         Err(_) => {
             eprintln!(
                 "embedcar health: timed out (no answer from {url} within {})",
-                humantime::format_duration(timeout)
+                embedcar::durations::Human(timeout)
             );
             ExitCode::from(EXIT_NOT_READY)
         }

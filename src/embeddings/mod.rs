@@ -388,18 +388,8 @@ impl Engine {
                         .inc();
                     return Err(ProxyError::DeadlineExceeded(budget));
                 }
-                Ok(Ok(Err(failure))) => {
-                    // embedcar's own refusals (breaker, gate, queue) count as shed, as the
-                    // router counts the errors it answers.
-                    if let Some(code) = failure
-                        .headers
-                        .get(crate::errors::ERROR_HEADER)
-                        .and_then(|v| v.to_str().ok())
-                    {
-                        self.metrics.shed.with_label_values(&[code]).inc();
-                    }
-                    return Ok(failure.to_response());
-                }
+                // Counted and logged by `ReportFailures` (stack.rs), by its x-embedcar-error.
+                Ok(Ok(Err(failure))) => return Ok(failure.to_response()),
                 Ok(Ok(Ok(embedded))) => answers[position] = Some(embedded),
             }
         }
