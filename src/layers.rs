@@ -442,4 +442,3 @@ mod tests {
         assert_eq!(throttle.admit(key, Instant::now()), None);
     }
 }
-

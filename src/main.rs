@@ -315,8 +315,13 @@ async fn serve(config: Config) -> Result<(), embedcar::Error> {
     embedcar::run(state, listener, admin, shutdown).await
 }
 
+/// Exit status after a second signal cut the drain short: 128 + SIGINT, as a shell reports a
+/// process stopped by Ctrl-C.
+const EXIT_INTERRUPTED: i32 = 130;
+
 /// Registers for SIGTERM (what Kubernetes and Docker send) and SIGINT (Ctrl-C) now, and returns
-/// a future that resolves on the first of them.
+/// a future that resolves on the first of them. A second one, during the drain, exits at once:
+/// an operator who presses Ctrl-C again does not want to wait out the grace period.
 #[cfg(unix)]
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -327,6 +332,13 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            exit_at_once();
+        });
     })
 }
 
@@ -334,7 +346,16 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
+        tokio::spawn(async {
+            let _ = tokio::signal::ctrl_c().await;
+            exit_at_once();
+        });
     })
+}
+
+fn exit_at_once() -> ! {
+    tracing::warn!("second shutdown signal; exiting without waiting for the drain");
+    std::process::exit(EXIT_INTERRUPTED)
 }
 
 /// The async runtime: `workers` threads, or one per CPU this process may use (its affinity and

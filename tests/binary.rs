@@ -165,6 +165,51 @@ async fn a_request_logs_its_request_id_on_its_lines() {
     );
 }
 
+/// An outage logs one WARN line per kind of failure (reason, route, attempts), then at most one
+/// per interval; a caller's own bad request is not logged at the default level.
+#[tokio::test]
+async fn failures_are_logged_once_per_kind_and_bad_requests_not_at_info() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let p = spawn(
+        &upstream,
+        &[
+            ("EMBEDCAR_RETRY__MAX_ATTEMPTS", "2"),
+            // Every request reaches the (absent) upstream: no circuit opens to answer for it.
+            ("EMBEDCAR_BREAKER__CONNECT_FAILURES", "1000"),
+        ],
+    );
+    let c = client();
+    let url = format!("http://{}/v1/embeddings", p.addr);
+    let bad = post_json(&url, &serde_json::json!({"model": "m"}));
+    assert_eq!(send(&c, bad).await.status(), StatusCode::BAD_REQUEST);
+    for _ in 0..5 {
+        let r = send(&c, get(&format!("http://{}/v1/models", p.addr))).await;
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    }
+    let first = std::iter::from_fn(|| p.logs.recv_timeout(Duration::from_secs(5)).ok())
+        .inspect(|l| assert!(!l.contains("invalid_request"), "a 400 logged: {l}"))
+        .find(|l| l.contains("request failed"))
+        .expect("a log line for the failed requests");
+    for part in [
+        "WARN",
+        "upstream_unreachable",
+        "route=\"models\"",
+        "status=502",
+        "attempts=2",
+    ] {
+        assert!(first.contains(part), "{part} missing from: {first}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let more: Vec<String> = p
+        .logs
+        .try_iter()
+        .filter(|l| l.contains("request failed"))
+        .collect();
+    assert!(more.is_empty(), "one line for five like failures: {more:?}");
+}
+
 #[tokio::test]
 async fn sigint_stops_an_idle_embedcar_at_once() {
     let upstream = FakeUpstream::start().await;
@@ -179,6 +224,29 @@ async fn sigint_stops_an_idle_embedcar_at_once() {
     .unwrap()
     .unwrap();
     assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_second_signal_during_the_drain_exits_at_once() {
+    let upstream = FakeUpstream::start().await;
+    let mut process = spawn(&upstream.url(), &[]);
+    let c = client();
+    // Held for a minute by the upstream: the drain would wait out the whole 30 s grace period.
+    let _slow = slow_request_in_flight(&c, &upstream, &process, 60_000).await;
+    signal(&process, "-TERM");
+    let drained = std::iter::from_fn(|| process.logs.recv_timeout(Duration::from_secs(10)).ok())
+        .any(|l| l.contains("draining"));
+    assert!(drained, "the first signal starts the drain");
+    signal(&process, "-INT");
+    let status = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || process.child.wait()),
+    )
+    .await
+    .expect("the second signal ends the process without waiting for the grace period")
+    .unwrap()
+    .unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
 }
 
 #[test]
