@@ -19,9 +19,21 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// A sidecar proxy for the OpenAI API: point OPENAI_BASE_URL at http://127.0.0.1:8080/v1.
+/// What `--help` says embedcar is for, before the flags.
+const ABOUT: &str = "A sidecar reverse proxy for the OpenAI API. Run it next to your application \
+and point the OpenAI client at it (OPENAI_BASE_URL=http://127.0.0.1:8080/v1): every request \
+passes through to the upstream with pooled connections, concurrency limits, deadlines and \
+retries; embeddings requests are also cached, coalesced and batched.";
+
+/// Where the rest of the configuration comes from, after the flags.
+const AFTER_HELP: &str = "Configuration: built-in defaults, then the --config file (TOML; see \
+config/embedcar.toml), then environment variables EMBEDCAR_<SECTION>__<KEY> (e.g. \
+EMBEDCAR_UPSTREAM__URL=https://api.openai.com, EMBEDCAR_LIMITS__MAX_CONCURRENCY=64), then the \
+flags above. `embedcar check-config` prints the result. The API key is never configured here: \
+callers send their own, or credentials.api_key_env / api_key_file name one.";
+
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about = ABOUT, after_help = AFTER_HELP)]
 struct Cli {
     /// TOML configuration file; without one, the built-in defaults apply.
     #[arg(long, global = true, env = "EMBEDCAR_CONFIG")]
@@ -35,8 +47,9 @@ struct Cli {
     /// Upstream base URL, e.g. https://api.openai.com.
     #[arg(long, global = true)]
     upstream: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, value_parser = parse_log_format)]
+    /// Log format: text (one readable line per event) or json (one object per line, for a log
+    /// collector) [default: text].
+    #[arg(long, global = true, value_name = "text|json", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Option<Command>,

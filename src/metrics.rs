@@ -188,6 +188,9 @@ impl MethodLabel {
     }
 }
 
+/// How many metric families embedcar registers of its own (besides the process_* ones).
+const OWN_FAMILIES: usize = 36;
+
 /// The kinds of `embedcar_deadline_expired_total`.
 pub const DEADLINE_KINDS: [&str; 3] = ["first_byte", "body_idle", "embeddings"];
 
@@ -488,7 +491,7 @@ impl Metrics {
             upstream_duration_by: Children::new(Route::COUNT),
             embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 36] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; OWN_FAMILIES] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -750,11 +753,14 @@ mod tests {
         assert_eq!(Route::of("/"), Route::Other);
     }
 
-    /// embedcar's own metrics are exposed with the `embedcar_` prefix; the standard process_*
-    /// ones (Linux) carry the Prometheus client convention's names, unprefixed.
+    /// Every metric registered is exposed, named with the `embedcar_` prefix (or a standard
+    /// process_* one), and documented in the README's metrics table, which lists no metric that
+    /// does not exist. Read from the registry itself, so a metric added later is checked too.
     #[test]
-    fn own_metrics_have_the_embedcar_prefix_and_process_metrics_are_exposed() {
+    fn every_registered_metric_is_exposed_prefixed_and_documented() {
         let m = Metrics::new();
+        // The per-request families get their series on first use; every other labelled
+        // family starts with its known label values at 0.
         m.record_request(
             Route::Other,
             MethodLabel::of(&Method::GET),
@@ -762,35 +768,53 @@ mod tests {
             Duration::from_millis(100),
         );
         m.observe_upstream_status(Route::Other, StatusCode::OK, Duration::from_millis(3));
-        m.shed.with_label_values(&["proxy_overloaded"]).inc();
-        m.deadline_expired.with_label_values(&["first_byte"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
-        for name in [
-            "embedcar_requests_total",
-            "embedcar_request_duration_seconds_bucket",
-            "embedcar_requests_in_flight",
-            "embedcar_upstream_requests_total",
-            "embedcar_upstream_duration_seconds_bucket",
-            "embedcar_upstream_in_flight",
-            "embedcar_concurrency_wait_seconds_bucket",
-            "embedcar_shed_requests_total",
-            "embedcar_deadline_expired_total",
-            "embedcar_open_connections",
-            "embedcar_connections_total",
-            "embedcar_cache_entries",
-            "embedcar_cache_bytes",
-            "embedcar_connections_reclaimed_total",
-            "embedcar_request_buffer_bytes",
-        ] {
-            assert!(text.contains(name), "missing {name}");
+        let own: std::collections::BTreeSet<String> = m
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .filter(|name| !name.starts_with("process_"))
+            .collect();
+        assert_eq!(
+            own.len(),
+            OWN_FAMILIES,
+            "every collector registered shows: {own:?}"
+        );
+        for name in &own {
+            assert!(name.starts_with("embedcar_"), "unprefixed {name}");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from /metrics"
+            );
         }
-        // Every metric family is either embedcar's own (prefixed) or a standard process_* one.
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let family = line["# TYPE ".len()..].split(' ').next().unwrap();
             assert!(
                 family.starts_with("embedcar_") || family.starts_with("process_"),
                 "unexpected metric family {family}"
             );
+        }
+        let documented: std::collections::BTreeSet<String> = include_str!("../README.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `embedcar_"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(|name| format!("embedcar_{name}"))
+            .collect();
+        assert_eq!(
+            own, documented,
+            "the README's metrics table and the registry differ"
+        );
+        // Labelled counters show their known label values at 0 before anything happened, so
+        // an alert's rate() sees 0, not "no data".
+        for series in [
+            "embedcar_shed_requests_total{reason=\"queue_full\"} 0",
+            "embedcar_errors_total{reason=\"upstream_unreachable\"} 0",
+            "embedcar_deadline_expired_total{kind=\"first_byte\"} 0",
+            "embedcar_retries_total{reason=\"503\"} 0",
+            "embedcar_circuit_breaker_transitions_total{state=\"open\"} 0",
+            "embedcar_embeddings_tokens_total{source=\"cache\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing");
         }
         #[cfg(target_os = "linux")]
         for name in [

@@ -284,6 +284,37 @@ fn a_bad_config_file_fails_with_a_message_naming_the_key() {
 }
 
 #[test]
+fn help_says_what_embedcar_is_for_and_where_configuration_comes_from() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for part in [
+        "OPENAI_BASE_URL=http://127.0.0.1:8080/v1",
+        "text|json",
+        "EMBEDCAR_<SECTION>__<KEY>",
+        "check-config",
+    ] {
+        assert!(help.contains(part), "{part} missing from --help:\n{help}");
+    }
+}
+
+#[test]
+fn check_config_prints_values_as_written_and_warns_about_v1() {
+    let out = Command::new(BIN)
+        .args(["check-config", "--upstream", "http://127.0.0.1:8000/v1"])
+        .env("EMBEDCAR_UPSTREAM__POOL_IDLE_TIMEOUT", "90s")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("pool_idle_timeout = \"90s\""), "{text}");
+    assert!(text.contains("budget_ratio = 0.2\n"), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning: upstream.url"), "{err}");
+    assert!(err.contains("without /v1"), "{err}");
+}
+
+#[test]
 fn check_config_prints_the_effective_configuration() {
     let out = Command::new(BIN)
         .args(["check-config", "--upstream", "http://127.0.0.1:8000"])
@@ -306,6 +337,32 @@ fn the_example_config_lists_every_default() {
     let text = include_str!("../config/embedcar.toml");
     let example: embedcar::Config = toml::from_str(text).expect("the example parses");
     assert_eq!(example, embedcar::Config::default());
+    // Equal values alone prove nothing: every section is `#[serde(default)]`, so a key left out
+    // of the file parses as its default. Compare the keys themselves with the full default tree.
+    let written: toml::Value = toml::from_str(text).unwrap();
+    let defaults = toml::Value::try_from(embedcar::Config::default()).unwrap();
+    let mut missing = Vec::new();
+    missing_keys(&defaults, &written, "", &mut missing);
+    assert!(
+        missing.is_empty(),
+        "config/embedcar.toml does not list {missing:?}"
+    );
+}
+
+/// Every key (as `section.key`) of `full` that `shown` does not have, at any depth.
+fn missing_keys(full: &toml::Value, shown: &toml::Value, at: &str, out: &mut Vec<String>) {
+    let Some(table) = full.as_table() else { return };
+    for (key, value) in table {
+        let path = if at.is_empty() {
+            key.clone()
+        } else {
+            format!("{at}.{key}")
+        };
+        match shown.get(key) {
+            Some(there) => missing_keys(value, there, &path, out),
+            None => out.push(path),
+        }
+    }
 }
 
 #[test]
