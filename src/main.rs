@@ -15,7 +15,9 @@ use http_body_util::{BodyExt, Empty, Limited};
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc, not glibc malloc: the engine allocates and frees a 6 KiB vector per cache miss,
-/// and under that churn glibc's bins fragmented (see Cargo.toml for the figures).
+/// and under that churn glibc's bins fragment (measurements in benches/README.md). The
+/// `jemalloc` feature (on by default) is the binary's choice; the library makes none.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -372,8 +374,9 @@ fn exit_at_once() -> ! {
 }
 
 /// The async runtime: `workers` threads, or one per CPU this process may use (its affinity and
-/// cgroup share). Measured on one CPU, the multi-threaded scheduler with a single worker beat the
-/// current-thread one (28.6 vs 31.1 µs per proxied request), so it is used throughout.
+/// cgroup share). The multi-threaded scheduler even with a single worker: on one CPU it costs
+/// less per proxied request than the current-thread one (figures in benches/README.md), so one
+/// scheduler serves every size.
 fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = match workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
