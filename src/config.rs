@@ -664,7 +664,7 @@ fn describe(kind: &figment::error::Kind) -> String {
     use figment::error::Kind;
     let list = |names: &[&str]| names.join(", ");
     match kind {
-        Kind::UnknownField(found, expected) if expected.is_empty() => {
+        Kind::UnknownField(found, &[]) => {
             format!("unknown key \"{found}\"; this section takes no keys")
         }
         Kind::UnknownField(found, expected) => {
