@@ -299,10 +299,8 @@ fn report_failure(layer: &ReportFailuresLayer, route: Route, response: &Response
             None => ("upstream_client_error_status", Blame::Client),
         };
     let attempts = response.extensions().get::<Attempts>().map(|a| a.0);
-    let detail = response
-        .extensions()
-        .get::<Detail>()
-        .map_or("", |d| d.0.as_str());
+    // Recorded only when there is one (embedcar's own errors): `None` leaves the field out.
+    let detail = response.extensions().get::<Detail>().map(|d| d.0.as_str());
     let (route_label, code) = (route.as_str(), status.as_u16());
     if blame == Blame::Client {
         tracing::debug!(

@@ -220,6 +220,11 @@ fn assert_vector(reply: &Reply, input: &str) {
     assert_eq!(reply.should_retry(), None, "a success is not marked final");
 }
 
+/// How far past its deadline a reply may reach the test and still count as "by the deadline":
+/// the test's own scheduling on a loaded machine, not embedcar's. A reply embedcar held past a
+/// deadline would be late by a retry delay or an attempt timeout, seconds at least.
+const LATE_TOLERANCE: Duration = Duration::from_secs(1);
+
 /// A config for these tests: both listeners on port 0, and backoffs of milliseconds so that
 /// retries do not dominate the runtime.
 fn config(upstream_url: &str) -> Config {
@@ -597,7 +602,7 @@ enum Down {
 /// `x-should-retry: false`.
 fn assert_failed_in_time(r: &Reply, deadline: Duration) {
     assert!(
-        r.took <= deadline + Duration::from_millis(300),
+        r.took <= deadline + LATE_TOLERANCE,
         "answered after {:?}, deadline {deadline:?}",
         r.took
     );
@@ -959,11 +964,7 @@ async fn requests_per_minute_are_never_exceeded_at_the_upstream_with_500_callers
     let mut limited = 0;
     let mut late = 0;
     for r in &replies {
-        assert!(
-            r.took <= deadline + Duration::from_millis(300),
-            "waited {:?}",
-            r.took
-        );
+        assert!(r.took <= deadline + LATE_TOLERANCE, "waited {:?}", r.took);
         match r.status {
             StatusCode::OK => ok += 1,
             StatusCode::TOO_MANY_REQUESTS => {
@@ -1042,11 +1043,7 @@ async fn tokens_per_minute_are_never_exceeded_at_the_upstream_with_300_callers_p
 
     let mut ok = 0;
     for (i, r) in replies.iter().enumerate() {
-        assert!(
-            r.took <= deadline + Duration::from_millis(500),
-            "waited {:?}",
-            r.took
-        );
+        assert!(r.took <= deadline + LATE_TOLERANCE, "waited {:?}", r.took);
         match r.status {
             StatusCode::OK => {
                 assert_vector(r, &input(i));
@@ -1562,7 +1559,8 @@ async fn no_retry_is_started_that_would_end_past_the_deadline() {
         // One attempt, no time for a second: nothing retried, so the client may still retry
         // (after the upstream's Retry-After, on its own budget).
         assert_eq!(r.should_retry(), None);
-        assert!(r.took < Duration::from_millis(300), "{:?}", r.took);
+        // Well before the 5 s a retry would have waited for.
+        assert!(r.took < Duration::from_secs(3), "{:?}", r.took);
     }
     assert_eq!(upstream.request_count(), 2, "one attempt each");
 }
@@ -1647,11 +1645,13 @@ async fn backoff_spreads_retries_exponentially_with_jitter() {
     assert_eq!(r.should_retry(), Some("false"));
     let t = arrivals.wait_for("sk-test", 4).await;
     assert_eq!(t.len(), 4);
-    // base·2^(n-1) capped at 300 ms, half of it fixed and half random.
-    for (n, (lo, hi)) in [(50, 100), (100, 200), (150, 300)].into_iter().enumerate() {
+    // base·2^(n-1) capped at 300 ms, half of it fixed and half random: at least the fixed half
+    // (a timer never fires early). The ranges themselves are checked by the unit test of
+    // `Backoff::delay` in src/retry.rs, where a loaded machine cannot stretch them.
+    for (n, lo) in [50, 100, 150].into_iter().enumerate() {
         let gap = t[n + 1].duration_since(t[n]);
         assert!(
-            gap >= Duration::from_millis(lo - 2) && gap <= Duration::from_millis(hi + 60),
+            gap >= Duration::from_millis(lo - 2),
             "retry {}: {gap:?}",
             n + 1
         );
@@ -1827,7 +1827,8 @@ async fn beyond_max_queued_inputs_embeddings_callers_are_shed_at_once() {
     ] {
         let r = call(&client, req).await;
         r.assert_own_error(StatusCode::SERVICE_UNAVAILABLE, "queue_full");
-        assert!(r.took < Duration::from_millis(200), "{:?}", r.took);
+        // At once: not after waiting in the queue for the held slot (released only below).
+        assert!(r.took < Duration::from_secs(5), "{:?}", r.took);
         assert_eq!(r.retry_after(), Some(1));
     }
     assert_eq!(metric(&proxy, &shed("queue_full")).await, 3.0);
@@ -1865,7 +1866,8 @@ async fn beyond_max_waiting_requests_pass_through_callers_are_shed_at_once() {
 
     let r = call(&client, pass_through(&proxy, "sk-test")).await;
     r.assert_own_error(StatusCode::SERVICE_UNAVAILABLE, "queue_full");
-    assert!(r.took < Duration::from_millis(200), "{:?}", r.took);
+    // At once: not after limits.max_wait (10 s) for the held slot.
+    assert!(r.took < Duration::from_secs(5), "{:?}", r.took);
     assert_eq!(r.retry_after(), Some(1));
     assert_eq!(metric(&proxy, &shed("queue_full")).await, 1.0);
 
