@@ -53,6 +53,9 @@ enum State {
     },
 }
 
+/// Every state's label (see [`State::label`]), for the transition counter's series at 0.
+pub const STATE_LABELS: [&str; 3] = ["closed", "open", "half_open"];
+
 impl State {
     fn label(self) -> (&'static str, i64) {
         match self {

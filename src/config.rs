@@ -77,12 +77,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub max_connections: usize,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub header_read_timeout: Duration,
     pub max_body_bytes: u64,
     /// Request bytes held in memory at once, over all requests.
     pub max_buffered_request_bytes: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub shutdown_grace: Duration,
     /// Async worker threads; 0 = one per CPU the process may use (its affinity / cgroup share).
     pub worker_threads: usize,
@@ -93,13 +93,13 @@ pub struct ServerConfig {
 pub struct UpstreamConfig {
     /// Base URL: scheme, host, optional port and optional path prefix.
     pub url: String,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub connect_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub first_byte_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub body_idle_timeout: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
@@ -113,7 +113,7 @@ pub struct LimitsConfig {
     /// Learn how many embeddings calls the upstream takes at once (from latency and overload
     /// answers) instead of sending up to `max_concurrency`.
     pub adaptive_concurrency: bool,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub max_wait: Duration,
     /// The embeddings engine's deadline, shortened by the client's own
     /// `x-stainless-read-timeout` / `x-stainless-timeout` hint: embeddings get their vectors
@@ -121,7 +121,7 @@ pub struct LimitsConfig {
     /// the upstream's answer as long as `upstream.first_byte_timeout` and the client's hint
     /// allow (a completion may take minutes); for them this bounds only embedcar's own waits
     /// (gate, slot, the start of a retry).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub request_timeout: Duration,
     /// Per upstream credential; 0 = no limit.
     pub requests_per_minute: u32,
@@ -139,14 +139,15 @@ pub struct LimitsConfig {
 pub struct RetryConfig {
     /// Attempts per call, the first included; 1 = no retries.
     pub max_attempts: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub base_backoff: Duration,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub max_backoff: Duration,
     /// Cap on a delay the upstream asks for (Retry-After, retry-after-ms, rate-limit resets).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub max_server_delay: Duration,
     /// Retries may add this share of the recent request rate...
+    #[serde(serialize_with = "f32_as_written")]
     pub budget_ratio: f32,
     /// ...plus this many per second.
     pub budget_min_per_second: u32,
@@ -168,12 +169,12 @@ pub struct BreakerConfig {
     pub failure_rate: f64,
     /// Calls in the window before the rate counts.
     pub min_calls: u32,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub window: Duration,
     /// Connection failures in a row (for everyone) that open it for everyone.
     pub connect_failures: u32,
     /// How long it stays open before a probe.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub cooldown: Duration,
 }
 
@@ -241,7 +242,7 @@ pub struct CredentialsConfig {
     /// Header the key is sent in: `authorization` (`Bearer KEY`, OpenAI) or `api-key` (Azure).
     pub header: CredentialHeader,
     /// How often `api_key_file` is read for a rotated key; 0 = read once at start only.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub reload_interval: Duration,
 }
 
@@ -279,7 +280,7 @@ pub struct EmbeddingsConfig {
     /// oversized input cannot fail a merged call.
     pub max_input_tokens: u64,
     /// Extra wait before sending a batch, to gather more inputs. 0: idle traffic sees no delay.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub linger: Duration,
     /// Split a request over the per-call input or token cap into several calls (else it passes
     /// through for the upstream to judge).
@@ -305,7 +306,7 @@ pub struct CacheConfig {
     pub enabled: bool,
     /// Bound on the vectors held, in bytes (4 per dimension plus a small overhead per entry).
     pub max_bytes: u64,
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "crate::durations::serde")]
     pub ttl: Duration,
     /// Let callers with different credentials, organizations or projects share entries. Off:
     /// tenants never see each other's cache.
@@ -439,6 +440,13 @@ impl Default for LogConfig {
             level: DEFAULT_LOG_LEVEL.to_string(),
         }
     }
+}
+
+/// An `f32` as its shortest decimal text (`0.2`), not widened to `f64` first, which TOML and
+/// JSON would print as `0.20000000298023224`.
+fn f32_as_written<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    let shortest: f64 = v.to_string().parse().unwrap_or(f64::from(*v));
+    s.serialize_f64(shortest)
 }
 
 fn parse_const_addr(s: &str) -> SocketAddr {
@@ -601,6 +609,20 @@ impl Config {
         Ok(())
     }
 
+    /// Values that work but are probably not what was meant: logged at start-up, printed by
+    /// `check-config`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let base = crate::upstream::BaseUrl::mask_userinfo(&self.upstream.url);
+        if base.trim_end_matches('/').ends_with("/v1") {
+            out.push(format!(
+                "upstream.url ({base}) ends in /v1, and request paths keep their /v1: /v1/embeddings would go to {}/v1/embeddings; you probably want the URL without /v1",
+                base.trim_end_matches('/')
+            ));
+        }
+        out
+    }
+
     /// The effective configuration as TOML, for `check-config`. Holds no secret: keys are only
     /// ever named by variable or file, and a URL's userinfo is masked.
     pub fn to_toml(&self) -> String {
@@ -616,10 +638,11 @@ fn flatten_figment_error(e: figment::Error) -> String {
     e.into_iter()
         .map(|e| {
             let key = e.path.join(".");
+            let what = describe(&e.kind);
             let mut line = if key.is_empty() {
-                e.kind.to_string()
+                what
             } else {
-                format!("{key}: {}", e.kind)
+                format!("{key}: {what}")
             };
             if let Some(md) = &e.metadata {
                 if md.name.contains("environment") {
@@ -633,6 +656,33 @@ fn flatten_figment_error(e: figment::Error) -> String {
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Figment's text for an error kind, without its backticks, which it nests (`expected \`one of
+/// \`url\`, ...\``) and which read as noise on a terminal or in a log.
+fn describe(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let list = |names: &[&str]| names.join(", ");
+    match kind {
+        Kind::UnknownField(found, &[]) => {
+            format!("unknown key \"{found}\"; this section takes no keys")
+        }
+        Kind::UnknownField(found, expected) => {
+            format!(
+                "unknown key \"{found}\"; expected one of {}",
+                list(expected)
+            )
+        }
+        Kind::UnknownVariant(found, expected) => {
+            format!(
+                "unknown value \"{found}\"; expected one of {}",
+                list(expected)
+            )
+        }
+        Kind::MissingField(name) => format!("missing key \"{name}\""),
+        Kind::DuplicateField(name) => format!("key \"{name}\" given twice"),
+        other => other.to_string().replace('`', ""),
+    }
 }
 
 #[cfg(test)]
@@ -701,6 +751,45 @@ mod tests {
         assert!(e.contains("upstrem"), "{e}");
         let e = load_toml("", &[("EMBEDCAR_LIMITS__MAX_CONCURENCY", "3")]).unwrap_err();
         assert!(e.contains("max_concurency"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_keys_and_values_without_nested_backticks() {
+        let e = load_toml("[upstream]\nconect_timeout = \"2s\"\n", &[]).unwrap_err();
+        assert!(!e.contains('`'), "{e}");
+        assert!(
+            e.contains("unknown key \"conect_timeout\"; expected one of url, connect_timeout"),
+            "{e}"
+        );
+        let e = load_toml("[log]\nformat = \"xml\"\n", &[]).unwrap_err();
+        assert!(!e.contains('`'), "{e}");
+        assert!(e.contains("expected one of text, json"), "{e}");
+        let e = load_toml("[limits]\nmax_concurrency = \"x\"\n", &[]).unwrap_err();
+        assert!(!e.contains('`'), "{e}");
+    }
+
+    #[test]
+    fn the_printed_configuration_shows_values_as_written() {
+        let mut c = Config::default();
+        c.upstream.pool_idle_timeout = Duration::from_secs(90);
+        c.retry.budget_ratio = 0.2;
+        let text = c.to_toml();
+        assert!(text.contains("pool_idle_timeout = \"90s\""), "{text}");
+        assert!(text.contains("budget_ratio = 0.2\n"), "{text}");
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn an_upstream_url_ending_in_v1_is_warned_about() {
+        let mut c = Config::default();
+        assert!(c.warnings().is_empty());
+        c.upstream.url = "http://127.0.0.1:8000/v1".into();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("without /v1"), "{w:?}");
+        c.upstream.url = "http://127.0.0.1:8000/v1/".into();
+        assert_eq!(c.warnings().len(), 1);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use crate::body::{BoxError, ProxyBody};
+use crate::{
+    body::{BoxError, ProxyBody},
+    durations::Human,
+};
 
 /// Response header naming the embedcar error code, so that a caller (or an operator reading a
 /// trace) can tell embedcar's own replies from the upstream's.
@@ -26,11 +29,11 @@ pub enum ProxyError {
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
 
-    #[error("the request body stalled for longer than {0:?}")]
+    #[error("the request body stalled for longer than {}", Human(*.0))]
     ClientBodyTimeout(Duration),
 
     #[error(
-        "all {max_concurrency} upstream request slots stayed busy for {waited:?}; retry later"
+        "all {max_concurrency} upstream request slots stayed busy for {}; retry later", Human(*waited)
     )]
     Overloaded {
         max_concurrency: usize,
@@ -41,10 +44,10 @@ pub enum ProxyError {
     #[error("embedcar is shutting down")]
     ShuttingDown,
 
-    #[error("the rate limit for this credential would not let the request through before its deadline; retry after {retry_after:?}")]
+    #[error("the rate limit for this credential would not let the request through before its deadline; retry after {}", Human(*retry_after))]
     RateLimited { retry_after: Duration },
 
-    #[error("the upstream is failing; embedcar stopped sending to it for a while; retry after {retry_after:?}")]
+    #[error("the upstream is failing; embedcar stopped sending to it for a while; retry after {}", Human(*retry_after))]
     CircuitOpen { retry_after: Duration },
 
     #[error("too many requests are queued in embedcar; retry later")]
@@ -53,7 +56,7 @@ pub enum ProxyError {
     #[error("embedcar holds as many request bodies in memory as it may; retry later")]
     BuffersFull { retry_after: Duration },
 
-    #[error("the upstream did not answer within {0:?}")]
+    #[error("the upstream did not answer within {}", Human(*.0))]
     UpstreamTimeout(Duration),
 
     #[error("could not reach the upstream: {0}")]
@@ -62,7 +65,7 @@ pub enum ProxyError {
     #[error("the upstream sent a reply embedcar cannot use: {0}")]
     UpstreamInvalidReply(String),
 
-    #[error("the request did not complete within its deadline of {0:?}")]
+    #[error("the request did not complete within its deadline of {}", Human(*.0))]
     DeadlineExceeded(Duration),
 
     #[error("{message}")]
@@ -137,12 +140,18 @@ impl ProxyError {
         }
     }
 
-    /// The `metrics` label for a shed or failed request.
+    /// The `reason` label and the `x-embedcar-error` header: stable, one per variant.
     pub fn code(&self) -> &'static str {
         self.kind().1
     }
 
+    /// Whose failure this is, for the metrics and the log.
+    pub fn blame(&self) -> Blame {
+        blame_of(self.code()).unwrap_or(Blame::Internal)
+    }
+
     pub fn into_response(self) -> Response<ProxyBody> {
+        let detail = Detail(self.to_string());
         let (status, headers, body) = self.into_parts();
         let mut response = Response::new(
             Full::new(body)
@@ -151,6 +160,7 @@ impl ProxyError {
         );
         *response.status_mut() = status;
         *response.headers_mut() = headers;
+        response.extensions_mut().insert(detail);
         response
     }
 
@@ -183,6 +193,59 @@ impl ProxyError {
         (self.status(), headers, Bytes::from(body.to_string()))
     }
 }
+
+/// Whose failure an error reply is. It decides the metric that counts it and the level it is
+/// logged at: the caller's own mistakes at DEBUG (they are the caller's to see, in the reply),
+/// everything else at WARN (the operator's to see).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// Refused to protect embedcar or the upstream: overload, full queues or buffers, the
+    /// credential's rate gate, an open circuit, shutdown. `embedcar_shed_requests_total`.
+    Shed,
+    /// The caller's request: malformed, too large, too slow to arrive.
+    Client,
+    /// The upstream failed, was unreachable, or too slow for the deadline.
+    Upstream,
+    /// embedcar's own bug.
+    Internal,
+}
+
+/// Every code embedcar answers with and whose it is: the labels its counters start at 0 with,
+/// and how a code read back from a reply's `x-embedcar-error` header is judged.
+pub const CODES: [(&str, Blame); 14] = [
+    ("request_too_large", Blame::Client),
+    ("request_body_timeout", Blame::Client),
+    ("invalid_request", Blame::Client),
+    ("proxy_overloaded", Blame::Shed),
+    ("proxy_shutting_down", Blame::Shed),
+    ("rate_limited", Blame::Shed),
+    ("upstream_circuit_open", Blame::Shed),
+    ("queue_full", Blame::Shed),
+    ("request_buffers_full", Blame::Shed),
+    ("upstream_timeout", Blame::Upstream),
+    ("upstream_unreachable", Blame::Upstream),
+    ("upstream_invalid_reply", Blame::Upstream),
+    ("deadline_exceeded", Blame::Upstream),
+    ("internal_error", Blame::Internal),
+];
+
+/// The code as a `'static` label and whose it is, for a code embedcar knows.
+pub fn known_code(code: &str) -> Option<(&'static str, Blame)> {
+    CODES.iter().copied().find(|(c, _)| *c == code)
+}
+
+fn blame_of(code: &str) -> Option<Blame> {
+    known_code(code).map(|(_, b)| b)
+}
+
+/// The message of an error embedcar answered itself, kept on the reply for the failure log
+/// (the body is already bytes by then).
+#[derive(Debug, Clone)]
+pub struct Detail(pub String);
+
+/// How many upstream attempts a reply took, kept on the reply for the failure log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts(pub u32);
 
 /// A body embedcar could not hold: 503 while other bodies fill the budget, 413 when the body
 /// alone could never fit in it.
@@ -283,6 +346,64 @@ mod tests {
             assert!(err["code"].is_string());
             assert!(err.get("param").is_some());
         }
+    }
+
+    #[test]
+    fn every_code_is_listed_with_its_blame() {
+        let all = [
+            ProxyError::BodyTooLarge { limit: 1 },
+            ProxyError::ClientBodyTimeout(Duration::ZERO),
+            ProxyError::Overloaded {
+                max_concurrency: 1,
+                waited: Duration::ZERO,
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::ShuttingDown,
+            ProxyError::RateLimited {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::CircuitOpen {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::QueueFull {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::BuffersFull {
+                retry_after: Duration::ZERO,
+            },
+            ProxyError::UpstreamTimeout(Duration::ZERO),
+            ProxyError::UpstreamUnreachable(String::new()),
+            ProxyError::UpstreamInvalidReply(String::new()),
+            ProxyError::DeadlineExceeded(Duration::ZERO),
+            ProxyError::InvalidRequest {
+                message: String::new(),
+                param: None,
+            },
+            ProxyError::Internal(String::new()),
+        ];
+        assert_eq!(all.len(), CODES.len());
+        for e in &all {
+            assert!(known_code(e.code()).is_some(), "{} is not listed", e.code());
+        }
+        assert_eq!(all[0].blame(), Blame::Client);
+        assert_eq!(all[6].blame(), Blame::Shed);
+        assert_eq!(all[9].blame(), Blame::Upstream);
+        // The caller's own mistakes are 4xx; nothing else embedcar answers is, but a rate gate's 429.
+        for e in &all {
+            let client =
+                e.status().is_client_error() && e.status() != StatusCode::TOO_MANY_REQUESTS;
+            assert_eq!(client, e.blame() == Blame::Client, "{}", e.code());
+        }
+    }
+
+    #[test]
+    fn durations_in_messages_read_like_people_write_them() {
+        let e = ProxyError::CircuitOpen {
+            retry_after: Duration::from_millis(4500),
+        };
+        assert!(e.to_string().ends_with("retry after 4.5s"), "{e}");
+        let e = ProxyError::UpstreamTimeout(Duration::from_secs(90));
+        assert!(e.to_string().ends_with("within 90s"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod breaker;
 pub mod config;
+pub mod durations;
 pub mod embeddings;
 pub mod errors;
 pub mod layers;
@@ -120,11 +121,8 @@ pub async fn run(
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let base = &upstream::BaseUrl::mask_userinfo(&state.config.upstream.url);
-    if base.ends_with("/v1") {
-        tracing::warn!(
-            upstream = %base,
-            "upstream.url ends in /v1 and request paths keep their /v1: /v1/embeddings would go to {base}/v1/embeddings; you probably want the URL without /v1"
-        );
+    for warning in state.config.warnings() {
+        tracing::warn!("{warning}");
     }
     tracing::info!(%addr, %admin_addr, upstream = %base, "listening");
     if state.engine.is_some() {

@@ -15,13 +15,27 @@ use http_body_util::{BodyExt, Empty, Limited};
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc, not glibc malloc: the engine allocates and frees a 6 KiB vector per cache miss,
-/// and under that churn glibc's bins fragmented (see Cargo.toml for the figures).
+/// and under that churn glibc's bins fragment (measurements in benches/README.md). The
+/// `jemalloc` feature (on by default) is the binary's choice; the library makes none.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// A sidecar proxy for the OpenAI API: point OPENAI_BASE_URL at http://127.0.0.1:8080/v1.
+/// What `--help` says embedcar is for, before the flags.
+const ABOUT: &str = "A sidecar reverse proxy for the OpenAI API. Run it next to your application \
+and point the OpenAI client at it (OPENAI_BASE_URL=http://127.0.0.1:8080/v1): every request \
+passes through to the upstream with pooled connections, concurrency limits, deadlines and \
+retries; embeddings requests are also cached, coalesced and batched.";
+
+/// Where the rest of the configuration comes from, after the flags.
+const AFTER_HELP: &str = "Configuration: built-in defaults, then the --config file (TOML; see \
+config/embedcar.toml), then environment variables EMBEDCAR_<SECTION>__<KEY> (e.g. \
+EMBEDCAR_UPSTREAM__URL=https://api.openai.com, EMBEDCAR_LIMITS__MAX_CONCURRENCY=64), then the \
+flags above. `embedcar check-config` prints the result. The API key is never configured here: \
+callers send their own, or credentials.api_key_env / api_key_file name one.";
+
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about = ABOUT, after_help = AFTER_HELP)]
 struct Cli {
     /// TOML configuration file; without one, the built-in defaults apply.
     #[arg(long, global = true, env = "EMBEDCAR_CONFIG")]
@@ -35,8 +49,9 @@ struct Cli {
     /// Upstream base URL, e.g. https://api.openai.com.
     #[arg(long, global = true)]
     upstream: Option<String>,
-    /// Log format.
-    #[arg(long, global = true, value_parser = parse_log_format)]
+    /// Log format: text (one readable line per event) or json (one object per line, for a log
+    /// collector) [default: text].
+    #[arg(long, global = true, value_name = "text|json", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -63,7 +78,7 @@ struct HealthArgs {
     #[arg(long)]
     addr: Option<SocketAddr>,
     /// Give up after this long, e.g. 500ms or 2s [default: 2s].
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = embedcar::durations::parse)]
     timeout: Option<Duration>,
 }
 
@@ -114,6 +129,9 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::CheckConfig) = cli.command {
+        for warning in config.warnings() {
+            eprintln!("embedcar: warning: {warning}");
+        }
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
@@ -184,7 +202,7 @@ fn health(args: &HealthArgs, config: Option<&std::path::Path>, overrides: &Overr
         Err(_) => {
             eprintln!(
                 "embedcar health: timed out (no answer from {url} within {})",
-                humantime::format_duration(timeout)
+                embedcar::durations::Human(timeout)
             );
             ExitCode::from(EXIT_NOT_READY)
         }
@@ -312,8 +330,13 @@ async fn serve(config: Config) -> Result<(), embedcar::Error> {
     embedcar::run(state, listener, admin, shutdown).await
 }
 
+/// Exit status after a second signal cut the drain short: 128 + SIGINT, as a shell reports a
+/// process stopped by Ctrl-C.
+const EXIT_INTERRUPTED: i32 = 130;
+
 /// Registers for SIGTERM (what Kubernetes and Docker send) and SIGINT (Ctrl-C) now, and returns
-/// a future that resolves on the first of them.
+/// a future that resolves on the first of them. A second one, during the drain, exits at once:
+/// an operator who presses Ctrl-C again does not want to wait out the grace period.
 #[cfg(unix)]
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
@@ -324,6 +347,13 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            exit_at_once();
+        });
     })
 }
 
@@ -331,12 +361,22 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
+        tokio::spawn(async {
+            let _ = tokio::signal::ctrl_c().await;
+            exit_at_once();
+        });
     })
 }
 
+fn exit_at_once() -> ! {
+    tracing::warn!("second shutdown signal; exiting without waiting for the drain");
+    std::process::exit(EXIT_INTERRUPTED)
+}
+
 /// The async runtime: `workers` threads, or one per CPU this process may use (its affinity and
-/// cgroup share). Measured on one CPU, the multi-threaded scheduler with a single worker beat the
-/// current-thread one (28.6 vs 31.1 µs per proxied request), so it is used throughout.
+/// cgroup share). The multi-threaded scheduler even with a single worker: on one CPU it costs
+/// less per proxied request than the current-thread one (figures in benches/README.md), so one
+/// scheduler serves every size.
 fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     let workers = match workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),

@@ -40,8 +40,11 @@ pub struct Metrics {
     pub upstream_in_flight: IntGauge,
     /// Time spent waiting for a concurrency slot.
     pub concurrency_wait: Histogram,
-    /// Requests embedcar answered itself without the upstream, by reason (error code).
+    /// Requests embedcar refused to protect itself or the upstream, by reason (error code).
     pub shed: IntCounterVec,
+    /// Other errors embedcar answered itself (the caller's, the upstream's, a deadline's), by
+    /// reason (error code). See [`Metrics::count_own_error`].
+    pub errors: IntCounterVec,
     /// Deadlines that expired, by kind (`first_byte`, `body_idle`, `embeddings`).
     pub deadline_expired: IntCounterVec,
     /// Client connections open now, and accepted in total.
@@ -185,6 +188,12 @@ impl MethodLabel {
     }
 }
 
+/// How many metric families embedcar registers of its own (besides the process_* ones).
+const OWN_FAMILIES: usize = 36;
+
+/// The kinds of `embedcar_deadline_expired_total`.
+pub const DEADLINE_KINDS: [&str; 3] = ["first_byte", "body_idle", "embeddings"];
+
 /// Inputs per upstream call: from a lone input to the API's 2048 cap.
 const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
@@ -246,11 +255,26 @@ impl Metrics {
         let shed = IntCounterVec::new(
             Opts::new(
                 "embedcar_shed_requests_total",
-                "Requests embedcar answered itself with an error, by reason.",
+                "Requests embedcar refused to protect itself or the upstream (overloaded, queue or buffers full, rate gate, open circuit, shutting down), by reason.",
             ),
             &["reason"],
         )
         .expect("valid metric");
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "embedcar_errors_total",
+                "Errors embedcar answered itself other than shedding, by reason: the caller's (invalid_request, request_too_large, request_body_timeout), the upstream's or a deadline's (upstream_unreachable, upstream_timeout, upstream_invalid_reply, deadline_exceeded), its own (internal_error).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        // Every known label value from the start, so an alert's rate() sees 0, not "no data".
+        for (code, blame) in crate::errors::CODES {
+            match blame {
+                crate::errors::Blame::Shed => shed.with_label_values(&[code]),
+                _ => errors.with_label_values(&[code]),
+            };
+        }
         let deadline_expired = IntCounterVec::new(
             Opts::new(
                 "embedcar_deadline_expired_total",
@@ -259,6 +283,9 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        for kind in DEADLINE_KINDS {
+            deadline_expired.with_label_values(&[kind]);
+        }
         let open_connections =
             IntGauge::new("embedcar_open_connections", "Client connections open now.")
                 .expect("valid metric");
@@ -319,6 +346,9 @@ impl Metrics {
             &["source"],
         )
         .expect("valid metric");
+        for source in [TokenSource::Upstream, TokenSource::Cache] {
+            embeddings_tokens.with_label_values(&[source.as_str()]);
+        }
 
         let cache_entries = IntGauge::new(
             "embedcar_cache_entries",
@@ -339,6 +369,9 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        for reason in crate::retry::RetryReason::LABELS {
+            retries.with_label_values(&[reason]);
+        }
         let retry_budget_exhausted = counter(
             "embedcar_retry_budget_exhausted_total",
             "Retries not made because the retry budget was spent.",
@@ -372,6 +405,9 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        for state in crate::breaker::STATE_LABELS {
+            breaker_transitions.with_label_values(&[state]);
+        }
         let upstream_ratelimit_exhausted = IntCounterVec::new(
             Opts::new(
                 "embedcar_upstream_ratelimit_exhausted_total",
@@ -421,6 +457,7 @@ impl Metrics {
             upstream_in_flight,
             concurrency_wait,
             shed,
+            errors,
             deadline_expired,
             open_connections,
             connections,
@@ -454,7 +491,7 @@ impl Metrics {
             upstream_duration_by: Children::new(Route::COUNT),
             embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; 35] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; OWN_FAMILIES] = [
             Box::new(m.requests.clone()),
             Box::new(m.request_duration.clone()),
             Box::new(m.requests_in_flight.clone()),
@@ -463,6 +500,7 @@ impl Metrics {
             Box::new(m.upstream_in_flight.clone()),
             Box::new(m.concurrency_wait.clone()),
             Box::new(m.shed.clone()),
+            Box::new(m.errors.clone()),
             Box::new(m.deadline_expired.clone()),
             Box::new(m.open_connections.clone()),
             Box::new(m.connections.clone()),
@@ -504,6 +542,22 @@ impl Metrics {
             ))
             .expect("process metric names are unique");
         m
+    }
+
+    /// An error reply embedcar made itself, by its code: shed, or an error by reason. A code
+    /// embedcar does not know (a chained embedcar upstream's newer one) counts as `other`.
+    pub fn count_own_error(&self, code: &str) {
+        match crate::errors::known_code(code) {
+            Some((code, crate::errors::Blame::Shed)) => self.shed.with_label_values(&[code]),
+            Some((code, _)) => self.errors.with_label_values(&[code]),
+            None => self.errors.with_label_values(&["other"]),
+        }
+        .inc();
+    }
+
+    /// Every metric family registered, gathered as a scrape would.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -627,7 +681,7 @@ impl Default for Metrics {
 }
 
 /// The API endpoint a request is for, as a bounded metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Route {
     Embeddings,
     ChatCompletions,
@@ -699,11 +753,14 @@ mod tests {
         assert_eq!(Route::of("/"), Route::Other);
     }
 
-    /// embedcar's own metrics are exposed with the `embedcar_` prefix; the standard process_*
-    /// ones (Linux) carry the Prometheus client convention's names, unprefixed.
+    /// Every metric registered is exposed, named with the `embedcar_` prefix (or a standard
+    /// process_* one), and documented in the README's metrics table, which lists no metric that
+    /// does not exist. Read from the registry itself, so a metric added later is checked too.
     #[test]
-    fn own_metrics_have_the_embedcar_prefix_and_process_metrics_are_exposed() {
+    fn every_registered_metric_is_exposed_prefixed_and_documented() {
         let m = Metrics::new();
+        // The per-request families get their series on first use; every other labelled
+        // family starts with its known label values at 0.
         m.record_request(
             Route::Other,
             MethodLabel::of(&Method::GET),
@@ -711,35 +768,53 @@ mod tests {
             Duration::from_millis(100),
         );
         m.observe_upstream_status(Route::Other, StatusCode::OK, Duration::from_millis(3));
-        m.shed.with_label_values(&["proxy_overloaded"]).inc();
-        m.deadline_expired.with_label_values(&["first_byte"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
-        for name in [
-            "embedcar_requests_total",
-            "embedcar_request_duration_seconds_bucket",
-            "embedcar_requests_in_flight",
-            "embedcar_upstream_requests_total",
-            "embedcar_upstream_duration_seconds_bucket",
-            "embedcar_upstream_in_flight",
-            "embedcar_concurrency_wait_seconds_bucket",
-            "embedcar_shed_requests_total",
-            "embedcar_deadline_expired_total",
-            "embedcar_open_connections",
-            "embedcar_connections_total",
-            "embedcar_cache_entries",
-            "embedcar_cache_bytes",
-            "embedcar_connections_reclaimed_total",
-            "embedcar_request_buffer_bytes",
-        ] {
-            assert!(text.contains(name), "missing {name}");
+        let own: std::collections::BTreeSet<String> = m
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .filter(|name| !name.starts_with("process_"))
+            .collect();
+        assert_eq!(
+            own.len(),
+            OWN_FAMILIES,
+            "every collector registered shows: {own:?}"
+        );
+        for name in &own {
+            assert!(name.starts_with("embedcar_"), "unprefixed {name}");
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "{name} missing from /metrics"
+            );
         }
-        // Every metric family is either embedcar's own (prefixed) or a standard process_* one.
         for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
             let family = line["# TYPE ".len()..].split(' ').next().unwrap();
             assert!(
                 family.starts_with("embedcar_") || family.starts_with("process_"),
                 "unexpected metric family {family}"
             );
+        }
+        let documented: std::collections::BTreeSet<String> = include_str!("../README.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `embedcar_"))
+            .filter_map(|rest| rest.split('`').next())
+            .map(|name| format!("embedcar_{name}"))
+            .collect();
+        assert_eq!(
+            own, documented,
+            "the README's metrics table and the registry differ"
+        );
+        // Labelled counters show their known label values at 0 before anything happened, so
+        // an alert's rate() sees 0, not "no data".
+        for series in [
+            "embedcar_shed_requests_total{reason=\"queue_full\"} 0",
+            "embedcar_errors_total{reason=\"upstream_unreachable\"} 0",
+            "embedcar_deadline_expired_total{kind=\"first_byte\"} 0",
+            "embedcar_retries_total{reason=\"503\"} 0",
+            "embedcar_circuit_breaker_transitions_total{state=\"open\"} 0",
+            "embedcar_embeddings_tokens_total{source=\"cache\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing");
         }
         #[cfg(target_os = "linux")]
         for name in [

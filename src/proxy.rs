@@ -21,7 +21,7 @@ use crate::{
         ProxyBody,
     },
     embeddings::keys::credential_fingerprint,
-    errors::ProxyError,
+    errors::{Attempts, ProxyError},
     limits::time_budget,
     metrics::{Metrics, Route},
     outbound::{self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply},
@@ -194,19 +194,21 @@ impl Proxy {
         .await?;
         drop(reservation);
         let Placed { value, slot } = finished.value;
+        let attempts = Attempts(finished.attempts);
         let gave_up = finished.gave_up && self.settings.should_retry_header;
         let mut response = match value {
             Ok(r) => r,
-            Err(e) if gave_up => {
-                // Answered here, not by the router, to carry the header: count it as it would.
-                self.metrics.shed.with_label_values(&[e.code()]).inc();
-                tracing::warn!(error = %e, status = e.status().as_u16(), "request failed after retries");
+            // Answered here, not by the router, to carry the attempts (and the header).
+            Err(e) => {
                 let mut r = e.into_response();
-                mark_final(r.headers_mut());
+                if gave_up {
+                    mark_final(r.headers_mut());
+                }
+                r.extensions_mut().insert(attempts);
                 return Ok(r);
             }
-            Err(e) => return Err(e),
         };
+        response.extensions_mut().insert(attempts);
         strip_hop_by_hop(response.headers_mut());
         if gave_up {
             mark_final(response.headers_mut());

@@ -164,6 +164,21 @@ impl RetryReason {
         }
     }
 
+    /// Every label [`RetryReason::label`] gives, for the retry counter's series at 0.
+    pub const LABELS: [&'static str; 11] = [
+        "connect_error",
+        "timeout",
+        "io_error",
+        "408",
+        "409",
+        "429",
+        "500",
+        "502",
+        "503",
+        "504",
+        "other",
+    ];
+
     /// A bounded metric label (also the upstream-outcome label for failed exchanges).
     pub fn label(self) -> &'static str {
         match self {

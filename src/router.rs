@@ -15,7 +15,8 @@ use tower::Service;
 use crate::{
     body::ProxyBody,
     embeddings::{EmbeddingsPath, Engine},
-    metrics::{Metrics, Route},
+    errors::ProxyError,
+    metrics::Route,
     proxy::Proxy,
 };
 
@@ -23,16 +24,11 @@ use crate::{
 pub struct Router {
     proxy: Arc<Proxy>,
     engine: Option<Arc<Engine>>,
-    metrics: Arc<Metrics>,
 }
 
 impl Router {
-    pub fn new(proxy: Arc<Proxy>, engine: Option<Arc<Engine>>, metrics: Arc<Metrics>) -> Self {
-        Self {
-            proxy,
-            engine,
-            metrics,
-        }
+    pub fn new(proxy: Arc<Proxy>, engine: Option<Arc<Engine>>) -> Self {
+        Self { proxy, engine }
     }
 }
 
@@ -47,7 +43,6 @@ impl Service<Request<ProxyBody>> for Router {
 
     fn call(&mut self, req: Request<ProxyBody>) -> Self::Future {
         let proxy = self.proxy.clone();
-        let metrics = self.metrics.clone();
         let engine = self
             .engine
             .clone()
@@ -63,14 +58,8 @@ impl Service<Request<ProxyBody>> for Router {
                 Some((engine, path)) => engine.handle(req, path).await,
                 None => proxy.forward(req, route).await,
             };
-            match handled {
-                Ok(response) => Ok(response),
-                Err(e) => {
-                    metrics.shed.with_label_values(&[e.code()]).inc();
-                    tracing::warn!(error = %e, status = e.status().as_u16(), "request failed");
-                    Ok(e.into_response())
-                }
-            }
+            // Counted and logged with every other error reply by `ReportFailures` (stack.rs).
+            Ok(handled.unwrap_or_else(ProxyError::into_response))
         })
     }
 }

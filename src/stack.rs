@@ -1,7 +1,7 @@
 //! The one place that orders the tower layers. Outermost first; each layer says why it sits
 //! where it does.
 
-use std::convert::Infallible;
+use std::{convert::Infallible, sync::Arc};
 
 use http::{header, HeaderName, Request, Response};
 use http_body_util::BodyExt;
@@ -17,7 +17,10 @@ use tower_http::{
 use crate::{
     body::ProxyBody,
     errors,
-    layers::{RecordMetricsLayer, RequestBodyLayer, RequestSpanLayer},
+    layers::{
+        LogThrottle, RecordMetricsLayer, ReportFailuresLayer, RequestBodyLayer, RequestSpanLayer,
+        FAILURE_LOG_INTERVAL,
+    },
     router::Router,
     AppState,
 };
@@ -27,11 +30,8 @@ use crate::{
 pub type HttpService = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infallible>;
 
 pub fn build(state: &AppState) -> HttpService {
-    let router = Router::new(
-        state.proxy.clone(),
-        state.engine.clone(),
-        state.metrics.clone(),
-    );
+    let router = Router::new(state.proxy.clone(), state.engine.clone());
+    let throttle = Arc::new(LogThrottle::new(FAILURE_LOG_INTERVAL));
     let service = ServiceBuilder::new()
         // Erases the response body type the layers below build up, so one body type reaches
         // the server.
@@ -59,6 +59,10 @@ pub fn build(state: &AppState) -> HttpService {
         // Metrics see every request that got this far, including those the body limit refuses,
         // and time each to the end of its response body.
         .layer(RecordMetricsLayer::new(state.metrics.clone()))
+        // Inside the span (its lines carry the request id) and the route RecordMetrics sets;
+        // outside everything that answers with an error, the body limit's 413 included, so
+        // every error reply is counted and logged here and nowhere else.
+        .layer(ReportFailuresLayer::new(state.metrics.clone(), throttle))
         // Innermost before routing: size and idle bounds on what the caller uploads.
         .layer(RequestBodyLayer::new(
             state.config.server.max_body_bytes,

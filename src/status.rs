@@ -56,8 +56,10 @@ struct Snapshot {
     latency_sum: f64,
     limit: i64,
     queue_depth: i64,
-    /// `embedcar_shed_requests_total` by reason, and upstream exchanges by status (all routes).
+    /// `embedcar_shed_requests_total` and `embedcar_errors_total` by reason, and upstream
+    /// exchanges by status (all routes).
     shed: BTreeMap<String, u64>,
+    own_errors: BTreeMap<String, u64>,
     upstream: BTreeMap<String, u64>,
 }
 
@@ -78,11 +80,13 @@ impl Snapshot {
             limit: m.adaptive_limit.get(),
             queue_depth: m.embeddings_queue_depth.get(),
             shed: by_label(&m.shed, "reason"),
+            own_errors: by_label(&m.errors, "reason"),
             upstream: by_label(&m.upstream_requests, "status"),
         }
     }
 
-    /// Failures in this snapshot: everything shed, and every upstream outcome but a 1xx-3xx.
+    /// Failures in this snapshot: everything shed, every error embedcar answered, and every
+    /// upstream outcome but a 1xx-3xx.
     fn errors(&self) -> u64 {
         let upstream: u64 = self
             .upstream
@@ -90,12 +94,13 @@ impl Snapshot {
             .filter(|(status, _)| !matches!(status.as_bytes().first(), Some(b'1'..=b'3')))
             .map(|(_, n)| n)
             .sum();
-        self.shed.values().sum::<u64>() + upstream
+        self.shed.values().sum::<u64>() + self.own_errors.values().sum::<u64>() + upstream
     }
 }
 
-/// A counter family's values summed by one label (the others, e.g. `route`, folded in). The
-/// labels are bounded (see `metrics.rs`), so this is a few dozen entries at most.
+/// A counter family's values summed by one label (the others, e.g. `route`, folded in), without
+/// the series still at 0 (the page lists what happened). The labels are bounded (see
+/// `metrics.rs`), so this is a few dozen entries at most.
 fn by_label(vec: &impl Collector, label: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for family in vec.collect() {
@@ -108,8 +113,10 @@ fn by_label(vec: &impl Collector, label: &str) -> BTreeMap<String, u64> {
             else {
                 continue;
             };
-            *out.entry(value.to_string()).or_insert(0) +=
-                as_count(metric.get_counter().get_value());
+            let count = as_count(metric.get_counter().get_value());
+            if count > 0 {
+                *out.entry(value.to_string()).or_insert(0) += count;
+            }
         }
     }
     out
@@ -244,6 +251,7 @@ impl Status {
             },
             "recent_window_seconds": recent_window,
             "shed": labelled(&now.shed, oldest.map(|o| &o.shed)),
+            "errors_by_reason": labelled(&now.own_errors, oldest.map(|o| &o.own_errors)),
             "upstream_statuses": labelled(&now.upstream, oldest.map(|o| &o.upstream)),
             "history": history_json(&history),
         });

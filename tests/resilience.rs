@@ -220,6 +220,11 @@ fn assert_vector(reply: &Reply, input: &str) {
     assert_eq!(reply.should_retry(), None, "a success is not marked final");
 }
 
+/// How far past its deadline a reply may reach the test and still count as "by the deadline":
+/// the test's own scheduling on a loaded machine, not embedcar's. A reply embedcar held past a
+/// deadline would be late by a retry delay or an attempt timeout, seconds at least.
+const LATE_TOLERANCE: Duration = Duration::from_secs(1);
+
 /// A config for these tests: both listeners on port 0, and backoffs of milliseconds so that
 /// retries do not dominate the runtime.
 fn config(upstream_url: &str) -> Config {
@@ -597,7 +602,7 @@ enum Down {
 /// `x-should-retry: false`.
 fn assert_failed_in_time(r: &Reply, deadline: Duration) {
     assert!(
-        r.took <= deadline + Duration::from_millis(300),
+        r.took <= deadline + LATE_TOLERANCE,
         "answered after {:?}, deadline {deadline:?}",
         r.took
     );
@@ -844,7 +849,8 @@ async fn the_breaker_opens_when_every_call_fails_refuses_at_once_and_one_probe_c
         call(&client, embedding(&proxy, "sk-test", "refused")).await,
     ] {
         r.assert_own_error(StatusCode::SERVICE_UNAVAILABLE, "upstream_circuit_open");
-        assert!(r.took < Duration::from_millis(200), "at once: {:?}", r.took);
+        // At once: not after waiting out the cool-down for a probe (nothing is sent, below).
+        assert!(r.took < Duration::from_millis(500), "at once: {:?}", r.took);
         assert_eq!(r.retry_after(), Some(1), "the cool-down left, rounded up");
     }
     assert_eq!(upstream.request_count(), 3, "nothing sent while open");
@@ -958,11 +964,7 @@ async fn requests_per_minute_are_never_exceeded_at_the_upstream_with_500_callers
     let mut limited = 0;
     let mut late = 0;
     for r in &replies {
-        assert!(
-            r.took <= deadline + Duration::from_millis(300),
-            "waited {:?}",
-            r.took
-        );
+        assert!(r.took <= deadline + LATE_TOLERANCE, "waited {:?}", r.took);
         match r.status {
             StatusCode::OK => ok += 1,
             StatusCode::TOO_MANY_REQUESTS => {
@@ -1041,11 +1043,7 @@ async fn tokens_per_minute_are_never_exceeded_at_the_upstream_with_300_callers_p
 
     let mut ok = 0;
     for (i, r) in replies.iter().enumerate() {
-        assert!(
-            r.took <= deadline + Duration::from_millis(500),
-            "waited {:?}",
-            r.took
-        );
+        assert!(r.took <= deadline + LATE_TOLERANCE, "waited {:?}", r.took);
         match r.status {
             StatusCode::OK => {
                 assert_vector(r, &input(i));
@@ -1065,8 +1063,9 @@ async fn tokens_per_minute_are_never_exceeded_at_the_upstream_with_300_callers_p
     assert!(ok < CALLERS, "the gate held nobody back");
 }
 
-/// A merged call larger than the whole minute's token budget is let through as "a full
-/// minute's worth", so the upstream sees more tokens than the configured limit.
+/// Even merged, calls never carry more tokens than the minute's budget allows: the dispatcher
+/// sizes a merged call to what the gate can let through, so the upstream sees no more than the
+/// configured limit (plus GCRA's burst) however many callers queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merged_call_never_exceeds_the_tokens_per_minute_budget() {
     const TPM: u32 = 100;
@@ -1125,10 +1124,12 @@ async fn callers_the_gate_cannot_serve_before_their_deadline_are_refused_at_once
         .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
         .collect();
     assert!(refused.len() >= 8);
+    // Told at once, not at the 2 s deadline they would otherwise wait out: before even the
+    // next 1 s cell, so a loaded machine cannot make this fail.
     for r in refused {
         assert!(
-            r.took < Duration::from_millis(300),
-            "refused after {:?}",
+            r.took < Duration::from_secs(1),
+            "refused after {:?}, as if waiting for the deadline",
             r.took
         );
     }
@@ -1139,7 +1140,8 @@ async fn callers_the_gate_cannot_serve_before_their_deadline_are_refused_at_once
 // ---------------------------------------------------------------------------------------------
 
 /// The issue's scenario is `retry-after: 2` in paused time; with real sockets this runs in real
-/// time with `retry-after: 1` and bounds of a tenth of a second.
+/// time with `retry-after: 1`, and checks the order of events (a's traffic after its reset, b's
+/// answers while a waits) rather than how long each took.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_429_with_retry_after_stops_all_dispatch_for_that_credential_then_traffic_resumes() {
     let upstream = Arc::new(FakeUpstream::start().await);
@@ -1175,24 +1177,23 @@ async fn one_429_with_retry_after_stops_all_dispatch_for_that_credential_then_tr
         ));
     }
 
+    // Credential b is not held by a's gate: its first callers (sent in the first half of the
+    // pause) are all answered while a's first caller still waits for the reopening.
+    for (k, (input, p)) in b.into_iter().enumerate() {
+        let r = p.await.unwrap();
+        assert_vector(&r, &input);
+        if k < 4 {
+            assert!(
+                !first.is_finished(),
+                "b's caller {k} was answered only after a's gate reopened: held for {:?}",
+                r.took
+            );
+        }
+    }
     let r = first.await.unwrap();
     assert_vector(&r, "a: the one that meets the 429");
     for (input, p) in a {
-        let r = p.await.unwrap();
-        assert_vector(&r, &input);
-        assert!(
-            Instant::now() < limited_at + Duration::from_millis(1600),
-            "traffic did not resume right after the reset"
-        );
-    }
-    for (input, p) in b {
-        let r = p.await.unwrap();
-        assert_vector(&r, &input);
-        assert!(
-            r.took < Duration::from_millis(300),
-            "another credential was held: {:?}",
-            r.took
-        );
+        assert_vector(&p.await.unwrap(), &input);
     }
 
     let a_times = arrivals.of("sk-a");
@@ -1203,7 +1204,6 @@ async fn one_429_with_retry_after_stops_all_dispatch_for_that_credential_then_tr
             after >= Duration::from_millis(950),
             "credential a reached the upstream {after:?} after its 429"
         );
-        assert!(after < Duration::from_millis(1500), "{after:?}");
     }
     let b_during_pause = arrivals
         .of("sk-b")
@@ -1223,12 +1223,14 @@ async fn a_caller_whose_deadline_comes_before_the_gate_reopens_gets_429_at_once(
     let proxy = start(config(&upstream.url())).await;
     let client = client();
     upstream.push_rule(
-        Rule::once(Behavior::openai_error(429).with_header("retry-after", "1")).on_path("/v1/"),
+        Rule::once(Behavior::openai_error(429).with_header("retry-after", "3")).on_path("/v1/"),
     );
     let first = spawn_call(&client, pass_through(&proxy, "sk-a"));
     wait_metric(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
 
-    let hurried = [("x-stainless-read-timeout", "0.3")];
+    // 2 s: before the gate reopens (3 s), long enough that being told at once and waiting the
+    // deadline out cannot be mistaken for each other on a loaded machine.
+    let hurried = [("x-stainless-read-timeout", "2")];
     for req in [
         with_headers(embedding(&proxy, "sk-a", "in a hurry"), &hurried),
         with_headers(pass_through(&proxy, "sk-a"), &hurried),
@@ -1236,28 +1238,28 @@ async fn a_caller_whose_deadline_comes_before_the_gate_reopens_gets_429_at_once(
         let r = call(&client, req).await;
         r.assert_own_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
         assert!(
-            r.took < Duration::from_millis(150),
-            "not at once: {:?}",
+            r.took < Duration::from_secs(1),
+            "not at once, as if waiting for the 2 s deadline: {:?}",
             r.took
         );
-        assert_eq!(r.retry_after(), Some(1));
+        assert!(!first.is_finished(), "answered before the gate reopened");
+        assert!(r.retry_after().is_some_and(|s| (1..=3).contains(&s)));
     }
     assert_eq!(metric(&proxy, GATE_REJECTIONS).await, 2.0);
     // The caller that met the 429 is retried after the server's delay, and succeeds.
     let r = first.await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.took >= Duration::from_millis(950), "{:?}", r.took);
+    assert!(r.took >= Duration::from_millis(2950), "{:?}", r.took);
     assert_eq!(upstream.request_count(), 2, "the 429 and its retry");
 }
 
-/// The same, for a caller that arrives after the lane is already waiting at the shut gate: the
-/// dispatcher refuses hopeless callers only when it reaches the gate, then sleeps until it
-/// reopens, so this one waits out its own deadline and gets a 504 instead.
+/// The same, for a caller that arrives after the lane is already waiting at the shut gate: it
+/// is refused at once too (429), not left to wait out its own deadline for a 504.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hopeless_caller_arriving_while_the_lane_waits_at_the_gate_gets_429_at_once() {
     let upstream = FakeUpstream::start().await;
     upstream.push_rule(
-        Rule::once(Behavior::openai_error(429).with_header("retry-after", "1"))
+        Rule::once(Behavior::openai_error(429).with_header("retry-after", "3"))
             .on_path("/embeddings"),
     );
     let proxy = start(config(&upstream.url())).await;
@@ -1272,24 +1274,26 @@ async fn a_hopeless_caller_arriving_while_the_lane_waits_at_the_gate_gets_429_at
         &client,
         with_headers(
             embedding(&proxy, "sk-a", "in a hurry"),
-            &[("x-stainless-read-timeout", "0.3")],
+            &[("x-stainless-read-timeout", "2")],
         ),
     )
     .await;
     r.assert_own_error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    // At once, not at its 2 s deadline, and before the gate reopened (3 s) for the patient one.
     assert!(
-        r.took < Duration::from_millis(150),
-        "not at once: {:?}",
+        r.took < Duration::from_secs(1),
+        "not at once, as if waiting for the deadline: {:?}",
         r.took
     );
+    assert!(!patient.is_finished(), "answered before the gate reopened");
     assert_vector(&first.await.unwrap(), "meets the 429");
     assert_vector(&patient.await.unwrap(), "patient");
 }
 
-/// A pass-through request takes its upstream slot before the rate gate, so callers waiting at a
-/// shut gate hold the slots and callers of other credentials wait behind them. (The gate is
-/// shut here by a success with `x-ratelimit-remaining-requests: 0`, so that no retry is
-/// waiting: see the next test for that.)
+/// A pass-through request passes its credential's rate gate before it takes an upstream slot,
+/// so callers waiting at a shut gate hold no slot and callers of other credentials do not wait
+/// behind them. (The gate is shut here by a success with `x-ratelimit-remaining-requests: 0`,
+/// so that no retry is waiting: see the next test for that.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_through_callers_held_at_one_credentials_gate_do_not_hold_back_another() {
     let upstream = FakeUpstream::start().await;
@@ -1309,16 +1313,16 @@ async fn pass_through_callers_held_at_one_credentials_gate_do_not_hold_back_anot
     tokio::time::sleep(Duration::from_millis(50)).await;
     let r = call(&client, pass_through(&proxy, "sk-b")).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
     assert!(
-        r.took < Duration::from_millis(300),
-        "credential b waited {:?} behind credential a's gate",
+        !waiting.is_finished(),
+        "credential b was answered only after a's gate reopened: it waited {:?} behind it",
         r.took
     );
+    assert_eq!(waiting.await.unwrap().status, StatusCode::OK);
 }
 
-/// A call waiting out a retry delay (here the upstream's `retry-after: 1`) keeps its upstream
-/// slot through the wait, on both paths, so with few slots other credentials wait too.
+/// A call waiting out a retry delay (here the upstream's `retry-after: 3`) lets its upstream
+/// slot go for the wait, on both paths, so even with one slot other credentials do not wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_waiting_out_a_retry_delay_does_not_hold_an_upstream_slot() {
     let upstream = FakeUpstream::start().await;
@@ -1332,25 +1336,27 @@ async fn a_call_waiting_out_a_retry_delay_does_not_hold_an_upstream_slot() {
         &call(&client, embedding(&proxy, "sk-warm", "warm")).await,
         "warm",
     );
-    let limited = Behavior::openai_error(429).with_header("retry-after", "1");
+    let limited = Behavior::openai_error(429).with_header("retry-after", "3");
     upstream.push_rule(Rule::once(limited.clone()).on_path("/v1/models"));
     upstream.push_rule(Rule::once(limited).on_path("/embeddings"));
 
     let a = spawn_call(&client, pass_through(&proxy, "sk-a"));
     wait_metric(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
     let b_pass_through = call(&client, pass_through(&proxy, "sk-b")).await;
+    let b_pass_through_first = !a.is_finished();
     assert_eq!(a.await.unwrap().status, StatusCode::OK);
 
     let a = spawn_call(&client, embedding(&proxy, "sk-a", "a"));
     wait_metric(&proxy, GATE_CLOSURES, |n| n == 2.0).await;
     let b_engine = call(&client, embedding(&proxy, "sk-b", "b")).await;
+    let b_engine_first = !a.is_finished();
     assert_vector(&a.await.unwrap(), "a");
 
     assert_eq!(b_pass_through.status, StatusCode::OK);
     assert_vector(&b_engine, "b");
+    // b was answered while a still sat out its 3 s delay: a's wait held the only slot from no one.
     assert!(
-        b_pass_through.took < Duration::from_millis(300)
-            && b_engine.took < Duration::from_millis(300),
+        b_pass_through_first && b_engine_first,
         "credential b waited {:?} (pass-through) and {:?} (engine) for a's retry",
         b_pass_through.took,
         b_engine.took
@@ -1430,8 +1436,10 @@ async fn a_one_second_read_timeout_hint_ends_a_pass_through_request_at_one_secon
     )
     .await;
     r.assert_own_error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
+    // Not before the hint (a timer never fires early), and far from the 5 min first-byte
+    // timeout that would end it without the hint.
     assert!(
-        r.took >= Duration::from_millis(950) && r.took < Duration::from_millis(1500),
+        r.took >= Duration::from_millis(950) && r.took < Duration::from_secs(30),
         "{:?}",
         r.took
     );
@@ -1443,7 +1451,7 @@ async fn a_one_second_read_timeout_hint_ends_a_pass_through_request_at_one_secon
     // The upstream request was cancelled, and never tried again.
     assert!(
         upstream
-            .wait_until(Duration::from_millis(300), |u| u.in_flight() == 0)
+            .wait_until(Duration::from_secs(10), |u| u.in_flight() == 0)
             .await
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1460,7 +1468,8 @@ async fn a_one_second_read_timeout_hint_ends_a_pass_through_request_at_one_secon
     )
     .await;
     r.assert_own_error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout");
-    assert!(r.took < Duration::from_millis(1000), "{:?}", r.took);
+    assert!(r.took >= Duration::from_millis(450), "{:?}", r.took);
+    assert!(r.took < Duration::from_secs(30), "{:?}", r.took);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1479,10 +1488,13 @@ async fn a_one_second_read_timeout_hint_ends_an_embeddings_request_at_one_second
     )
     .await;
     r.assert_own_error(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded");
-    assert!(
-        r.took >= Duration::from_millis(950) && r.took < Duration::from_millis(1500),
-        "{:?}",
-        r.took
+    // By the hint (1 s), not the attempt's own first-byte timeout (1.5 s) plus a retry: the
+    // reply comes before the hung attempt's timeout, which the upstream sees as a cancel.
+    assert!(r.took >= Duration::from_millis(950), "{:?}", r.took);
+    assert_eq!(
+        upstream.request_count(),
+        1,
+        "answered within the first attempt, before any retry"
     );
     assert_eq!(metric(&proxy, &deadline_expired("embeddings")).await, 1.0);
     // Past the attempt's own timeout, the call is not retried for a caller who has gone.
@@ -1492,8 +1504,8 @@ async fn a_one_second_read_timeout_hint_ends_an_embeddings_request_at_one_second
 }
 
 /// The caller's deadline ends the embeddings call's upstream work too: at 1 s the hung upstream
-/// request is cancelled and its slot is free for the next caller. Today an attempt is bounded
-/// only by `upstream.first_byte_timeout` (5 min by default), so it runs on, holding the slot.
+/// request is cancelled and its slot is free for the next caller, rather than running on to
+/// `upstream.first_byte_timeout` (5 s here) and holding the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_one_second_read_timeout_hint_also_ends_the_embeddings_upstream_work() {
     let upstream = FakeUpstream::start().await;
@@ -1512,15 +1524,21 @@ async fn a_one_second_read_timeout_hint_also_ends_the_embeddings_upstream_work()
     )
     .await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    // Cancelled with its caller, well before the 5 s first-byte timeout would have ended it.
+    let hung_until = std::time::Instant::now();
     assert!(
         upstream
-            .wait_until(Duration::from_millis(300), |u| u.in_flight() == 0)
+            .wait_until(Duration::from_secs(3), |u| u.in_flight() == 0)
             .await,
         "the upstream request outlived its only caller"
     );
     let r = call(&client, embedding(&proxy, "sk-test", "next")).await;
     assert_vector(&r, "next");
-    assert!(r.took < Duration::from_millis(300), "waited {:?}", r.took);
+    assert!(
+        hung_until.elapsed() < Duration::from_secs(4),
+        "the next caller waited {:?} for the only slot",
+        r.took
+    );
 }
 
 #[tokio::test]
@@ -1541,7 +1559,8 @@ async fn no_retry_is_started_that_would_end_past_the_deadline() {
         // One attempt, no time for a second: nothing retried, so the client may still retry
         // (after the upstream's Retry-After, on its own budget).
         assert_eq!(r.should_retry(), None);
-        assert!(r.took < Duration::from_millis(300), "{:?}", r.took);
+        // Well before the 5 s a retry would have waited for.
+        assert!(r.took < Duration::from_secs(3), "{:?}", r.took);
     }
     assert_eq!(upstream.request_count(), 2, "one attempt each");
 }
@@ -1626,11 +1645,13 @@ async fn backoff_spreads_retries_exponentially_with_jitter() {
     assert_eq!(r.should_retry(), Some("false"));
     let t = arrivals.wait_for("sk-test", 4).await;
     assert_eq!(t.len(), 4);
-    // base·2^(n-1) capped at 300 ms, half of it fixed and half random.
-    for (n, (lo, hi)) in [(50, 100), (100, 200), (150, 300)].into_iter().enumerate() {
+    // base·2^(n-1) capped at 300 ms, half of it fixed and half random: at least the fixed half
+    // (a timer never fires early). The ranges themselves are checked by the unit test of
+    // `Backoff::delay` in src/retry.rs, where a loaded machine cannot stretch them.
+    for (n, lo) in [50, 100, 150].into_iter().enumerate() {
         let gap = t[n + 1].duration_since(t[n]);
         assert!(
-            gap >= Duration::from_millis(lo - 2) && gap <= Duration::from_millis(hi + 60),
+            gap >= Duration::from_millis(lo - 2),
             "retry {}: {gap:?}",
             n + 1
         );
@@ -1806,7 +1827,8 @@ async fn beyond_max_queued_inputs_embeddings_callers_are_shed_at_once() {
     ] {
         let r = call(&client, req).await;
         r.assert_own_error(StatusCode::SERVICE_UNAVAILABLE, "queue_full");
-        assert!(r.took < Duration::from_millis(200), "{:?}", r.took);
+        // At once: not after waiting in the queue for the held slot (released only below).
+        assert!(r.took < Duration::from_secs(5), "{:?}", r.took);
         assert_eq!(r.retry_after(), Some(1));
     }
     assert_eq!(metric(&proxy, &shed("queue_full")).await, 3.0);
@@ -1844,7 +1866,8 @@ async fn beyond_max_waiting_requests_pass_through_callers_are_shed_at_once() {
 
     let r = call(&client, pass_through(&proxy, "sk-test")).await;
     r.assert_own_error(StatusCode::SERVICE_UNAVAILABLE, "queue_full");
-    assert!(r.took < Duration::from_millis(200), "{:?}", r.took);
+    // At once: not after limits.max_wait (10 s) for the held slot.
+    assert!(r.took < Duration::from_secs(5), "{:?}", r.took);
     assert_eq!(r.retry_after(), Some(1));
     assert_eq!(metric(&proxy, &shed("queue_full")).await, 1.0);
 

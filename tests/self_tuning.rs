@@ -275,17 +275,19 @@ async fn a_patient_caller_is_not_failed_with_an_impatient_one() {
     )
     .await;
     assert!(!hasty.correct);
-    // Failed at its own deadline (plus the test's own connection set-up), not held for the
-    // patient caller's retries.
-    assert!(hasty.took < Duration::from_millis(1500), "{:?}", hasty.took);
+    // Failed at its own deadline, not held for the patient caller's retries: those cannot end
+    // before the upstream recovers, which this test lets happen only after the hasty caller's
+    // answer (held, it would wait for the patient one's 30 s).
+    assert!(hasty.took < Duration::from_secs(10), "{:?}", hasty.took);
     tokio::time::sleep(Duration::from_millis(500)).await;
     upstream.clear_rules();
     let patient = patient.await.unwrap();
     assert!(patient.correct, "{patient:?}");
 }
 
-/// embedcar's own answer reaches the client a moment before the client's timeout, so the
-/// client learns why instead of timing out itself.
+/// embedcar's own answer (a 504 `deadline_exceeded`) reaches the client around the client's
+/// timeout hint and well within its patience, so the client learns why instead of timing out
+/// itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_upstream_gets_embedcars_answer_before_the_client_gives_up() {
     let upstream = FakeUpstream::start().await;
@@ -337,11 +339,15 @@ async fn a_frozen_upstream_gets_embedcars_answer_before_the_client_gives_up() {
         assert!(o.body.contains("deadline_exceeded"), "{o:?}");
         took.push(o.took);
     }
+    // Every caller got embedcar's answer, not a timeout of its own: the order that matters.
+    // How long before the hint it comes (a 10 ms margin at 1 s) is checked on its own in
+    // src/embeddings/mod.rs: measured here, a loaded machine's scheduling delays alone would
+    // exceed it.
     took.sort();
     assert!(
-        took[took.len() / 2] < hint,
-        "embedcar answered after the client's own timeout: median {:?}",
-        took[took.len() / 2]
+        took[0] >= hint.mul_f64(0.9),
+        "answered long before the deadline: {:?}",
+        took[0]
     );
 }
 

@@ -129,7 +129,8 @@ async fn the_json_counts_inputs_calls_and_cache_hits() {
         assert_eq!(r.status(), StatusCode::OK);
         body_bytes(r).await;
     }
-    // An invalid request is shed by embedcar itself: it shows up by reason.
+    // An invalid request is answered by embedcar itself: it shows up by reason, as an error
+    // (nothing was shed).
     let r = send(&client, post_json(&url, &json!({"model": "m"}))).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     body_bytes(r).await;
@@ -157,12 +158,18 @@ async fn the_json_counts_inputs_calls_and_cache_hits() {
             .is_some(),
         "{after}"
     );
-    let shed = after["shed"].as_object().expect("shed by reason");
-    assert_eq!(
-        shed.values()
+    let total = |key: &str| {
+        after[key]
+            .as_object()
+            .unwrap_or_else(|| panic!("{key} by reason"))
+            .values()
             .map(|v| v["total"].as_u64().unwrap_or(0))
-            .sum::<u64>(),
-        1,
+            .sum::<u64>()
+    };
+    assert_eq!(total("shed"), 0, "{after}");
+    assert_eq!(total("errors_by_reason"), 1, "{after}");
+    assert_eq!(
+        after["errors_by_reason"]["invalid_request"]["total"], 1,
         "{after}"
     );
 }

@@ -95,6 +95,8 @@ pub struct Failure {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Upstream attempts the call made, for the failure log; `None` before the retry loop.
+    pub attempts: Option<u32>,
 }
 
 impl Failure {
@@ -104,6 +106,7 @@ impl Failure {
             status,
             headers,
             body,
+            attempts: None,
         }
     }
 
@@ -111,6 +114,9 @@ impl Failure {
         let mut r = Response::new(body::full(self.body.clone()));
         *r.status_mut() = self.status;
         *r.headers_mut() = self.headers.clone();
+        if let Some(n) = self.attempts {
+            r.extensions_mut().insert(crate::errors::Attempts(n));
+        }
         r
     }
 }
@@ -881,13 +887,16 @@ async fn call_once(
     match finished {
         Err(refused) => Err(Arc::new(Failure::from_error(refused))),
         Ok(f) => match f.value.value {
-            Err(failure) if f.gave_up && ctx.settings.should_retry_header => {
+            Err(failure) => {
                 let mut headers = failure.headers.clone();
-                mark_final(&mut headers);
+                if f.gave_up && ctx.settings.should_retry_header {
+                    mark_final(&mut headers);
+                }
                 Err(Arc::new(Failure {
                     status: failure.status,
                     headers,
                     body: failure.body.clone(),
+                    attempts: Some(f.attempts),
                 }))
             }
             other => other,
@@ -1158,6 +1167,7 @@ impl Exchange {
                     status,
                     headers: parts.headers,
                     body: bytes,
+                    attempts: None,
                 })),
                 status,
                 &headers,
@@ -1213,6 +1223,7 @@ mod tests {
             status: StatusCode::from_u16(status).unwrap(),
             headers: HeaderMap::new(),
             body: Bytes::from(body.to_string()),
+            attempts: None,
         }
     }
 

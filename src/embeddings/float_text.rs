@@ -1,10 +1,11 @@
 //! Shortest round-trip text for float32 vectors, written fast.
 //!
-//! An `encoding_format=float` reply holds 1,536 numbers per vector. zmij, the fastest general
-//! formatter we measured, spends about 22 ns on each here: it handles every notation, copies
-//! a variable number of bytes, and its branches on digit counts mispredict on a vector's random
-//! values. This writer does the same work for the values embeddings are made of without
-//! data-dependent branches, and hands everything else to zmij.
+//! An `encoding_format=float` reply holds 1,536 numbers per vector, so the per-number cost of a
+//! general formatter dominates the reply. zmij, the fastest general one, handles every
+//! notation, copies a variable number of bytes, and its branches on digit counts mispredict on
+//! a vector's random values (figures in benches/README.md). This writer does the same work for
+//! the values embeddings are made of without data-dependent branches, and hands everything else
+//! to zmij.
 //!
 //! The text is byte for byte zmij's `format_finite(f32)`: `0.0123`, `-0.5`, `1.0`, `1e-7`,
 //! `3.4028235e+38`. An ignored test compares all 2^32 bit patterns

@@ -26,9 +26,9 @@ pub enum Tokenizer {
 
 /// cl100k_base, with tiktoken's own shortcut: a pre-tokenized piece that is a token as a whole
 /// is one token, without running the byte-pair merge (which allocates per piece). Most pieces
-/// of ordinary text are whole words that are tokens: an 18-token English sentence counts in
-/// 0.98 µs instead of 1.25 (the pre-tokenizing regex is most of the rest). tiktoken encodes
-/// such a piece the same way, so the counts stay tiktoken's.
+/// of ordinary text are whole words that are tokens, so most of the merge work is skipped (the
+/// pre-tokenizing regex is most of what is left; figures in benches/README.md). tiktoken
+/// encodes such a piece the same way, so the counts stay tiktoken's.
 pub struct Cl100k {
     bpe: &'static Bpe,
     /// The bytes of every token (about 100,000; 2 MiB).

@@ -84,6 +84,20 @@ def test_the_kubernetes_sidecar_is_native_and_probes_the_admin_port():
     assert app_env["OPENAI_BASE_URL"] == f"http://{listen}/v1"
 
 
+def test_the_kubernetes_manifest_names_a_pullable_image_and_ships_the_secret_it_reads():
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes/deployment.yaml").read_text()))
+    pod = docs[0]["spec"]["template"]["spec"]
+    sidecar = next(c for c in pod["initContainers"] if c["name"] == "embedcar")
+    assert sidecar["image"] == "REGISTRY/embedcar:VERSION"
+    assert sidecar["imagePullPolicy"] == "IfNotPresent"
+    key_ref = next(e for e in pod["containers"][0]["env"]
+                   if e["name"] == "OPENAI_API_KEY")["valueFrom"]["secretKeyRef"]
+    secret = yaml.safe_load((DEPLOY / "kubernetes/secret.example.yaml").read_text())
+    assert secret["kind"] == "Secret"
+    assert secret["metadata"]["name"] == key_ref["name"]
+    assert key_ref["key"] in secret["stringData"]
+
+
 def test_compose_and_prometheus_point_at_the_admin_port():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     assert compose["services"]["app"]["environment"]["OPENAI_BASE_URL"] == "http://embedcar:8080/v1"

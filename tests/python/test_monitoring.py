@@ -407,7 +407,7 @@ def test_the_traffic_reached_the_engine_and_the_upstream_paths(live):
         ("embedcar_rate_gate_closures_total", {}),
         ("embedcar_upstream_ratelimit_exhausted_total", {"kind": "requests"}),
         ("embedcar_requests_total", {"status": "500"}),
-        ("embedcar_shed_requests_total", {"reason": "invalid_request"}),
+        ("embedcar_errors_total", {"reason": "invalid_request"}),
     ]:
         assert car.metric(name, **labels) > 0, (name, labels)
 
