@@ -27,7 +27,14 @@ use std::{
 
 use tokio::time::Instant;
 
-use crate::{config::BreakerConfig, errors::ProxyError, metrics::Metrics, rate_gate::CredentialId};
+use crate::{
+    config::BreakerConfig,
+    errors::ProxyError,
+    metrics::Metrics,
+    outbound::{Attempt, BoxFuture},
+    rate_gate::CredentialId,
+    retry::{Health, Tried},
+};
 
 /// Buckets of the failure-rate window: the window slides in steps of a tenth.
 const BUCKETS: usize = 10;
@@ -420,6 +427,74 @@ impl CircuitBreaker {
             || c.by_credential
                 .get(credential)
                 .is_some_and(|k| k.state != State::Closed)
+    }
+}
+
+/// The breaker as a layer of the outbound stack: admits an attempt or refuses it at once, and
+/// hears how each admitted attempt went. Without a breaker (`breaker.enabled = false`) it lets
+/// everything through.
+#[derive(Clone)]
+pub struct BreakerLayer {
+    breaker: Option<Arc<CircuitBreaker>>,
+}
+
+impl BreakerLayer {
+    pub fn new(breaker: Option<Arc<CircuitBreaker>>) -> Self {
+        BreakerLayer { breaker }
+    }
+}
+
+impl<S> tower::Layer<S> for BreakerLayer {
+    type Service = Breaker<S>;
+    fn layer(&self, inner: S) -> Breaker<S> {
+        Breaker {
+            breaker: self.breaker.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Breaker<S> {
+    breaker: Option<Arc<CircuitBreaker>>,
+    inner: S,
+}
+
+impl<S, R, T> tower::Service<Attempt<R>> for Breaker<S>
+where
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = Tried<T>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Tried<T>, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
+        let breaker = self.breaker.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let Some(breaker) = breaker else {
+                return inner.call(attempt).await;
+            };
+            let pass = breaker.admit(&attempt.credential)?;
+            let tried = inner.call(attempt).await?;
+            match tried.health {
+                Health::Good => pass.succeeded(),
+                Health::Bad(how) => pass.failed(how),
+                Health::Neutral if tried.rate_limit.is_some() => pass.answered(),
+                Health::Neutral => pass.neutral(),
+            }
+            Ok(tried)
+        })
     }
 }
 

@@ -15,6 +15,7 @@ pub mod errors;
 pub mod layers;
 pub mod limits;
 pub mod metrics;
+pub mod outbound;
 pub mod proxy;
 pub mod rate_gate;
 pub mod retry;
@@ -38,10 +39,8 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 pub use crate::config::Config;
 use crate::{
     embeddings::Engine,
-    limits::ConcurrencyLimit,
     metrics::Metrics,
     proxy::{Proxy, ProxySettings},
-    retry::Retrier,
     upstream::Upstream,
 };
 
@@ -63,20 +62,12 @@ impl AppState {
     pub fn new(config: Config) -> Result<Arc<AppState>, Error> {
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config)?;
-        let limit = ConcurrencyLimit::new(
-            config.limits.max_concurrency,
-            config.limits.max_wait,
-            config.limits.max_waiting_requests,
-            metrics.clone(),
-        );
-        let retrier = Arc::new(Retrier::new(&config, metrics.clone()));
+        let outbound = outbound::Parts::new(&config, metrics.clone());
         let proxy = Arc::new(Proxy::new(
             upstream.clone(),
-            limit.clone(),
-            retrier.clone(),
+            &outbound,
             metrics.clone(),
             ProxySettings {
-                first_byte_timeout: config.upstream.first_byte_timeout,
                 body_idle_timeout: config.upstream.body_idle_timeout,
                 request_timeout: config.limits.request_timeout,
                 max_buffered_body: config.retry.max_buffered_body,
@@ -87,8 +78,7 @@ impl AppState {
             Arc::new(Engine::new(
                 &config,
                 upstream.clone(),
-                retrier,
-                limit,
+                &outbound,
                 metrics.clone(),
                 proxy.clone(),
             ))

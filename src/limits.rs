@@ -20,7 +20,13 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{errors::ProxyError, metrics::Metrics};
+use crate::{
+    adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
+    errors::ProxyError,
+    metrics::Metrics,
+    outbound::{Attempt, BoxFuture, Kind, Placed},
+    retry::Tried,
+};
 
 /// Retry-After suggested to a caller shed for lack of a slot: soon, since slots turn over fast.
 pub const OVERLOADED_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -153,6 +159,139 @@ impl ConcurrencyLimit {
 
     pub fn available(&self) -> usize {
         self.slots.available_permits()
+    }
+}
+
+/// Everything that bounds concurrency toward the upstream: the ceiling every call shares
+/// (`limits.max_concurrency`) and the engine's learnt limit (`limits.adaptive_concurrency`).
+/// Pass-through does not take places of the learnt limit: a stream's length says nothing of
+/// the upstream's capacity.
+pub struct Capacity {
+    pub ceiling: ConcurrencyLimit,
+    pub learnt: Option<AdaptiveLimit>,
+}
+
+impl Capacity {
+    /// Places for one engine call: the learnt limit's, then a slot under the ceiling, however
+    /// long that takes (the engine's callers leave on their own deadlines, and inputs nobody
+    /// waits for are not sent).
+    pub async fn engine_places(&self) -> Places {
+        let place = match &self.learnt {
+            Some(l) => Some(l.acquire().await),
+            None => None,
+        };
+        Places {
+            slot: self.ceiling.acquire_unbounded().await,
+            place,
+        }
+    }
+
+    /// A pass-through slot, within the wait budget and by `deadline`.
+    async fn pass_through_slot(&self, deadline: Instant) -> Result<Places, ProxyError> {
+        Ok(Places {
+            slot: self.ceiling.acquire(Some(deadline)).await?,
+            place: None,
+        })
+    }
+}
+
+/// What an upstream call holds while it is in flight.
+pub struct Places {
+    slot: Slot,
+    place: Option<LearntPlace>,
+}
+
+impl Places {
+    /// Starts the learnt limit's clock: what it judges is the upstream's time, not embedcar's
+    /// own waits before it.
+    fn sent(&mut self) {
+        if let Some(p) = &mut self.place {
+            p.sent();
+        }
+    }
+
+    /// Frees both, telling the learnt limit what the call showed (`tokens`: its size, which
+    /// its baseline depends on).
+    pub fn finish(self, signal: Signal, tokens: u64) {
+        if let Some(p) = self.place {
+            p.finish(signal, tokens);
+        }
+    }
+}
+
+/// The places as a layer of the outbound stack.
+#[derive(Clone)]
+pub struct PlaceLayer {
+    capacity: Arc<Capacity>,
+}
+
+impl PlaceLayer {
+    pub fn new(capacity: Arc<Capacity>) -> Self {
+        PlaceLayer { capacity }
+    }
+}
+
+impl<S> tower::Layer<S> for PlaceLayer {
+    type Service = Place<S>;
+    fn layer(&self, inner: S) -> Place<S> {
+        Place {
+            capacity: self.capacity.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Place<S> {
+    capacity: Arc<Capacity>,
+    inner: S,
+}
+
+impl<S, R, T> tower::Service<Attempt<R>> for Place<S>
+where
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = Tried<Placed<T>>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Tried<Placed<T>>, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
+        let capacity = self.capacity.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let mut places = match (attempt.places.take(), attempt.kind) {
+                (Some(held), _) => held,
+                (None, Kind::Engine) => capacity.engine_places().await,
+                (None, Kind::PassThrough { .. }) => {
+                    capacity.pass_through_slot(attempt.deadline).await?
+                }
+            };
+            let (kind, tokens) = (attempt.kind, attempt.tokens);
+            places.sent();
+            let tried = inner.call(attempt).await?;
+            Ok(match kind {
+                // The engine's attempt has read its reply: its places are done with.
+                Kind::Engine => {
+                    places.finish(tried.signal, tokens);
+                    tried.map(|value| Placed { value, slot: None })
+                }
+                // A passed-through response streams on: its slot goes with it.
+                Kind::PassThrough { .. } => tried.map(|value| Placed {
+                    value,
+                    slot: Some(places.slot),
+                }),
+            })
+        })
     }
 }
 

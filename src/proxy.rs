@@ -7,7 +7,7 @@
 //! sent until the response body ends, so a long stream counts against the concurrency limit for
 //! as long as it runs.
 
-use std::{sync::Arc, time::Duration};
+use std::{sync::Arc, task::Poll, time::Duration};
 
 use http::{header, HeaderMap, HeaderName, Request, Response, Version};
 use http_body::Body as _;
@@ -22,11 +22,13 @@ use crate::{
     },
     embeddings::keys::credential_fingerprint,
     errors::ProxyError,
-    limits::{time_budget, ConcurrencyLimit},
+    limits::time_budget,
     metrics::{Metrics, Route},
-    retry::{mark_final, Health, Policy, Retrier, RetryReason, Tried, Verdict},
+    outbound::{self, Attempt, BoxFuture, Call, Kind, Outbound, Placed, Reply},
+    retry::{mark_final, RetryReason, Tried},
     upstream::Upstream,
 };
+use tower::Service;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the
 /// non-standard ones that mean the same. Never forwarded in either direction.
@@ -43,15 +45,14 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 pub struct Proxy {
     upstream: Arc<Upstream>,
-    limit: ConcurrencyLimit,
-    retrier: Arc<Retrier>,
+    outbound: Outbound<Exchange>,
+    max_attempts: u32,
     metrics: Arc<Metrics>,
     settings: ProxySettings,
 }
 
 /// The pass-through's timings and retry policy, from the config.
 pub struct ProxySettings {
-    pub first_byte_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub request_timeout: Duration,
     pub max_buffered_body: u64,
@@ -65,18 +66,27 @@ const NO_HINT: Duration = Duration::MAX;
 /// One attempt's outcome: the upstream's response, or the error to answer with.
 type Sent = Result<Response<Incoming>, ProxyError>;
 
+impl Reply for Sent {
+    fn error(e: ProxyError) -> Self {
+        Err(e)
+    }
+}
+
 impl Proxy {
     pub fn new(
         upstream: Arc<Upstream>,
-        limit: ConcurrencyLimit,
-        retrier: Arc<Retrier>,
+        outbound: &outbound::Parts,
         metrics: Arc<Metrics>,
         settings: ProxySettings,
     ) -> Self {
+        let exchange = Exchange {
+            upstream: upstream.clone(),
+            metrics: metrics.clone(),
+        };
         Self {
             upstream,
-            limit,
-            retrier,
+            outbound: outbound::build(exchange, outbound),
+            max_attempts: outbound.retry.max_attempts(),
             metrics,
             settings,
         }
@@ -117,9 +127,6 @@ impl Proxy {
         strip_upgrade(&mut parts.headers);
         // The client sets Host (or :authority) from the upstream URI.
         parts.headers.remove(header::HOST);
-        if let Some(credential) = &self.upstream.credential {
-            credential.apply(&mut parts.headers);
-        }
 
         let kept = body
             .size_hint()
@@ -144,49 +151,48 @@ impl Proxy {
         };
         let retryable = kept.is_some();
         // A held key is one tenant whichever key is in use now (see `HeldCredential::id`).
-        let held = self.upstream.credential.as_ref().map(|c| c.id());
-
-        // The gate is passed before a slot is taken, and each attempt takes its own slot and
-        // lets it go before a retry's wait, so a caller held at its credential's gate or
-        // sitting out a backoff holds back no one else.
-        let finished = self
-            .retrier
-            .run(
-                || held.unwrap_or_else(|| credential_fingerprint(&parts.headers)),
-                Policy {
-                    tokens: 0,
-                    deadline,
-                    retryable,
-                    max_attempts: Some(self.retrier.max_attempts()),
-                    callers: 1,
-                    current_deadline: None,
-                },
-                |_| {
-                    let body = match (&kept, streamed.take()) {
-                        (Some(bytes), _) => crate::body::full(bytes.clone()),
-                        (None, Some(body)) => body,
-                        (None, None) => crate::body::empty(),
-                    };
-                    let mut head = clone_parts(&parts);
-                    // Per attempt: a retry after a key rotation goes with the new key.
-                    if let Some(credential) = &self.upstream.credential {
-                        credential.apply(&mut head.headers);
-                    }
-                    let request = Request::from_parts(head, body);
-                    async move {
-                        match self.limit.acquire(Some(deadline)).await {
-                            Err(e) => Tried::refused((Err(e), None)),
-                            Ok(slot) => self
-                                .attempt(request, route, answer_by, idempotent)
-                                .await
-                                .map(|sent| (sent, Some(slot))),
-                        }
-                    }
-                },
-                |(sent, _slot)| (sent, None),
-            )
-            .await?;
-        let (value, slot) = finished.value;
+        let credential = match &self.upstream.credential {
+            Some(held) => held.id(),
+            None => credential_fingerprint(&parts.headers),
+        };
+        let upstream = self.upstream.clone();
+        let attempts = move |_| {
+            let body = match (&kept, streamed.take()) {
+                (Some(bytes), _) => crate::body::full(bytes.clone()),
+                (None, Some(body)) => body,
+                (None, None) => crate::body::empty(),
+            };
+            let mut head = clone_parts(&parts);
+            // Per attempt: a retry after a key rotation goes with the new key.
+            if let Some(held) = &upstream.credential {
+                held.apply(&mut head.headers);
+            }
+            Some(Attempt {
+                request: Request::from_parts(head, body),
+                kind: Kind::PassThrough { idempotent },
+                route,
+                credential,
+                tokens: 0,
+                deadline,
+                answer_by,
+                live: None,
+                places: None,
+            })
+        };
+        let finished = outbound::send(
+            &self.outbound,
+            Call {
+                attempts: Box::new(attempts),
+                deadline,
+                retryable,
+                max_attempts: Some(self.max_attempts),
+                callers: 1,
+                live: None,
+            },
+        )
+        .await?;
+        drop(reservation);
+        let Placed { value, slot } = finished.value;
         let gave_up = finished.gave_up && self.settings.should_retry_header;
         let mut response = match value {
             Ok(r) => r,
@@ -221,75 +227,55 @@ impl Proxy {
             Guarded::new(watched, slot).boxed_unsync()
         }))
     }
+}
 
-    /// One exchange, up to the response head, within the first-byte timeout and by
-    /// `answer_by` (the client's hint), if given.
-    ///
-    /// A request that is not idempotent (RFC 9110 §9.2.2: POST, PATCH) and timed out waiting
-    /// for the response head is not tried again: it reached the upstream, which may still be
-    /// working on it, and a second copy could be carried out twice (a second completion
-    /// billed, a file uploaded twice). A connection that could not be made is always retried.
-    async fn attempt(
-        &self,
-        request: Request<ProxyBody>,
-        route: Route,
-        answer_by: Option<Instant>,
-        idempotent: bool,
-    ) -> Tried<Sent> {
-        let started = Instant::now();
-        let wait = answer_by.map_or(self.settings.first_byte_timeout, |by| {
-            self.settings
-                .first_byte_timeout
-                .min(by.saturating_duration_since(started))
-        });
-        let sent = tokio::time::timeout(wait, self.upstream.client.request(request)).await;
-        let elapsed = started.elapsed();
-        match sent {
-            Err(_) => {
-                self.metrics.observe_upstream(route, "timeout", elapsed);
-                self.metrics
-                    .deadline_expired
-                    .with_label_values(&["first_byte"])
-                    .inc();
-                let timed_out = Err(ProxyError::UpstreamTimeout(wait));
-                if wait < self.settings.first_byte_timeout {
-                    // The client's own time ran out, not the upstream's: slow is not broken,
-                    // and there is no time left to retry.
-                    Tried::abandoned(timed_out)
-                } else if idempotent {
-                    Tried::broken(timed_out, RetryReason::Timeout)
-                } else {
-                    Tried {
-                        value: timed_out,
-                        verdict: Verdict::Final,
-                        health: Health::Bad(crate::breaker::Failure::Upstream),
-                        rate_limit: None,
-                    }
-                }
-            }
-            Ok(Err(e)) => {
-                let reason = RetryReason::of_send_error(&e);
-                let err = self.classify_send_error(route, elapsed, &e);
-                match err {
-                    // The caller's own body failed: nothing the upstream did, nothing to retry.
-                    ProxyError::BodyTooLarge { .. } | ProxyError::ClientBodyTimeout(_) => Tried {
-                        value: Err(err),
-                        verdict: Verdict::Final,
-                        health: Health::Neutral,
-                        rate_limit: None,
-                    },
-                    _ => Tried::broken(Err(err), reason),
-                }
-            }
-            Ok(Ok(response)) => {
-                let status = response.status();
-                self.metrics.observe_upstream_status(route, status, elapsed);
-                // Judged on a borrow of the headers, then the response moves in: no copy.
-                Tried::reply((), status, response.headers()).map(|()| Ok(response))
-            }
-        }
+/// The bottom of the pass-through's outbound stack: one exchange with the pooled client, up to
+/// the response head (the body streams to the caller afterwards).
+#[derive(Clone)]
+pub struct Exchange {
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+}
+
+impl Service<Attempt<Request<ProxyBody>>> for Exchange {
+    type Response = Tried<Sent>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Tried<Sent>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
     }
 
+    fn call(&mut self, attempt: Attempt<Request<ProxyBody>>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let route = attempt.route;
+            let started = Instant::now();
+            let sent = this.upstream.client.request(attempt.request).await;
+            let elapsed = started.elapsed();
+            Ok(match sent {
+                Err(e) => {
+                    let reason = RetryReason::of_send_error(&e);
+                    match this.classify_send_error(route, elapsed, &e) {
+                        // The caller's own body failed: nothing the upstream did, nothing to
+                        // retry.
+                        err @ (ProxyError::BodyTooLarge { .. }
+                        | ProxyError::ClientBodyTimeout(_)) => Tried::refused(Err(err)),
+                        err => Tried::broken(Err(err), reason),
+                    }
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    this.metrics.observe_upstream_status(route, status, elapsed);
+                    // Judged on a borrow of the headers, then the response moves in: no copy.
+                    Tried::reply((), status, response.headers()).map(|()| Ok(response))
+                }
+            })
+        })
+    }
+}
+
+impl Exchange {
     /// Turns a failed exchange into the caller's error: our own body limits first (the request
     /// body failed while being streamed), then connection failures.
     fn classify_send_error(

@@ -21,7 +21,14 @@ use governor::{
 };
 use tokio::time::Instant;
 
-use crate::{errors::ProxyError, metrics::Metrics};
+use http::StatusCode;
+
+use crate::{
+    errors::ProxyError,
+    metrics::Metrics,
+    outbound::{Attempt, BoxFuture},
+    retry::{RateLimitHeaders, Tried},
+};
 
 /// A credential's identity at the gates (the SHA-256 fingerprint the batch keys use).
 pub type CredentialId = [u8; 32];
@@ -334,6 +341,102 @@ impl RateGates {
 /// A span of governor's clock as a count of nanoseconds (for an atomic).
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The gate as a layer of the outbound stack: an attempt passes its credential's gate (for its
+/// tokens, by its deadline) before anything below, and the reply's rate-limit headers shut the
+/// gate for every caller when the upstream says the credential is out of budget.
+#[derive(Clone)]
+pub struct GateLayer {
+    gates: Arc<RateGates>,
+    max_closure: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl GateLayer {
+    /// `max_closure`: the longest the upstream's word shuts a gate (`retry.max_server_delay`).
+    pub fn new(gates: Arc<RateGates>, max_closure: Duration, metrics: Arc<Metrics>) -> Self {
+        GateLayer {
+            gates,
+            max_closure,
+            metrics,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for GateLayer {
+    type Service = Gate<S>;
+    fn layer(&self, inner: S) -> Gate<S> {
+        Gate {
+            layer: self.clone(),
+            inner,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Gate<S> {
+    layer: GateLayer,
+    inner: S,
+}
+
+impl<S, R, T> tower::Service<Attempt<R>> for Gate<S>
+where
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = Tried<T>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Tried<T>, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
+        let layer = self.layer.clone();
+        let mut inner = self.inner.clone();
+        Box::pin(async move {
+            let credential = attempt.credential;
+            if !layer.gates.wide_open() {
+                layer
+                    .gates
+                    .pass(&credential, attempt.tokens, attempt.deadline)
+                    .await?;
+            }
+            let tried = inner.call(attempt).await?;
+            if let Some((status, headers)) = &tried.rate_limit {
+                layer.observe(&credential, *status, headers);
+            }
+            Ok(tried)
+        })
+    }
+}
+
+impl GateLayer {
+    /// Shuts the credential's gate when the upstream says it is out of budget. (No gauge of
+    /// the remaining budget: it would mix credentials, the last writer winning.)
+    fn observe(&self, credential: &CredentialId, status: StatusCode, headers: &RateLimitHeaders) {
+        for (kind, remaining) in [
+            ("requests", headers.remaining_requests),
+            ("tokens", headers.remaining_tokens),
+        ] {
+            if remaining == Some(0) {
+                self.metrics
+                    .upstream_ratelimit_exhausted
+                    .with_label_values(&[kind])
+                    .inc();
+            }
+        }
+        if let Some(closed) = headers.closed_for(status) {
+            self.gates.shut(credential, closed.min(self.max_closure));
+        }
+    }
 }
 
 #[cfg(test)]

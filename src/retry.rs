@@ -5,10 +5,25 @@
 //! Also the reading of OpenAI's rate-limit headers, which the rate gates use to close for every
 //! caller at once when the upstream says a credential is out of budget.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    task::Poll,
+    time::{Duration, SystemTime},
+};
 
 use http::{HeaderMap, HeaderName, StatusCode};
-use tower::retry::budget::{Budget, TpsBudget};
+use tokio::time::Instant;
+use tower::{
+    retry::budget::{Budget, TpsBudget},
+    Layer, Service, ServiceExt,
+};
+
+use crate::{
+    adaptive_limit::Signal,
+    errors::ProxyError,
+    metrics::Metrics,
+    outbound::{Attempt, BoxFuture, Call, Placed, Reply},
+};
 
 /// What the upstream said about a credential's remaining budget, from one reply's headers.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -402,13 +417,17 @@ pub enum Health {
     Neutral,
 }
 
-/// One attempt's result and how to judge it.
+/// One attempt's result and how each layer judges it: the retry loop by its verdict, the
+/// breaker by its health, the rate gate by its rate-limit headers, the learnt limit by its
+/// signal.
 pub struct Tried<T> {
     pub value: T,
     pub verdict: Verdict,
     pub health: Health,
     /// The reply's status and rate-limit headers, when there was a reply.
     pub rate_limit: Option<(StatusCode, RateLimitHeaders)>,
+    /// What the attempt says about the upstream's load.
+    pub signal: Signal,
 }
 
 impl<T> Tried<T> {
@@ -436,6 +455,7 @@ impl<T> Tried<T> {
             value,
             verdict,
             health,
+            signal: load_signal(status, &rate_limit),
             rate_limit: Some((status, rate_limit)),
         }
     }
@@ -447,22 +467,24 @@ impl<T> Tried<T> {
             verdict: self.verdict,
             health: self.health,
             rate_limit: self.rate_limit,
+            signal: self.signal,
         }
     }
 
-    /// An answer embedcar makes without the upstream (no slot, say): final, and no news about
-    /// the upstream's health.
+    /// An answer embedcar makes without the upstream: final, and no news about the upstream.
     pub fn refused(value: T) -> Tried<T> {
         Tried {
             value,
             verdict: Verdict::Final,
             health: Health::Neutral,
             rate_limit: None,
+            signal: Signal::Ignore,
         }
     }
 
     /// An exchange that produced no usable reply (connection error, the upstream's own
-    /// timeout, broken body).
+    /// timeout, broken body). A timeout says the upstream has too much; the rest are the
+    /// breaker's business, not the learnt limit's.
     pub fn broken(value: T, reason: RetryReason) -> Tried<T> {
         let failure = match reason {
             RetryReason::Connect => crate::breaker::Failure::Connect,
@@ -476,18 +498,41 @@ impl<T> Tried<T> {
             },
             health: Health::Bad(failure),
             rate_limit: None,
+            signal: match reason {
+                RetryReason::Timeout => Signal::Overloaded,
+                _ => Signal::Ignore,
+            },
         }
     }
 
     /// An attempt given up because every caller's deadline passed: nothing to retry, and no
-    /// news about the upstream (slow is not broken).
+    /// news about the upstream's health (slow is not broken); the learnt limit hears that it
+    /// took at least this long.
     pub fn abandoned(value: T) -> Tried<T> {
         Tried {
-            value,
-            verdict: Verdict::Final,
-            health: Health::Neutral,
-            rate_limit: None,
+            signal: Signal::Abandoned,
+            ..Tried::refused(value)
         }
+    }
+
+    /// An attempt not sent, for want of callers with time to wait for it.
+    pub fn not_sent(value: T) -> Tried<T> {
+        Tried::refused(value)
+    }
+}
+
+/// The learnt limit's view of a reply. A 429 that reports a credential's budget
+/// (`x-ratelimit-remaining-*`) is about that tenant's quota, which its rate gate deals with, not
+/// about the upstream's capacity: it must not shrink the limit every tenant shares. A 429
+/// without one (text-embeddings-inference's "Model is overloaded") is about capacity.
+fn load_signal(status: StatusCode, rate_limit: &RateLimitHeaders) -> Signal {
+    match status.as_u16() {
+        200..=299 => Signal::Answered,
+        429 if rate_limit.remaining_requests.is_some() || rate_limit.remaining_tokens.is_some() => {
+            Signal::Ignore
+        }
+        429 | 503 | 504 => Signal::Overloaded,
+        _ => Signal::Ignore,
     }
 }
 
@@ -505,36 +550,13 @@ pub struct Finished<T> {
     pub gave_up: bool,
 }
 
-/// What one upstream call may spend on attempts.
-pub struct Policy<'a> {
-    /// Tokens each attempt costs at the credential's gate.
-    pub tokens: u64,
-    /// No retry starts unless it can before this (the farthest deadline of the callers the
-    /// call serves: one impatient caller does not cut the others' retries short).
-    pub deadline: tokio::time::Instant,
-    /// False for a body that was streamed and is gone: one attempt, and a retryable failure is
-    /// left for the caller to retry.
-    pub retryable: bool,
-    /// Attempts at most; `None`: as many as the deadline and the budget allow (a merged
-    /// embeddings call keeps trying for every caller it carries while one still has time).
-    pub max_attempts: Option<u32>,
-    /// The callers the call carries: each earns retry credit, as it would have calling directly.
-    pub callers: u32,
-    /// The deadline as it stands now, when callers may join while the call is under way (a
-    /// merged call: a patient caller joining an impatient one's input extends its retries; no
-    /// caller left, none). `None`: `deadline` holds throughout.
-    pub current_deadline: Option<&'a (dyn Fn() -> Option<tokio::time::Instant> + Sync)>,
-}
-
-/// The retry loop with everything it answers to: the circuit breaker, the rate gates, the
-/// budget and the callers' deadlines.
-pub struct Retrier {
-    pub gates: crate::rate_gate::RateGates,
-    pub breaker: Option<crate::breaker::CircuitBreaker>,
+/// What the retry loop answers to besides each call's own deadline: the budget shared by every
+/// upstream call, and the backoff.
+pub struct RetryState {
     budget: RetryBudget,
     backoff: Backoff,
     max_attempts: u32,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: Arc<Metrics>,
 }
 
 /// The span of time the retry budget looks back over.
@@ -544,29 +566,20 @@ const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 /// much as 64 direct calls would, so one huge call cannot buy unbounded retries.
 const MAX_DEPOSIT_PER_CALL: u32 = 64;
 
-impl Retrier {
-    pub fn new(
-        config: &crate::config::Config,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
-    ) -> Retrier {
-        let r = &config.retry;
-        let b = &config.breaker;
-        Retrier {
-            gates: crate::rate_gate::RateGates::new(
-                config.limits.requests_per_minute,
-                config.limits.tokens_per_minute,
-                metrics.clone(),
+impl RetryState {
+    pub fn new(config: &crate::config::RetryConfig, metrics: Arc<Metrics>) -> RetryState {
+        RetryState {
+            budget: RetryBudget::new(
+                BUDGET_WINDOW,
+                config.budget_min_per_second,
+                config.budget_ratio,
             ),
-            breaker: b
-                .enabled
-                .then(|| crate::breaker::CircuitBreaker::new(b, metrics.clone())),
-            budget: RetryBudget::new(BUDGET_WINDOW, r.budget_min_per_second, r.budget_ratio),
             backoff: Backoff {
-                base: r.base_backoff,
-                max: r.max_backoff,
-                max_server_delay: r.max_server_delay,
+                base: config.base_backoff,
+                max: config.max_backoff,
+                max_server_delay: config.max_server_delay,
             },
-            max_attempts: r.max_attempts,
+            max_attempts: config.max_attempts,
             metrics,
         }
     }
@@ -576,127 +589,138 @@ impl Retrier {
         self.max_attempts
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or may not be repeated (attempts,
-    /// budget, deadline). Each attempt first passes the breaker and the credential's rate gate
-    /// (for `policy.tokens` tokens), both bounded by the deadline. `keep` strips a failed
-    /// attempt's value of what it must not hold through the wait (its upstream slot) before it
-    /// is kept as the answer of last resort.
-    pub async fn run<T, F, Fut>(
+    /// The longest a server-requested delay is honoured (and a gate is shut for).
+    pub fn max_server_delay(&self) -> Duration {
+        self.backoff.max_server_delay
+    }
+
+    /// Makes attempts until one succeeds, fails for good, or may not be repeated (attempts,
+    /// budget, deadline). A refusal below (the gate, the breaker, no place) before a retry ends
+    /// the loop with the last attempt's own answer.
+    async fn run<S, R, T>(
         &self,
-        credential: impl Fn() -> crate::rate_gate::CredentialId,
-        policy: Policy<'_>,
-        mut attempt: F,
-        keep: impl Fn(T) -> T,
-    ) -> Result<Finished<T>, crate::errors::ProxyError>
+        inner: S,
+        mut call: Call<R>,
+    ) -> Result<Finished<Placed<T>>, ProxyError>
     where
-        F: FnMut(u32) -> Fut,
-        Fut: std::future::Future<Output = Tried<T>>,
+        S: Service<Attempt<R>, Response = Tried<Placed<T>>, Error = ProxyError> + Clone,
+        T: Reply,
     {
-        for _ in 0..policy.callers.clamp(1, MAX_DEPOSIT_PER_CALL) {
+        for _ in 0..call.callers.clamp(1, MAX_DEPOSIT_PER_CALL) {
             self.budget.deposit();
         }
-        // The credential's fingerprint is only worked out if a gate or the breaker needs it.
-        let known = std::sync::OnceLock::new();
-        let credential = || *known.get_or_init(&credential);
-        let deadline = || match policy.current_deadline {
-            Some(now) => now().unwrap_or_else(tokio::time::Instant::now),
-            None => policy.deadline,
+        let deadline = |call: &Call<R>| match &call.live {
+            Some(live) => live().unwrap_or_else(Instant::now),
+            None => call.deadline,
         };
         let finished = |value, attempts: u32, retryable_failure: bool| Finished {
             value,
             attempts,
             gave_up: retryable_failure && attempts >= CLIENT_ATTEMPTS,
         };
-        let mut previous: Option<T> = None;
-        let mut number = 0;
+        let mut previous: Option<Placed<T>> = None;
+        let mut made = 0;
         loop {
-            // A refusal by the gate or the breaker before a retry ends the loop with the last
-            // attempt's own answer. The gate comes first: a wait there must not hold the
-            // breaker's probe (everyone else would be refused meanwhile).
-            if !self.gates.wide_open() {
-                if let Err(e) = self
-                    .gates
-                    .pass(&credential(), policy.tokens, deadline())
-                    .await
-                {
-                    return previous.map_or(Err(e), |v| Ok(finished(v, number, true)));
-                }
-            }
-            let pass = match &self.breaker {
-                Some(b) => match b.admit(&credential()) {
-                    Ok(p) => Some(p),
-                    Err(e) => return previous.map_or(Err(e), |v| Ok(finished(v, number, true))),
-                },
-                None => None,
+            let Some(attempt) = (call.attempts)(made + 1) else {
+                let nobody = ProxyError::Internal("every caller of this call left".into());
+                let value = Placed {
+                    value: T::abandoned(nobody),
+                    slot: None,
+                };
+                return Ok(finished(value, made, false));
             };
-            number += 1;
-            let tried = attempt(number).await;
-            if let Some((status, headers)) = &tried.rate_limit {
-                self.observe_rate_limit(&credential, *status, headers);
-            }
-            if let Some(pass) = pass {
-                match tried.health {
-                    Health::Good => pass.succeeded(),
-                    Health::Bad(how) => pass.failed(how),
-                    Health::Neutral if tried.rate_limit.is_some() => pass.answered(),
-                    Health::Neutral => pass.neutral(),
+            let tried = match inner.clone().oneshot(attempt).await {
+                Ok(tried) => tried,
+                Err(refused) => {
+                    return previous.map_or(Err(refused), |v| Ok(finished(v, made, true)))
                 }
-            }
+            };
+            made += 1;
             let (reason, server_delay) = match tried.verdict {
-                Verdict::Success | Verdict::Final => {
-                    return Ok(finished(tried.value, number, false))
-                }
+                Verdict::Success | Verdict::Final => return Ok(finished(tried.value, made, false)),
                 Verdict::Retryable {
                     reason,
                     server_delay,
                 } => (reason, server_delay),
             };
-            if !policy.retryable {
-                return Ok(finished(tried.value, number, false));
+            if !call.retryable {
+                return Ok(finished(tried.value, made, false));
             }
-            let delay = self.backoff.delay(number, server_delay);
-            let in_time = tokio::time::Instant::now() + delay < deadline();
-            let attempts_left = policy.max_attempts.is_none_or(|max| number < max);
+            let delay = self.backoff.delay(made, server_delay);
+            let in_time = Instant::now() + delay < deadline(&call);
+            let attempts_left = call.max_attempts.is_none_or(|max| made < max);
             if !attempts_left || !in_time {
-                return Ok(finished(tried.value, number, true));
+                return Ok(finished(tried.value, made, true));
             }
             if !self.budget.withdraw() {
                 self.metrics.retry_budget_exhausted.inc();
-                return Ok(finished(tried.value, number, true));
+                return Ok(finished(tried.value, made, true));
             }
             self.metrics
                 .retries
                 .with_label_values(&[reason.label()])
                 .inc();
-            // Kept in case a refusal ends the loop, without what it held (an upstream slot).
-            previous = Some(keep(tried.value));
+            // Kept in case a refusal ends the loop, without the upstream slot it held: that
+            // goes now, before the wait.
+            let Placed { value, slot } = tried.value;
+            drop(slot);
+            previous = Some(Placed { value, slot: None });
             tokio::time::sleep(delay).await;
         }
     }
+}
 
-    /// Shuts the credential's gate when the upstream says it is out of budget. (No gauge of
-    /// the remaining budget: it would mix credentials, the last writer winning.)
-    fn observe_rate_limit(
-        &self,
-        credential: &dyn Fn() -> crate::rate_gate::CredentialId,
-        status: StatusCode,
-        headers: &RateLimitHeaders,
-    ) {
-        for (kind, remaining) in [
-            ("requests", headers.remaining_requests),
-            ("tokens", headers.remaining_tokens),
-        ] {
-            if remaining == Some(0) {
-                self.metrics
-                    .upstream_ratelimit_exhausted
-                    .with_label_values(&[kind])
-                    .inc();
-            }
+/// The retry loop as the stack's outermost layer.
+#[derive(Clone)]
+pub struct RetryLayer {
+    state: Arc<RetryState>,
+}
+
+impl RetryLayer {
+    pub fn new(state: Arc<RetryState>) -> Self {
+        RetryLayer { state }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry {
+            state: self.state.clone(),
+            inner,
         }
-        if let Some(closed) = headers.closed_for(status) {
-            self.gates
-                .shut(&credential(), closed.min(self.backoff.max_server_delay));
-        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Retry<S> {
+    state: Arc<RetryState>,
+    inner: S,
+}
+
+impl<S, R, T> Service<Call<R>> for Retry<S>
+where
+    S: Service<Attempt<R>, Response = Tried<Placed<T>>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send,
+    R: Send + 'static,
+    T: Reply,
+{
+    type Response = Finished<Placed<T>>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Finished<Placed<T>>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call<R>) -> Self::Future {
+        let state = self.state.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move { state.run(inner, call).await })
     }
 }
 
@@ -716,29 +740,87 @@ pub fn mark_final(headers: &mut HeaderMap) {
 
 #[cfg(test)]
 mod loop_tests {
+    //! The retry loop inside the whole outbound stack, over an exchange that answers what each
+    //! test says: the gate, the breaker and the places are the real ones.
     use super::*;
-    use std::sync::{
-        atomic::{AtomicU32, Ordering},
-        Arc,
-    };
-    use tokio::time::Instant;
+    use crate::outbound::{self, Kind, Parts};
+    use std::sync::atomic::{AtomicU32, Ordering};
 
-    fn policy(r: &Retrier, deadline: Instant, retryable: bool) -> Policy<'static> {
-        Policy {
-            tokens: 1,
-            deadline,
-            retryable,
-            max_attempts: Some(r.max_attempts()),
-            callers: 1,
-            current_deadline: None,
+    impl Reply for u16 {
+        fn error(_: ProxyError) -> u16 {
+            0
         }
     }
 
-    fn retrier(tweak: impl FnOnce(&mut crate::config::Config)) -> Retrier {
+    fn stack(tweak: impl FnOnce(&mut crate::config::Config)) -> Parts {
         let mut c = crate::config::Config::default();
         c.retry.base_backoff = Duration::from_millis(100);
         tweak(&mut c);
-        Retrier::new(&c, Arc::new(crate::metrics::Metrics::new()))
+        Parts::new(&c, Arc::new(Metrics::new()))
+    }
+
+    /// What the tests vary of a call.
+    struct Policy {
+        deadline: Instant,
+        retryable: bool,
+        max_attempts: Option<u32>,
+        callers: u32,
+    }
+
+    fn policy(p: &Parts, deadline: Instant, retryable: bool) -> Policy {
+        Policy {
+            deadline,
+            retryable,
+            max_attempts: Some(p.retry.max_attempts()),
+            callers: 1,
+        }
+    }
+
+    const KEY: crate::rate_gate::CredentialId = [7; 32];
+
+    /// One call down the stack; attempt `n` is answered `answer(n)`.
+    async fn run(
+        parts: &Parts,
+        policy: Policy,
+        answer: impl Fn(u32) -> Tried<u16> + Send + Sync + 'static,
+    ) -> Result<Finished<u16>, ProxyError> {
+        let answer = Arc::new(answer);
+        let exchange = tower::service_fn(move |a: Attempt<u32>| {
+            let tried = answer(a.request);
+            async move { Ok::<_, ProxyError>(tried) }
+        });
+        let stack = outbound::build(exchange, parts);
+        let deadline = policy.deadline;
+        let attempts = move |n| {
+            Some(Attempt {
+                request: n,
+                kind: Kind::PassThrough { idempotent: true },
+                route: crate::metrics::Route::Other,
+                credential: KEY,
+                tokens: 1,
+                deadline,
+                answer_by: None,
+                live: None,
+                places: None,
+            })
+        };
+        let f = outbound::send(
+            &stack,
+            Call {
+                attempts: Box::new(attempts),
+                deadline,
+                retryable: policy.retryable,
+                max_attempts: policy.max_attempts,
+                callers: policy.callers,
+                live: None,
+            },
+        )
+        .await?;
+        Ok(Finished {
+            value: f.value.value,
+            attempts: f.attempts,
+            gave_up: f.gave_up,
+        })
     }
 
     fn reply(status: u16, headers: &[(&'static str, &'static str)]) -> Tried<u16> {
@@ -749,29 +831,30 @@ mod loop_tests {
         Tried::reply(status, StatusCode::from_u16(status).unwrap(), &h)
     }
 
-    const KEY: crate::rate_gate::CredentialId = [7; 32];
+    fn counted(
+        calls: &Arc<AtomicU32>,
+        answer: impl Fn(u32) -> Tried<u16> + Send + Sync + 'static,
+    ) -> impl Fn(u32) -> Tried<u16> + Send + Sync + 'static {
+        let calls = calls.clone();
+        move |n| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            answer(n)
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn transient_failures_are_retried_until_success() {
-        let r = retrier(|_| {});
+        let p = stack(|_| {});
         let far = Instant::now() + Duration::from_secs(60);
-        let calls = AtomicU32::new(0);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |n| {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    async move {
-                        if n < 3 {
-                            reply(503, &[])
-                        } else {
-                            reply(200, &[])
-                        }
-                    }
-                },
-                |v| v,
-            )
+        let calls = Arc::new(AtomicU32::new(0));
+        let answer = |n| {
+            if n < 3 {
+                reply(503, &[])
+            } else {
+                reply(200, &[])
+            }
+        };
+        let done = run(&p, policy(&p, far, true), counted(&calls, answer))
             .await
             .unwrap();
         assert_eq!(done.value, 200);
@@ -781,26 +864,14 @@ mod loop_tests {
 
     #[tokio::test(start_paused = true)]
     async fn attempts_are_capped_and_the_last_failure_is_final() {
-        let r = retrier(|c| c.breaker.enabled = false);
+        let p = stack(|c| c.breaker.enabled = false);
         let far = Instant::now() + Duration::from_secs(60);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |_| async { reply(502, &[]) },
-                |v| v,
-            )
+        let done = run(&p, policy(&p, far, true), |_| reply(502, &[]))
             .await
             .unwrap();
         assert_eq!(done.value, 502);
         assert!(done.gave_up);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |_| async { reply(400, &[]) },
-                |v| v,
-            )
+        let done = run(&p, policy(&p, far, true), |_| reply(400, &[]))
             .await
             .unwrap();
         assert!(!done.gave_up, "a 400 is an answer, not a failure to retry");
@@ -808,41 +879,35 @@ mod loop_tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_servers_delay_is_honoured_and_shuts_the_gate() {
-        let r = retrier(|_| {});
+        let p = stack(|_| {});
         let far = Instant::now() + Duration::from_secs(60);
         let start = Instant::now();
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |n| async move {
-                    if n == 1 {
-                        reply(429, &[("retry-after", "2")])
-                    } else {
-                        reply(200, &[])
-                    }
-                },
-                |v| v,
-            )
-            .await
-            .unwrap();
+        let answer = |n| {
+            if n == 1 {
+                reply(429, &[("retry-after", "2")])
+            } else {
+                reply(200, &[])
+            }
+        };
+        let done = run(&p, policy(&p, far, true), answer).await.unwrap();
         assert_eq!(done.value, 200);
         assert_eq!(Instant::now() - start, Duration::from_secs(2));
+        assert!(p.gates.shut_until(&KEY).is_none(), "open again by now");
+        assert!(
+            !p.gates.wide_open(),
+            "the upstream's word shut it meanwhile"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn no_retry_is_started_that_would_end_past_the_deadline() {
-        let r = retrier(|_| {});
+        let p = stack(|_| {});
         let soon = Instant::now() + Duration::from_secs(1);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, soon, true),
-                |_| async { reply(503, &[("retry-after", "5")]) },
-                |v| v,
-            )
-            .await
-            .unwrap();
+        let done = run(&p, policy(&p, soon, true), |_| {
+            reply(503, &[("retry-after", "5")])
+        })
+        .await
+        .unwrap();
         assert!(
             !done.gave_up,
             "nothing was retried: the client keeps its own retry"
@@ -853,20 +918,15 @@ mod loop_tests {
     /// Up to 5 attempts against an upstream that answers 503 every time, with a breaker that
     /// opens once `min_calls` calls have all failed.
     async fn always_503_with_breaker_after(min_calls: u32) -> Finished<u16> {
-        let r = retrier(|c| {
+        let p = stack(|c| {
             c.breaker.min_calls = min_calls;
             c.breaker.failure_rate = 1.0;
             c.retry.max_attempts = 5;
         });
         let far = Instant::now() + Duration::from_secs(60);
-        r.run(
-            || KEY,
-            policy(&r, far, true),
-            |_| async { reply(503, &[]) },
-            |v| v,
-        )
-        .await
-        .expect("the upstream's own answer, not the breaker's")
+        run(&p, policy(&p, far, true), |_| reply(503, &[]))
+            .await
+            .expect("the upstream's own answer, not the breaker's")
     }
 
     #[tokio::test(start_paused = true)]
@@ -889,24 +949,15 @@ mod loop_tests {
 
     #[tokio::test(start_paused = true)]
     async fn without_an_attempt_cap_a_call_is_retried_until_its_deadline() {
-        let r = retrier(|c| c.breaker.enabled = false);
+        let p = stack(|c| c.breaker.enabled = false);
         let deadline = Instant::now() + Duration::from_secs(30);
-        let calls = AtomicU32::new(0);
-        let p = Policy {
+        let calls = Arc::new(AtomicU32::new(0));
+        let call = Policy {
             max_attempts: None,
             callers: 50,
-            ..policy(&r, deadline, true)
+            ..policy(&p, deadline, true)
         };
-        let done = r
-            .run(
-                || KEY,
-                p,
-                |_| {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    async { reply(503, &[]) }
-                },
-                |v| v,
-            )
+        let done = run(&p, call, counted(&calls, |_| reply(503, &[])))
             .await
             .unwrap();
         assert!(done.gave_up);
@@ -917,28 +968,23 @@ mod loop_tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_cannot_be_resent_gets_one_attempt() {
-        let r = retrier(|_| {});
+        let p = stack(|_| {});
         let far = Instant::now() + Duration::from_secs(60);
-        let calls = AtomicU32::new(0);
-        let done = r
-            .run(
-                || KEY,
-                policy(&r, far, false),
-                |_| {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    async { reply(503, &[]) }
-                },
-                |v| v,
-            )
-            .await
-            .unwrap();
+        let calls = Arc::new(AtomicU32::new(0));
+        let done = run(
+            &p,
+            policy(&p, far, false),
+            counted(&calls, |_| reply(503, &[])),
+        )
+        .await
+        .unwrap();
         assert!(!done.gave_up, "the caller may still retry it");
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failing_upstream_exhausts_the_budget_and_opens_the_breaker() {
-        let r = retrier(|c| {
+        let p = stack(|c| {
             c.retry.budget_min_per_second = 1;
             c.retry.budget_ratio = 0.0;
             c.retry.max_attempts = 10;
@@ -947,16 +993,12 @@ mod loop_tests {
             c.breaker.enabled = false;
         });
         let far = Instant::now() + Duration::from_secs(600);
-        let calls = AtomicU32::new(0);
+        let calls = Arc::new(AtomicU32::new(0));
         for _ in 0..5 {
-            r.run(
-                || KEY,
-                policy(&r, far, true),
-                |_| {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    async { reply(500, &[]) }
-                },
-                |v| v,
+            run(
+                &p,
+                policy(&p, far, true),
+                counted(&calls, |_| reply(500, &[])),
             )
             .await
             .unwrap();
@@ -966,31 +1008,63 @@ mod loop_tests {
         let n = calls.load(Ordering::SeqCst);
         assert!((6..=16).contains(&n), "{n} attempts");
 
-        let r = retrier(|c| {
+        let p = stack(|c| {
             c.breaker.min_calls = 3;
             c.breaker.failure_rate = 1.0;
             c.retry.max_attempts = 1;
         });
         for _ in 0..3 {
-            r.run(
-                || KEY,
-                policy(&r, far, true),
-                |_| async { reply(500, &[]) },
-                |v| v,
-            )
-            .await
-            .unwrap();
+            run(&p, policy(&p, far, true), |_| reply(500, &[]))
+                .await
+                .unwrap();
         }
-        let refused = r
-            .run(
-                || KEY,
-                policy(&r, far, true),
-                |_| async { reply(200, &[]) },
-                |v| v,
-            )
+        let refused = run(&p, policy(&p, far, true), |_| reply(200, &[]))
             .await
             .err()
             .expect("the breaker is open");
         assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_past_the_upstreams_own_time_is_cut_and_retried() {
+        let p = stack(|c| c.upstream.first_byte_timeout = Duration::from_secs(5));
+        let far = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let answer = |n: u32| async move {
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            reply(200, &[])
+        };
+        let exchange = tower::service_fn(move |a: Attempt<u32>| async move {
+            Ok::<_, ProxyError>(answer(a.request).await)
+        });
+        let stack = outbound::build(exchange, &p);
+        let attempts = move |n| {
+            Some(Attempt {
+                request: n,
+                kind: Kind::PassThrough { idempotent: true },
+                route: crate::metrics::Route::Other,
+                credential: KEY,
+                tokens: 1,
+                deadline: far,
+                answer_by: None,
+                live: None,
+                places: None,
+            })
+        };
+        let call = Call {
+            attempts: Box::new(attempts),
+            deadline: far,
+            retryable: true,
+            max_attempts: Some(3),
+            callers: 1,
+            live: None,
+        };
+        let done = outbound::send(&stack, call).await.unwrap();
+        assert_eq!(done.value.value, 200);
+        assert_eq!(done.attempts, 2);
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        assert!(started.elapsed() < Duration::from_secs(7));
     }
 }

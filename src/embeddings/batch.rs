@@ -37,15 +37,16 @@ use super::{
     tokens::{apportion, Tokenizer},
 };
 use crate::{
-    adaptive_limit::{AdaptiveLimit, Place, Signal},
+    adaptive_limit::Signal,
     body::{self, IdleTimeout, Limited, ProxyBody},
     config::UpstreamEncoding,
     errors::ProxyError,
-    limits::{ConcurrencyLimit, Slot},
+    limits::{Capacity, Places},
     metrics::{Metrics, Route, TokenSource},
+    outbound::{self, Attempt, Call, Kind, LiveDeadline, Outbound, Reply},
     proxy::{error_chain, strip_hop_by_hop},
-    rate_gate::CredentialId,
-    retry::{mark_final, Health, Policy, Retrier, RetryReason, Tried, Verdict},
+    rate_gate::{CredentialId, RateGates},
+    retry::{mark_final, RetryReason, Tried, Verdict},
     upstream::Upstream,
 };
 
@@ -255,17 +256,18 @@ pub struct BatchSettings {
     pub max_tokens: u64,
     pub linger: Duration,
     pub upstream_encoding: UpstreamEncoding,
-    pub first_byte_timeout: Duration,
     pub body_idle_timeout: Duration,
 }
 
 struct Ctx {
     upstream: Arc<Upstream>,
-    retrier: Arc<Retrier>,
-    /// The ceiling shared with pass-through traffic.
-    limit: ConcurrencyLimit,
-    /// The learnt limit on embeddings calls (`limits.adaptive_concurrency`).
-    adaptive: Option<AdaptiveLimit>,
+    /// Every upstream call goes down this stack (retries, gate, breaker, places, timeout).
+    outbound: Outbound<Exchange>,
+    /// The credentials' rate gates, also consulted before queueing: a gate the upstream shut
+    /// holds a whole lane.
+    gates: Arc<RateGates>,
+    /// The learnt limit and the ceiling: a dispatcher takes its places before it takes a batch.
+    capacity: Arc<Capacity>,
     /// Inputs queued across all lanes: reserved before they are queued and released when they
     /// leave the queue however they leave, so admission never reads a stale or leaked count.
     queued: AtomicUsize,
@@ -280,6 +282,7 @@ pub struct Batcher {
 }
 
 /// One input of a batch on its way upstream.
+#[derive(Clone)]
 struct Item {
     hash: u128,
     input: Arc<Input>,
@@ -291,19 +294,22 @@ struct Item {
 impl Batcher {
     pub fn new(
         upstream: Arc<Upstream>,
-        retrier: Arc<Retrier>,
-        limit: ConcurrencyLimit,
-        adaptive: Option<AdaptiveLimit>,
+        outbound: &outbound::Parts,
         metrics: Arc<Metrics>,
         cache: Arc<VectorCache>,
         settings: BatchSettings,
     ) -> Self {
+        let exchange = Exchange {
+            upstream: upstream.clone(),
+            metrics: metrics.clone(),
+            body_idle_timeout: settings.body_idle_timeout,
+        };
         Batcher {
             ctx: Arc::new(Ctx {
+                outbound: outbound::build(exchange, outbound),
+                gates: outbound.gates.clone(),
+                capacity: outbound.capacity.clone(),
                 upstream,
-                retrier,
-                limit,
-                adaptive,
                 queued: AtomicUsize::new(0),
                 metrics,
                 cache,
@@ -326,7 +332,7 @@ impl Batcher {
         misses: Vec<Miss>,
         deadline: Instant,
     ) -> Result<Vec<Ticket>, ProxyError> {
-        if let Some(until) = self.ctx.retrier.gates.shut_until(key.credential()) {
+        if let Some(until) = self.ctx.gates.shut_until(key.credential()) {
             if until > deadline {
                 self.ctx.metrics.gate_rejections.inc();
                 return Err(ProxyError::RateLimited {
@@ -448,41 +454,6 @@ impl Ctx {
             self.metrics.embeddings_queue_depth.sub(n as i64);
         }
     }
-
-    /// A place for one upstream call: the learnt limit's (engine calls only), then a slot under
-    /// the ceiling shared with pass-through traffic.
-    async fn places(&self) -> Places {
-        let place = match &self.adaptive {
-            Some(a) => Some(a.acquire().await),
-            None => None,
-        };
-        Places {
-            slot: self.limit.acquire_unbounded().await,
-            place,
-        }
-    }
-}
-
-/// What an upstream call holds while it is in flight.
-struct Places {
-    slot: Slot,
-    place: Option<Place>,
-}
-
-impl Places {
-    fn sent(&mut self) {
-        if let Some(p) = &mut self.place {
-            p.sent();
-        }
-    }
-
-    /// Frees both, telling the learnt limit what the call showed.
-    fn finish(self, signal: Signal, tokens: u64) {
-        if let Some(p) = self.place {
-            p.finish(signal, tokens);
-        }
-        drop(self.slot);
-    }
 }
 
 /// A poisoned lock means a panic elsewhere already failed some request; the state itself is
@@ -509,13 +480,17 @@ async fn dispatch(ctx: Arc<Ctx>, key: BatchKey, kind: InputKind, lane: Arc<Lane>
         }
         // A gate the upstream shut holds the whole lane before it takes a slot; callers who
         // cannot wait that long are told at once.
-        if let Some(until) = ctx.retrier.gates.shut_until(&lane.template.credential) {
+        if let Some(until) = ctx.gates.shut_until(&lane.template.credential) {
             refuse_hopeless(&ctx, &lane, until);
             tokio::time::sleep_until(until).await;
             continue;
         }
-        let places = ctx.places().await;
-        let last_place = ctx.adaptive.as_ref().and_then(|a| a.last_place_gather());
+        let places = ctx.capacity.engine_places().await;
+        let last_place = ctx
+            .capacity
+            .learnt
+            .as_ref()
+            .and_then(|a| a.last_place_gather());
         if let Some(gather) = last_place {
             // The last free place: a caller arriving after it leaves waits a whole upstream
             // round trip for the next one, so the tail of a burst is gathered into it first (a
@@ -782,8 +757,8 @@ type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// until the offending inputs stand alone, within `budget` extra calls. Parts left when the
 /// budget runs out get the refusal.
 fn call_isolating<'a>(
-    ctx: &'a Ctx,
-    lane: &'a Lane,
+    ctx: &'a Arc<Ctx>,
+    lane: &'a Arc<Lane>,
     items: &'a [Item],
     budget: &'a mut usize,
     held: &'a mut Option<Places>,
@@ -820,6 +795,16 @@ struct UpstreamBody<'a> {
 /// waited for any more were not sent, and their outcome reaches no one).
 type CallResult = Result<Vec<Outcome>, Arc<Failure>>;
 
+impl Reply for CallResult {
+    fn error(e: ProxyError) -> Self {
+        Err(Arc::new(Failure::from_error(e)))
+    }
+
+    fn abandoned(_: ProxyError) -> Self {
+        Err(gone())
+    }
+}
+
 /// One upstream call for `items`, retried for every caller it carries: while any of them still
 /// has time for another attempt (the farthest deadline, not the nearest) and the retry budget,
 /// weighed by those callers, allows. Callers who run out of time leave on their own, and an
@@ -829,54 +814,64 @@ type CallResult = Result<Vec<Outcome>, Arc<Failure>>;
 /// The first attempt uses `held` (the dispatcher's places); an attempt lets its places go
 /// before a retry's wait and the next one takes fresh ones, so a backoff holds back no one.
 async fn call_once(
-    ctx: &Ctx,
-    lane: &Lane,
+    ctx: &Arc<Ctx>,
+    lane: &Arc<Lane>,
     items: &[Item],
     held: &mut Option<Places>,
 ) -> CallResult {
+    let items: Arc<[Item]> = items.into();
     let latest = items
         .iter()
         .map(|i| i.latest)
         .max()
         .unwrap_or_else(Instant::now);
-    let tokens = items.iter().map(|i| i.size).sum();
-    let callers = live(lane, items).callers.len();
-    let current_deadline = || live(lane, items).latest;
+    let callers = live(lane, &items).callers.len();
+    let live_deadline: LiveDeadline = {
+        let (lane, items) = (lane.clone(), items.clone());
+        Arc::new(move || live(&lane, &items).latest)
+    };
     // A call that may wait at its credential's rate gate does not hold its places there (other
     // tenants would wait behind one tenant's quota): its first attempt takes them after the gate.
-    if !ctx.retrier.gates.wide_open() {
+    if !ctx.gates.wide_open() {
         if let Some(p) = held.take() {
             p.finish(Signal::Ignore, 0);
         }
     }
-    let finished = ctx
-        .retrier
-        .run(
-            || lane.template.credential,
-            Policy {
+    let mut first = held.take();
+    let attempts = {
+        let (ctx, lane, live_deadline) = (ctx.clone(), lane.clone(), live_deadline.clone());
+        move |_| {
+            let live = live(&lane, &items);
+            let latest = live.latest?;
+            let tokens = live.items.iter().map(|&i| items[i].size).sum();
+            Some(Attempt {
+                request: upstream_request(&ctx, &lane, &items, &live),
+                kind: Kind::Engine,
+                route: Route::Embeddings,
+                credential: lane.template.credential,
                 tokens,
                 deadline: latest,
-                retryable: true,
-                max_attempts: None,
-                callers: u32::try_from(callers).unwrap_or(u32::MAX),
-                current_deadline: Some(&current_deadline),
-            },
-            |_| {
-                let first = held.take();
-                async move {
-                    let places = match first {
-                        Some(p) => p,
-                        None => ctx.places().await,
-                    };
-                    attempt(ctx, lane, items, places).await
-                }
-            },
-            |value| value,
-        )
-        .await;
+                answer_by: Some(latest),
+                live: Some(live_deadline.clone()),
+                places: first.take(),
+            })
+        }
+    };
+    let finished = outbound::send(
+        &ctx.outbound,
+        Call {
+            attempts: Box::new(attempts),
+            deadline: latest,
+            retryable: true,
+            max_attempts: None,
+            callers: u32::try_from(callers).unwrap_or(u32::MAX),
+            live: Some(live_deadline),
+        },
+    )
+    .await;
     match finished {
         Err(refused) => Err(Arc::new(Failure::from_error(refused))),
-        Ok(f) => match f.value {
+        Ok(f) => match f.value.value {
             Err(failure) if f.gave_up && ctx.settings.should_retry_header => {
                 let mut headers = failure.headers.clone();
                 mark_final(&mut headers);
@@ -928,25 +923,84 @@ fn live(lane: &Lane, items: &[Item]) -> Live {
     out
 }
 
-/// An attempt ends without waiting for the upstream any longer than this many times what an
-/// unqueued call of its size takes (the learnt baseline), so that a call lost in a hung upstream
-/// is retried while its callers still have time, instead of holding them to their deadline.
-const ATTEMPT_TIMEOUT_FACTOR: u32 = 10;
-/// ...and never sooner than this: a healthy upstream's slow moment is not a hang.
-const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// An engine attempt's request, and what its reply is read against.
+struct EngineRequest {
+    /// The request, unless it could not be written (a failure inside embedcar).
+    request: Result<Request<ProxyBody>, ProxyError>,
+    /// Positions, in the call's items, of the inputs sent.
+    positions: Vec<usize>,
+    /// Their sizes (exact token counts, or estimates the upstream's usage is apportioned by).
+    sizes: Vec<u64>,
+    /// How many items the call has (the outcomes are one per item).
+    items: usize,
+    /// Whether `sizes` are exact token counts.
+    exact: bool,
+}
 
-/// One attempt of an upstream call with the places it holds, which it frees (telling the learnt
-/// limit what it saw) before it returns.
-async fn attempt(ctx: &Ctx, lane: &Lane, items: &[Item], mut places: Places) -> Tried<CallResult> {
-    let live = live(lane, items);
-    let Some(latest) = live.latest else {
-        places.finish(Signal::Ignore, 0);
-        return Tried::abandoned(Err(gone()));
-    };
-    let tokens: u64 = live.items.iter().map(|&i| items[i].size).sum();
-    let (tried, signal) = exchange(ctx, lane, items, &live, latest, tokens, &mut places).await;
-    places.finish(signal, tokens);
-    tried
+/// The request for the inputs someone still waits for.
+fn upstream_request(ctx: &Ctx, lane: &Lane, items: &[Item], live: &Live) -> EngineRequest {
+    let request = (|| {
+        let body = UpstreamBody {
+            input: live.items.iter().map(|&i| &*items[i].input).collect(),
+            model: lane.template.model.as_deref(),
+            encoding_format: match ctx.settings.upstream_encoding {
+                UpstreamEncoding::Base64 => "base64",
+                UpstreamEncoding::Float => "float",
+            },
+            dimensions: lane.template.dimensions,
+            user: lane.template.user.as_deref(),
+        };
+        let body = serde_json::to_vec(&body)
+            .map_err(|e| ProxyError::Internal(format!("cannot write the request: {e}")))?;
+        let uri = match &lane.request.uri {
+            Ok(u) => u.clone(),
+            Err(e) => return Err(ProxyError::Internal(format!("bad upstream URI: {e}"))),
+        };
+        let mut request = Request::new(body::full(body));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        *headers = lane.request.headers.clone();
+        if let Some(credential) = &ctx.upstream.credential {
+            credential.apply(headers);
+        }
+        match live.callers.as_slice() {
+            // One caller's call is that caller's request: its own ids and trace context go along.
+            [one] => {
+                for (name, value) in &one.own_headers {
+                    headers.append(name, value.clone());
+                }
+            }
+            // A merged call belongs to no single caller: it gets an id of its own, logged with
+            // the ids of the callers it serves, and no caller's per-request headers.
+            several => {
+                let id = format!("embedcar-{}", uuid::Uuid::new_v4().simple());
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    let callers: Vec<&str> = several.iter().map(|c| c.request_id()).collect();
+                    tracing::debug!(
+                        upstream_request_id = %id,
+                        callers = ?callers,
+                        inputs = live.items.len(),
+                        "merged upstream call"
+                    );
+                }
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    headers.insert(REQUEST_ID, v);
+                }
+            }
+        }
+        Ok(request)
+    })();
+    ctx.metrics
+        .embeddings_batch_inputs
+        .observe(live.items.len() as f64);
+    EngineRequest {
+        request,
+        positions: live.items.clone(),
+        sizes: live.items.iter().map(|&i| items[i].size).collect(),
+        items: items.len(),
+        exact: matches!(lane.template.tokenizer, Tokenizer::Exact(_)),
+    }
 }
 
 /// The failure for inputs whose every caller left before the upstream answered: nobody receives
@@ -967,260 +1021,135 @@ fn is_gone(outcome: &Outcome) -> bool {
     matches!(outcome, Err(f) if Arc::ptr_eq(f, &gone()))
 }
 
-/// The adaptive limit's view of an upstream reply. A 429 that reports a credential's budget
-/// (`x-ratelimit-remaining-*`) is about that tenant's quota, which its rate gate deals with,
-/// not about the upstream's capacity: it must not shrink the limit every tenant shares. A 429
-/// without one (text-embeddings-inference's "Model is overloaded") is about capacity.
-fn signal_of(status: StatusCode, headers: &HeaderMap) -> Signal {
-    match status.as_u16() {
-        200..=299 => Signal::Answered,
-        429 if headers.contains_key(REMAINING_REQUESTS)
-            || headers.contains_key(REMAINING_TOKENS) =>
-        {
-            Signal::Ignore
-        }
-        429 | 503 | 504 => Signal::Overloaded,
-        _ => Signal::Ignore,
+/// The bottom of the engine's outbound stack: one exchange with the pooled client, the reply
+/// read whole and decoded. A reply cut short or garbled is a failed attempt, worth another.
+#[derive(Clone)]
+struct Exchange {
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    body_idle_timeout: Duration,
+}
+
+impl tower::Service<Attempt<EngineRequest>> for Exchange {
+    type Response = Tried<CallResult>;
+    type Error = ProxyError;
+    type Future = outbound::BoxFuture<Result<Tried<CallResult>, ProxyError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ProxyError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: Attempt<EngineRequest>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { Ok(this.exchange(attempt.request).await) })
     }
 }
 
-const REMAINING_REQUESTS: http::HeaderName =
-    http::HeaderName::from_static("x-ratelimit-remaining-requests");
-const REMAINING_TOKENS: http::HeaderName =
-    http::HeaderName::from_static("x-ratelimit-remaining-tokens");
-
-async fn exchange(
-    ctx: &Ctx,
-    lane: &Lane,
-    items: &[Item],
-    live: &Live,
-    latest: Instant,
-    tokens: u64,
-    places: &mut Places,
-) -> (Tried<CallResult>, Signal) {
-    let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
-    let internal = |e: ProxyError| Tried {
-        value: Err(fail(e)),
-        verdict: Verdict::Final,
-        health: Health::Neutral,
-        rate_limit: None,
-    };
-    let body = UpstreamBody {
-        input: live.items.iter().map(|&i| &*items[i].input).collect(),
-        model: lane.template.model.as_deref(),
-        encoding_format: match ctx.settings.upstream_encoding {
-            UpstreamEncoding::Base64 => "base64",
-            UpstreamEncoding::Float => "float",
-        },
-        dimensions: lane.template.dimensions,
-        user: lane.template.user.as_deref(),
-    };
-    let body = match serde_json::to_vec(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            let e = ProxyError::Internal(format!("cannot write the request: {e}"));
-            return (internal(e), Signal::Ignore);
-        }
-    };
-    let uri = match &lane.request.uri {
-        Ok(u) => u.clone(),
-        Err(e) => {
-            let e = ProxyError::Internal(format!("bad upstream URI: {e}"));
-            return (internal(e), Signal::Ignore);
-        }
-    };
-    let mut request = Request::new(body::full(body));
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = uri;
-    let headers = request.headers_mut();
-    *headers = lane.request.headers.clone();
-    if let Some(credential) = &ctx.upstream.credential {
-        credential.apply(headers);
-    }
-    match live.callers.as_slice() {
-        // One caller's call is that caller's request: its own ids and trace context go along.
-        [one] => {
-            for (name, value) in &one.own_headers {
-                headers.append(name, value.clone());
+impl Exchange {
+    async fn exchange(&self, call: EngineRequest) -> Tried<CallResult> {
+        let fail = |e: ProxyError| Arc::new(Failure::from_error(e));
+        let request = match call.request {
+            Ok(r) => r,
+            Err(e) => return Tried::refused(Err(fail(e))),
+        };
+        let started = Instant::now();
+        let response = match self.upstream.client.request(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = RetryReason::of_send_error(&e);
+                self.metrics
+                    .observe_upstream(Route::Embeddings, reason.label(), started.elapsed());
+                let error = ProxyError::UpstreamUnreachable(error_chain(&e));
+                return Tried::broken(Err(fail(error)), reason);
             }
-        }
-        // A merged call belongs to no single caller: it gets an id of its own, logged with the
-        // ids of the callers it serves, and no caller's per-request headers.
-        several => {
-            let id = format!("embedcar-{}", uuid::Uuid::new_v4().simple());
-            if tracing::enabled!(tracing::Level::DEBUG) {
-                let callers: Vec<&str> = several.iter().map(|c| c.request_id()).collect();
-                tracing::debug!(
-                    upstream_request_id = %id,
-                    callers = ?callers,
-                    inputs = live.items.len(),
-                    "merged upstream call"
-                );
-            }
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                headers.insert(REQUEST_ID, v);
-            }
-        }
-    }
-
-    ctx.metrics
-        .embeddings_batch_inputs
-        .observe(live.items.len() as f64);
-    let started = Instant::now();
-    let upstream_wait = match ctx
-        .adaptive
-        .as_ref()
-        .and_then(|a| a.expected_within_seen(tokens))
-    {
-        Some(expected) => (expected * ATTEMPT_TIMEOUT_FACTOR)
-            .max(MIN_ATTEMPT_TIMEOUT)
-            .min(ctx.settings.first_byte_timeout),
-        None => ctx.settings.first_byte_timeout,
-    };
-    let upstream_deadline = started + upstream_wait;
-    // Nobody left with time (the wait at the gate or for a place took it): nothing is sent. A
-    // timer already due would still let the request go out on its first poll.
-    if latest <= started {
-        return (Tried::abandoned(Err(gone())), Signal::Ignore);
-    }
-    places.sent();
-    let send = ctx.upstream.client.request(request);
-    tokio::pin!(send);
-    // Waits for the reply until the upstream's own time is up, or no caller is left with time:
-    // when the callers' deadline comes, a caller who joined meanwhile may have more.
-    let mut callers_deadline = latest;
-    let sent = loop {
-        let until = upstream_deadline.min(callers_deadline);
-        match tokio::time::timeout_at(until, &mut send).await {
-            Ok(result) => break Ok(result),
-            Err(_) if until == upstream_deadline => break Err(true),
-            Err(_) => match self::live(lane, items).latest {
-                Some(later) if later > callers_deadline && later < upstream_deadline => {
-                    callers_deadline = later;
-                }
-                Some(later) if later > callers_deadline => callers_deadline = upstream_deadline,
-                _ => break Err(false),
-            },
-        }
-    };
-    let response = match sent {
-        // Every caller's deadline came first: slow is not broken. Nothing to retry, and the
-        // breaker hears nothing; the adaptive limit learns the call took at least this long.
-        Err(false) => {
-            ctx.metrics
-                .observe_upstream(Route::Embeddings, "abandoned", started.elapsed());
-            return (Tried::abandoned(Err(gone())), Signal::Abandoned);
-        }
-        Err(true) => {
-            ctx.metrics
-                .observe_upstream(Route::Embeddings, "timeout", started.elapsed());
-            let tried = Tried::broken(
-                Err(fail(ProxyError::UpstreamTimeout(upstream_wait))),
-                RetryReason::Timeout,
-            );
-            return (tried, Signal::Overloaded);
-        }
-        Ok(Err(e)) => {
-            let reason = RetryReason::of_send_error(&e);
-            ctx.metrics
-                .observe_upstream(Route::Embeddings, reason.label(), started.elapsed());
-            let tried = Tried::broken(
-                Err(fail(ProxyError::UpstreamUnreachable(error_chain(&e)))),
-                reason,
-            );
-            return (tried, Signal::Ignore);
-        }
-        Ok(Ok(r)) => r,
-    };
-    ctx.metrics
-        .observe_upstream_status(Route::Embeddings, response.status(), started.elapsed());
-    let (mut parts, incoming) = response.into_parts();
-    let bytes = match Limited::new(
-        IdleTimeout::new(incoming, ctx.settings.body_idle_timeout),
-        MAX_REPLY_BYTES,
-    )
-    .collect()
-    .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            let cause = format!("the reply body failed: {}", error_chain(&*e));
-            // A 200 cut short is an unusable reply; an error reply cut short, a broken link.
-            let error = if parts.status.is_success() {
-                ProxyError::UpstreamInvalidReply(cause)
-            } else {
-                ProxyError::UpstreamUnreachable(cause)
-            };
-            return (
-                Tried::broken(Err(fail(error)), RetryReason::Io),
-                Signal::Ignore,
-            );
-        }
-    };
-
-    if !parts.status.is_success() {
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let status = parts.status;
-        let headers = parts.headers.clone();
-        // OpenAI answers a spent quota (billing) with 429 too; no wait makes it pass.
-        let quota_spent = status == StatusCode::TOO_MANY_REQUESTS
-            && bytes.windows(18).any(|w| w == b"insufficient_quota");
-        let mut tried = Tried::reply(
-            Err(Arc::new(Failure {
-                status,
-                headers: parts.headers,
-                body: bytes,
-            })),
-            status,
-            &headers,
+        };
+        self.metrics.observe_upstream_status(
+            Route::Embeddings,
+            response.status(),
+            started.elapsed(),
         );
-        if quota_spent {
-            tried.verdict = Verdict::Final;
-            return (tried, Signal::Ignore);
-        }
-        let signal = signal_of(status, &headers);
-        return (tried, signal);
-    }
-    let reply = match render::parse_reply(&bytes, live.items.len()) {
-        Ok(r) => r,
-        // A 200 whose body is cut or garbled: the exchange broke, another attempt may not.
-        Err(e) => {
-            let tried = Tried::broken(
-                Err(fail(ProxyError::UpstreamInvalidReply(e))),
-                RetryReason::Io,
+        let (mut parts, incoming) = response.into_parts();
+        let bytes = match Limited::new(
+            IdleTimeout::new(incoming, self.body_idle_timeout),
+            MAX_REPLY_BYTES,
+        )
+        .collect()
+        .await
+        {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let cause = format!("the reply body failed: {}", error_chain(&*e));
+                // A 200 cut short is an unusable reply; an error reply cut short, a broken link.
+                let error = if parts.status.is_success() {
+                    ProxyError::UpstreamInvalidReply(cause)
+                } else {
+                    ProxyError::UpstreamUnreachable(cause)
+                };
+                return Tried::broken(Err(fail(error)), RetryReason::Io);
+            }
+        };
+
+        if !parts.status.is_success() {
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(header::CONTENT_LENGTH);
+            let status = parts.status;
+            let headers = parts.headers.clone();
+            // OpenAI answers a spent quota (billing) with 429 too; no wait makes it pass, and it
+            // says nothing of the upstream's load.
+            let quota_spent = status == StatusCode::TOO_MANY_REQUESTS
+                && bytes.windows(18).any(|w| w == b"insufficient_quota");
+            let mut tried = Tried::reply(
+                Err(Arc::new(Failure {
+                    status,
+                    headers: parts.headers,
+                    body: bytes,
+                })),
+                status,
+                &headers,
             );
-            return (tried, Signal::Ignore);
+            if quota_spent {
+                tried.verdict = Verdict::Final;
+                tried.signal = Signal::Ignore;
+            }
+            return tried;
         }
-    };
-    let render::ParsedReply {
-        vectors,
-        model,
-        prompt_tokens: reported,
-    } = reply;
-    let sizes: Vec<u64> = live.items.iter().map(|&i| items[i].size).collect();
-    let tokens: Vec<u64> = match lane.template.tokenizer {
-        Tokenizer::Exact(_) => sizes,
-        Tokenizer::Unknown => {
-            let total = reported.unwrap_or_else(|| sizes.iter().sum());
-            apportion(total, &sizes)
+        let reply = match render::parse_reply(&bytes, call.positions.len()) {
+            Ok(r) => r,
+            // A 200 whose body is cut or garbled: the exchange broke, another attempt may not.
+            Err(e) => {
+                return Tried::broken(
+                    Err(fail(ProxyError::UpstreamInvalidReply(e))),
+                    RetryReason::Io,
+                )
+            }
+        };
+        let render::ParsedReply {
+            vectors,
+            model,
+            prompt_tokens: reported,
+        } = reply;
+        let tokens: Vec<u64> = if call.exact {
+            call.sizes
+        } else {
+            let total = reported.unwrap_or_else(|| call.sizes.iter().sum());
+            apportion(total, &call.sizes)
+        };
+        self.metrics
+            .count_tokens(TokenSource::Upstream, tokens.iter().sum());
+        let model: Arc<str> = model.into();
+        let mut outcomes: Vec<Outcome> = vec![Err(gone()); call.items];
+        for ((&position, vector), t) in call.positions.iter().zip(vectors).zip(tokens) {
+            outcomes[position] = Ok(Arc::new(Embedded {
+                vector: vector.into_boxed_slice(),
+                tokens: t,
+                model: model.clone(),
+            }));
         }
-    };
-    ctx.metrics
-        .count_tokens(TokenSource::Upstream, tokens.iter().sum());
-    let model: Arc<str> = model.into();
-    let mut outcomes: Vec<Outcome> = vec![Err(gone()); items.len()];
-    for ((&position, vector), t) in live.items.iter().zip(vectors).zip(tokens) {
-        outcomes[position] = Ok(Arc::new(Embedded {
-            vector: vector.into_boxed_slice(),
-            tokens: t,
-            model: model.clone(),
-        }));
+        Tried::reply(Ok(outcomes), parts.status, &parts.headers)
     }
-    (
-        Tried::reply(Ok(outcomes), parts.status, &parts.headers),
-        Signal::Answered,
-    )
 }
 
 #[cfg(test)]

@@ -30,15 +30,14 @@ use self::{
     tokens::Tokenizer,
 };
 use crate::{
-    adaptive_limit::AdaptiveLimit,
     body::{self, BodyBounds, ProxyBody},
     config::Config,
     errors::ProxyError,
-    limits::{time_budget, ConcurrencyLimit},
+    limits::time_budget,
     metrics::{Metrics, Route, TokenSource},
+    outbound,
     proxy::{strip_hop_by_hop, Proxy},
     rate_gate::CredentialId,
-    retry::Retrier,
     upstream::Upstream,
 };
 
@@ -88,15 +87,10 @@ impl Engine {
     pub fn new(
         config: &Config,
         upstream: Arc<Upstream>,
-        retrier: Arc<Retrier>,
-        limit: ConcurrencyLimit,
+        outbound: &outbound::Parts,
         metrics: Arc<Metrics>,
         proxy: Arc<Proxy>,
     ) -> Engine {
-        let adaptive = config
-            .limits
-            .adaptive_concurrency
-            .then(|| AdaptiveLimit::new(config.limits.max_concurrency, metrics.clone()));
         let cache = Arc::new(VectorCache::new(&config.cache));
         let e = &config.embeddings;
         // With a held key every caller is the same upstream tenant, whatever dummy key it sends,
@@ -104,9 +98,7 @@ impl Engine {
         let held_credential = upstream.credential.as_ref().map(|c| c.id());
         let batcher = Batcher::new(
             upstream,
-            retrier,
-            limit,
-            adaptive,
+            outbound,
             metrics.clone(),
             cache.clone(),
             BatchSettings {
@@ -120,7 +112,6 @@ impl Engine {
                 },
                 linger: e.linger,
                 upstream_encoding: e.upstream_encoding,
-                first_byte_timeout: config.upstream.first_byte_timeout,
                 body_idle_timeout: config.upstream.body_idle_timeout,
             },
         );
