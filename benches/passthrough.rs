@@ -50,7 +50,8 @@
 //! Environment: `BENCH_SECONDS` (measured seconds per run, default 8), `BENCH_WARMUP_SECONDS`
 //! (default 1.5), `BENCH_CONNECTIONS` (default 64), `BENCH_RATES` (default `500,2000`; `none`: the closed loop only),
 //! `BENCH_PATH` (default `/v1/bench/passthrough`), `BENCH_PIN=0` (do not pin), `BENCH_FLOOR=0`
-//! (no relay runs), `BENCH_NGINX=0` (no nginx runs), `BENCH_NGINX_BIN` (default: `nginx` on
+//! (no relay runs), `BENCH_ROUNDS` (closed-loop rounds of relay, nginx and embedcar in turn,
+//! default 3), `BENCH_NGINX=0` (no nginx runs), `BENCH_NGINX_BIN` (default: `nginx` on
 //! PATH, else /usr/sbin/nginx), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar unchanged.
 //!
 //! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
@@ -103,6 +104,10 @@ const TARGET_CPU_X_NGINX: f64 = 1.0;
 /// The stretch: within 10% of the bare relay, which does no HTTP work at all.
 const STRETCH_CPU_X_RELAY: f64 = 1.1;
 
+/// Closed-loop rounds of relay, nginx and embedcar in turn. Three give a median and a spread of
+/// each same-round ratio in about a minute and a half.
+const DEFAULT_ROUNDS: usize = 3;
+
 /// Latencies are recorded in nanoseconds, up to a minute, 3 significant digits.
 const HIST_MAX_NS: u64 = 60_000_000_000;
 
@@ -121,6 +126,8 @@ struct Settings {
     floor: bool,
     /// Also run nginx, if installed (`BENCH_NGINX=0` skips it).
     nginx: bool,
+    /// How many times the closed loop's proxies run, in turn (`BENCH_ROUNDS`).
+    rounds: usize,
     /// `cargo test --benches` runs this without `--bench`: a short smoke run, no verdicts.
     smoke: bool,
 }
@@ -169,6 +176,11 @@ impl Settings {
         let pin = std::env::var("BENCH_PIN").map_or(true, |v| v != "0");
         let floor = std::env::var("BENCH_FLOOR").map_or(true, |v| v != "0");
         let nginx = std::env::var("BENCH_NGINX").map_or(true, |v| v != "0");
+        let rounds = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_ROUNDS);
         let path = std::env::var("BENCH_PATH")
             .ok()
             .and_then(|p| p.parse::<http::Uri>().ok())
@@ -183,6 +195,7 @@ impl Settings {
             pin,
             floor,
             nginx,
+            rounds: if smoke { 1 } else { rounds },
             smoke,
         }
     }
@@ -1251,28 +1264,48 @@ fn targets(results: &[RunResult]) -> Vec<String> {
 
 /// The same-run comparisons with nginx and the bare relay: one line each, empty when
 /// nginx did not run.
-fn nginx_targets(results: &[RunResult]) -> Vec<String> {
+fn nginx_targets(results: &[RunResult], later_rounds: &[RunResult]) -> Vec<String> {
     let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
     let mut lines = Vec::new();
-    let cpu = |path: Path| {
-        find_run(results, Load::Closed, path)
-            .and_then(|r| r.proxy.as_ref())
-            .map(|p| p.cpu_us_per_request)
+    // Each closed-loop round's CPU per request, by path, in round order.
+    let per_round = |path: Path| -> Vec<f64> {
+        results
+            .iter()
+            .chain(later_rounds)
+            .filter(|r| r.load == Load::Closed && r.path == path)
+            .filter_map(|r| r.proxy.as_ref().map(|p| p.cpu_us_per_request))
+            .collect()
     };
-    let (Some(ec), Some(ngx)) = (cpu(Path::Through), cpu(Path::Nginx)) else {
+    let (ec, ngx, relay) = (
+        per_round(Path::Through),
+        per_round(Path::Nginx),
+        per_round(Path::Relay),
+    );
+    if ec.is_empty() || ngx.len() != ec.len() {
         return lines;
-    };
-    let ratio = ec / ngx;
+    }
+    let ratios =
+        |theirs: &[f64]| -> Vec<f64> { ec.iter().zip(theirs).map(|(e, t)| e / t).collect() };
+    let x_nginx = ratios(&ngx);
+    let ratio = median(&x_nginx);
     lines.push(format!(
-        "TARGET cpu_per_request_x_nginx <= {TARGET_CPU_X_NGINX:.2} (closed loop, saturation): embedcar {ec:.1} / nginx {ngx:.1} us = {ratio:.2} {}",
+        "TARGET cpu_per_request_x_nginx <= {TARGET_CPU_X_NGINX:.2} (closed loop, saturation): embedcar {} / nginx {} us = {ratio:.2}{} {}",
+        spread(&ec, 1),
+        spread(&ngx, 1),
+        rounds_note(&x_nginx),
         verdict(ratio <= TARGET_CPU_X_NGINX)
     ));
-    if let Some(relay) = cpu(Path::Relay) {
-        let ratio = ec / relay;
+    if relay.len() == ec.len() {
+        let x_relay = ratios(&relay);
+        let ratio = median(&x_relay);
+        let nginx_x_relay: Vec<f64> = ngx.iter().zip(&relay).map(|(n, r)| n / r).collect();
         lines.push(format!(
-            "STRETCH cpu_per_request_x_relay <= {STRETCH_CPU_X_RELAY:.2}: embedcar {ec:.1} / tcp relay {relay:.1} us = {ratio:.2} {} (nginx: {:.2})",
+            "STRETCH cpu_per_request_x_relay <= {STRETCH_CPU_X_RELAY:.2}: embedcar {} / tcp relay {} us = {ratio:.2}{} {} (nginx: {:.2})",
+            spread(&ec, 1),
+            spread(&relay, 1),
+            rounds_note(&x_relay),
             verdict(ratio <= STRETCH_CPU_X_RELAY),
-            ngx / relay
+            median(&nginx_x_relay)
         ));
     }
     if let (Some(e), Some(n)) = (
@@ -1326,6 +1359,41 @@ fn nginx_targets(results: &[RunResult]) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// The median of a few figures (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `median` alone for one figure, `median [min–max]` for several.
+fn spread(v: &[f64], decimals: usize) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match v.len() {
+        0 => "-".into(),
+        1 => format!("{:.decimals$}", v[0]),
+        _ => format!("{:.decimals$} [{lo:.decimals$}-{hi:.decimals$}]", median(v)),
+    }
+}
+
+/// For several rounds: how many, and each round's ratio.
+fn rounds_note(ratios: &[f64]) -> String {
+    if ratios.len() < 2 {
+        return String::new();
+    }
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    format!(
+        " (median of {} alternating rounds: {})",
+        ratios.len(),
+        each.join(", ")
+    )
 }
 
 /// The same figures for the bare TCP relay, to tell embedcar's own cost from the machine's.
@@ -1434,6 +1502,7 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     let mut loads = vec![Load::Closed];
     loads.extend(s.rates.iter().map(|r| Load::Open(*r)));
     let mut results = Vec::new();
+    let mut later_rounds = Vec::new();
     let mut embedcar_cpus = String::new();
     let mut nginx_cpus = String::new();
     let nginx = if s.nginx { nginx_bin() } else { None };
@@ -1441,29 +1510,44 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
         let direct = run(&s, load, Path::Direct, fake.addr(), ProxyCpu::None).await;
         results.push(direct);
 
-        if s.floor {
-            let relay = Relay::start(fake.addr(), pinned)?;
-            let r = run(
-                &s,
-                load,
-                Path::Relay,
-                relay.addr,
-                ProxyCpu::Thread(relay.clock),
-            )
-            .await;
-            relay.stop();
-            results.push(r);
-        }
+        // The closed loop's proxies again, in turn, `BENCH_ROUNDS` times: the host's noise
+        // moves every figure between runs, and alternating lets each round's ratios compare
+        // neighbours. Round one goes into the table; every round into the ROUNDS lines.
+        let rounds = match load {
+            Load::Closed => s.rounds,
+            Load::Open(_) => 1,
+        };
+        for round in 0..rounds {
+            let mut these = Vec::new();
+            if s.floor {
+                let relay = Relay::start(fake.addr(), pinned)?;
+                let r = run(
+                    &s,
+                    load,
+                    Path::Relay,
+                    relay.addr,
+                    ProxyCpu::Thread(relay.clock),
+                )
+                .await;
+                relay.stop();
+                these.push(r);
+            }
 
-        if let Some(bin) = &nginx {
-            let (r, cpus) = run_nginx(&s, bin, load, Path::Nginx, fake.addr(), pinned).await?;
-            nginx_cpus = cpus;
-            results.push(r);
-        }
+            if let Some(bin) = &nginx {
+                let (r, cpus) = run_nginx(&s, bin, load, Path::Nginx, fake.addr(), pinned).await?;
+                nginx_cpus = cpus;
+                these.push(r);
+            }
 
-        let (through, cpus) = run_through(&s, load, Path::Through, &upstream, pinned).await?;
-        embedcar_cpus = cpus;
-        results.push(through);
+            let (through, cpus) = run_through(&s, load, Path::Through, &upstream, pinned).await?;
+            embedcar_cpus = cpus;
+            these.push(through);
+            if round == 0 {
+                results.extend(these);
+            } else {
+                later_rounds.extend(these);
+            }
+        }
 
         // Latency again with embedcar on the bench's core: the same core count as the direct
         // run, and no wake-up of an idle core per hop (see README: on this VM a halted core
@@ -1509,7 +1593,7 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
         for line in targets(&results) {
             println!("{line}");
         }
-        for line in nginx_targets(&results) {
+        for line in nginx_targets(&results, &later_rounds) {
             println!("{line}");
         }
         for line in floor_notes(&results) {
@@ -1518,7 +1602,7 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     }
 
     let mut broken = false;
-    for r in &results {
+    for r in results.iter().chain(&later_rounds) {
         if r.errors > 0 {
             let label = r.load.label(s.connections);
             let path = r.path.label();
