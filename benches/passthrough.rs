@@ -40,6 +40,9 @@
 //! warns and runs unpinned. Other load on the machine still skews the figures: each run compares
 //! the cores' busy time with our processes' own and prints a warning when they differ.
 //!
+//! embedcar runs with its embeddings engine off (`EMBEDCAR_EMBEDDINGS__ENABLED=false`, unless
+//! that variable is set): the pass-through alone, as nginx does it.
+//!
 //! The load generator is hyper's low-level HTTP/1.1 client (`client::conn::http1`), one task per
 //! connection, on a current-thread runtime: exact connection counts and little overhead of its
 //! own. embedcar is the real release binary with its default configuration, started fresh for
@@ -85,8 +88,8 @@ use tokio::sync::mpsc;
 /// (with identical inputs every request after the first would be a cache hit, and the fake would
 /// hardly be called), so the pass-through is measured on a path the engine does not claim: the
 /// same request, which the fake upstream echoes back (same size, `content-length` framing).
-/// `BENCH_PATH=/v1/embeddings` with `EMBEDCAR_EMBEDDINGS__ENABLED=false` measures the embeddings
-/// path itself passed through.
+/// `BENCH_PATH=/v1/embeddings` (the engine is off unless asked for) measures the embeddings path
+/// itself passed through, with the fake's embeddings reply.
 const DEFAULT_PATH: &str = "/v1/bench/passthrough";
 /// The request body: the one-sentence embeddings request of the issue.
 const BODY: &[u8] =
@@ -823,7 +826,7 @@ async fn run_through(
         Path::Shared => BENCH_CORE,
         _ => EMBEDCAR_CORE,
     };
-    let mut ec = Embedcar::start(upstream, pinned, core, &[])?;
+    let mut ec = Embedcar::start(upstream, pinned, core, &engine_env())?;
     if let Err(e) = check_path(ec.addr, &s.path, "through embedcar").await {
         ec.stop().await;
         return Err(e);
@@ -841,6 +844,18 @@ async fn run_through(
     }
     Ok((result, cpus))
 }
+
+/// The engine is off unless `EMBEDCAR_EMBEDDINGS__ENABLED` says otherwise: this is the
+/// pass-through's cost, as the issue measured it, and with the engine on the tokenizer's tables
+/// (loaded at start for the engine's first callers) would be most of the resident memory.
+fn engine_env() -> Vec<(&'static str, String)> {
+    match std::env::var_os(ENGINE_SWITCH) {
+        Some(_) => vec![],
+        None => vec![(ENGINE_SWITCH, "false".into())],
+    }
+}
+
+const ENGINE_SWITCH: &str = "EMBEDCAR_EMBEDDINGS__ENABLED";
 
 /// One run through a fresh nginx: on core 0 for `Path::Nginx`, on the bench's core for
 /// `Path::NginxShared`. Also returns the cores it was allowed.
@@ -1478,6 +1493,11 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     let config: Vec<String> = std::env::vars()
         .filter(|(k, _)| k.starts_with("EMBEDCAR_"))
         .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let config: Vec<String> = engine_env()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(config)
         .collect();
     println!(
         "  embedcar config: defaults{}",

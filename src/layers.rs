@@ -419,3 +419,96 @@ where
         Either::Right(self.inner.call(req))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt as _};
+
+    fn ok_with(headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
+        let mut r = Response::new(crate::body::full("ok"));
+        for (k, v) in headers {
+            r.headers_mut().insert(*k, HeaderValue::from_static(v));
+        }
+        r
+    }
+
+    async fn status_of<S>(svc: S) -> u16
+    where
+        S: Service<Request<()>, Response = Response<ProxyBody>, Error = Infallible>,
+    {
+        let r = svc.oneshot(Request::new(())).await.unwrap();
+        r.status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_call_or_in_the_future_becomes_a_500() {
+        let in_call = CatchPanicLayer.layer(service_fn(
+            |_: Request<()>| -> Ready<Result<Response<ProxyBody>, Infallible>> {
+                panic!("in call")
+            },
+        ));
+        assert_eq!(status_of(in_call).await, 500);
+        let in_future = CatchPanicLayer.layer(service_fn(|_: Request<()>| async {
+            if true {
+                panic!("in the future");
+            }
+            Ok::<_, Infallible>(ok_with(&[]))
+        }));
+        assert_eq!(status_of(in_future).await, 500);
+        let fine = CatchPanicLayer.layer(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(ok_with(&[]))
+        }));
+        assert_eq!(status_of(fine).await, 200);
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_an_id_upstream_and_back_and_its_credentials_are_sensitive() {
+        let svc = RequestContextLayer.layer(service_fn(|req: Request<()>| async move {
+            for name in ["authorization", "api-key", "cookie"] {
+                assert!(req.headers()[name].is_sensitive(), "{name}");
+            }
+            assert!(!req.headers()["content-type"].is_sensitive());
+            let id = req.headers()["x-request-id"].to_str().unwrap();
+            assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+            // The reply carries no id of its own: ours fills in.
+            let mut r = ok_with(&[]);
+            r.headers_mut()
+                .insert("x-seen-id", req.headers()["x-request-id"].clone());
+            Ok::<_, Infallible>(r)
+        }));
+        let req = Request::builder()
+            .header("authorization", "Bearer k")
+            .header("api-key", "k")
+            .header("cookie", "c=1")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        let r = svc.oneshot(req).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], r.headers()["x-seen-id"]);
+    }
+
+    #[tokio::test]
+    async fn the_callers_id_goes_upstream_and_the_upstreams_own_id_wins_on_the_way_back() {
+        let svc = RequestContextLayer.layer(service_fn(|req: Request<()>| async move {
+            assert_eq!(req.headers()["x-request-id"], "caller-1");
+            Ok::<_, Infallible>(ok_with(&[("x-request-id", "req_upstream")]))
+        }));
+        let req = Request::builder()
+            .header("x-request-id", "caller-1")
+            .body(())
+            .unwrap();
+        let r = svc.oneshot(req).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], "req_upstream");
+
+        let svc = RequestContextLayer.layer(service_fn(|_: Request<()>| async move {
+            Ok::<_, Infallible>(ok_with(&[]))
+        }));
+        let req = Request::builder()
+            .header("x-request-id", "caller-2")
+            .body(())
+            .unwrap();
+        let r = svc.oneshot(req).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], "caller-2");
+    }
+}
