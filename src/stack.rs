@@ -23,7 +23,7 @@ pub fn build(state: &AppState) -> HttpService {
         state.engine.clone(),
         state.metrics.clone(),
     );
-    let service = ServiceBuilder::new()
+    ServiceBuilder::new()
         // Outermost, so that a panic anywhere below (a handler bug, a bad input we did not
         // foresee) becomes one caller's 500 in OpenAI's shape, not a dropped connection.
         .layer(CatchPanicLayer)
@@ -42,6 +42,5 @@ pub fn build(state: &AppState) -> HttpService {
             state.config.upstream.body_idle_timeout,
             state.metrics.clone(),
         ))
-        .service(router);
-    service
+        .service(router)
 }
