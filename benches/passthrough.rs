@@ -4,18 +4,24 @@
 //!
 //! For each scenario the same small request (`POST /v1/bench/passthrough` with the one-sentence
 //! embeddings body, echoed back by the fake upstream; see [`DEFAULT_PATH`] for why not
-//! `/v1/embeddings`) is sent three ways, one after the other, and the differences are what the
+//! `/v1/embeddings`) is sent four ways, one after the other, and the differences are what the
 //! proxy costs:
 //!
 //! * DIRECT: load generator → fake upstream (the baseline);
 //! * TCP RELAY: load generator → a bare byte-copying relay on core 0 → fake upstream: the floor,
 //!   what the extra hop alone costs on this machine (`BENCH_FLOOR=0` skips it);
+//! * NGINX: load generator → nginx on core 0 → fake upstream: the reference operators compare a
+//!   sidecar with (one process, keep-alive to the upstream, no access log; see [`Nginx`]).
+//!   Skipped, with a note, when nginx is not installed (`BENCH_NGINX=0` skips it too);
 //! * EMBEDCAR: load generator → embedcar on core 0 → fake upstream;
-//! * EMBEDCAR, SHARED CORE (open loop only): the same with embedcar on core 1, beside the load
-//!   generator and the fake, as a sidecar shares its pod's CPUs with the application. The added
-//!   latency target is read here: the direct run uses one core too, and no hop has to wake an
-//!   idle core (on this VM that costs tens of microseconds per hop, more than embedcar's own
-//!   work; the relay's figure in the split placement shows it).
+//! * NGINX, SHARED CORE and EMBEDCAR, SHARED CORE (open loop only): the same with the proxy on
+//!   core 1, beside the load generator and the fake, as a sidecar shares its pod's CPUs with the
+//!   application. The added latency targets are read here: the direct run uses one core too,
+//!   and no hop has to wake an idle core (on this VM that costs tens of microseconds per hop,
+//!   more than embedcar's own work; the relay's figure in the split placement shows it).
+//!
+//! embedcar's CPU per request is also given as a ratio to nginx's and to the relay's from the
+//! same run: absolute figures move by ±10% between runs on this VM, the ratios much less.
 //!
 //! Scenarios:
 //!
@@ -34,6 +40,9 @@
 //! warns and runs unpinned. Other load on the machine still skews the figures: each run compares
 //! the cores' busy time with our processes' own and prints a warning when they differ.
 //!
+//! embedcar runs with its embeddings engine off (`EMBEDCAR_EMBEDDINGS__ENABLED=false`, unless
+//! that variable is set): the pass-through alone, as nginx does it.
+//!
 //! The load generator is hyper's low-level HTTP/1.1 client (`client::conn::http1`), one task per
 //! connection, on a current-thread runtime: exact connection counts and little overhead of its
 //! own. embedcar is the real release binary with its default configuration, started fresh for
@@ -44,7 +53,9 @@
 //! Environment: `BENCH_SECONDS` (measured seconds per run, default 8), `BENCH_WARMUP_SECONDS`
 //! (default 1.5), `BENCH_CONNECTIONS` (default 64), `BENCH_RATES` (default `500,2000`; `none`: the closed loop only),
 //! `BENCH_PATH` (default `/v1/bench/passthrough`), `BENCH_PIN=0` (do not pin), `BENCH_FLOOR=0`
-//! (no relay runs), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar unchanged.
+//! (no relay runs), `BENCH_ROUNDS` (closed-loop rounds of relay, nginx and embedcar in turn,
+//! default 3), `BENCH_NGINX=0` (no nginx runs), `BENCH_NGINX_BIN` (default: `nginx` on
+//! PATH, else /usr/sbin/nginx), `BENCH_EMBEDCAR_BIN` (measure that binary instead). `EMBEDCAR_*` variables reach embedcar unchanged.
 //!
 //! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
 //! more than 1% errors in a run); a missed target is reported, not failed.
@@ -77,8 +88,8 @@ use tokio::sync::mpsc;
 /// (with identical inputs every request after the first would be a cache hit, and the fake would
 /// hardly be called), so the pass-through is measured on a path the engine does not claim: the
 /// same request, which the fake upstream echoes back (same size, `content-length` framing).
-/// `BENCH_PATH=/v1/embeddings` with `EMBEDCAR_EMBEDDINGS__ENABLED=false` measures the embeddings
-/// path itself passed through.
+/// `BENCH_PATH=/v1/embeddings` (the engine is off unless asked for) measures the embeddings path
+/// itself passed through, with the fake's embeddings reply.
 const DEFAULT_PATH: &str = "/v1/bench/passthrough";
 /// The request body: the one-sentence embeddings request of the issue.
 const BODY: &[u8] =
@@ -90,6 +101,15 @@ const TARGET_CPU_US: f64 = 25.0;
 const TARGET_ADDED_P50_MS: f64 = 0.1;
 const TARGET_ADDED_P50_RATE: f64 = 2000.0;
 const TARGET_MEMORY_MIB: f64 = 20.0;
+/// Pass-through CPU per request at saturation, as a ratio to nginx's in the same run: a sidecar
+/// is paid for in every pod, and nginx is what operators compare it with.
+const TARGET_CPU_X_NGINX: f64 = 1.0;
+/// The stretch: within 10% of the bare relay, which does no HTTP work at all.
+const STRETCH_CPU_X_RELAY: f64 = 1.1;
+
+/// Closed-loop rounds of relay, nginx and embedcar in turn. Three give a median and a spread of
+/// each same-round ratio in about a minute and a half.
+const DEFAULT_ROUNDS: usize = 3;
 
 /// Latencies are recorded in nanoseconds, up to a minute, 3 significant digits.
 const HIST_MAX_NS: u64 = 60_000_000_000;
@@ -107,6 +127,10 @@ struct Settings {
     pin: bool,
     /// Also run the bare TCP relay (`BENCH_FLOOR=0` skips it).
     floor: bool,
+    /// Also run nginx, if installed (`BENCH_NGINX=0` skips it).
+    nginx: bool,
+    /// How many times the closed loop's proxies run, in turn (`BENCH_ROUNDS`).
+    rounds: usize,
     /// `cargo test --benches` runs this without `--bench`: a short smoke run, no verdicts.
     smoke: bool,
 }
@@ -154,6 +178,12 @@ impl Settings {
         };
         let pin = std::env::var("BENCH_PIN").map_or(true, |v| v != "0");
         let floor = std::env::var("BENCH_FLOOR").map_or(true, |v| v != "0");
+        let nginx = std::env::var("BENCH_NGINX").map_or(true, |v| v != "0");
+        let rounds = std::env::var("BENCH_ROUNDS")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_ROUNDS);
         let path = std::env::var("BENCH_PATH")
             .ok()
             .and_then(|p| p.parse::<http::Uri>().ok())
@@ -167,6 +197,8 @@ impl Settings {
             rates,
             pin,
             floor,
+            nginx,
+            rounds: if smoke { 1 } else { rounds },
             smoke,
         }
     }
@@ -194,7 +226,11 @@ enum Path {
     Direct,
     /// The floor: a bare TCP relay on embedcar's core in embedcar's place.
     Relay,
+    /// nginx on embedcar's core in embedcar's place: the reference a sidecar is compared with.
+    Nginx,
     Through,
+    /// Open loop only: nginx on the bench's own core, as [`Path::Shared`] puts embedcar.
+    NginxShared,
     /// Open loop only: embedcar on the bench's own core, beside the load generator and the
     /// upstream, as a sidecar shares its pod's CPUs with the application.
     Shared,
@@ -205,7 +241,9 @@ impl Path {
         match self {
             Path::Direct => "direct",
             Path::Relay => "tcp relay",
+            Path::Nginx => "nginx",
             Path::Through => "embedcar",
+            Path::NginxShared => "nginx, shared core",
             Path::Shared => "embedcar, shared core",
         }
     }
@@ -359,6 +397,193 @@ impl Relay {
     fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.thread.join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference: nginx
+// ---------------------------------------------------------------------------------------------
+
+/// Where nginx is looked for when `BENCH_NGINX_BIN` does not say: Debian's package puts it in
+/// /usr/sbin, which is not on every user's PATH.
+const NGINX_PATHS: [&str; 2] = ["/usr/sbin/nginx", "/usr/local/sbin/nginx"];
+
+/// Upstream keep-alive connections nginx may keep idle: one per load-generator connection, so
+/// it never closes and reopens one under the closed loop, as embedcar's pool does not.
+const NGINX_UPSTREAM_KEEPALIVE: usize = 64;
+
+/// Requests per connection before nginx closes it (its default is 1,000 on both sides): high
+/// enough that no connection is recycled inside a run, since embedcar recycles none and the
+/// load generator would count each close as an error.
+const NGINX_KEEPALIVE_REQUESTS: u64 = 100_000_000;
+
+/// How long to wait for nginx to accept connections after it starts.
+const NGINX_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The nginx binary to measure, if there is one.
+fn nginx_bin() -> Option<std::path::PathBuf> {
+    if let Ok(bin) = std::env::var("BENCH_NGINX_BIN") {
+        return Some(bin.into()).filter(|p: &std::path::PathBuf| p.is_file());
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("nginx"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(NGINX_PATHS.iter().map(std::path::PathBuf::from))
+        .find(|p| p.is_file())
+}
+
+/// nginx in embedcar's place, configured as a sidecar would be: one process (`master_process
+/// off`, so the process we start is the one that works and its CPU clock is the whole cost),
+/// keep-alive to the upstream (`upstream` block with `keepalive`, HTTP/1.1, `Connection`
+/// cleared), no access log. It runs as the current user from a temporary prefix directory the
+/// bench writes its configuration into and removes afterwards.
+struct Nginx {
+    child: std::process::Child,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Nginx {
+    fn start(
+        bin: &std::path::Path,
+        upstream: SocketAddr,
+        pin: bool,
+        core: usize,
+    ) -> Result<Nginx, String> {
+        // A free port, given back for nginx to bind (it cannot report a port it chose).
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("nginx: no free port: {e}"))?;
+        let dir = std::env::temp_dir().join(format!(
+            "embedcar-bench-nginx-{}-{}",
+            std::process::id(),
+            addr.port()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("nginx: {}: {e}", dir.display()))?;
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;\n\
+             master_process off;\n\
+             worker_processes 1;\n\
+             pid {d}/nginx.pid;\n\
+             error_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n\
+             \x20 access_log off;\n\
+             \x20 client_body_temp_path {d}/client_body;\n\
+             \x20 proxy_temp_path {d}/proxy;\n\
+             \x20 fastcgi_temp_path {d}/fastcgi;\n\
+             \x20 uwsgi_temp_path {d}/uwsgi;\n\
+             \x20 scgi_temp_path {d}/scgi;\n\
+             \x20 keepalive_requests {NGINX_KEEPALIVE_REQUESTS};\n\
+             \x20 upstream fake {{\n\
+             \x20   server {upstream};\n\
+             \x20   keepalive {NGINX_UPSTREAM_KEEPALIVE};\n\
+             \x20   keepalive_requests {NGINX_KEEPALIVE_REQUESTS};\n\
+             \x20 }}\n\
+             \x20 server {{\n\
+             \x20   listen {addr};\n\
+             \x20   location / {{\n\
+             \x20     proxy_pass http://fake;\n\
+             \x20     proxy_http_version 1.1;\n\
+             \x20     proxy_set_header Connection \"\";\n\
+             \x20   }}\n\
+             \x20 }}\n\
+             }}\n"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf).map_err(|e| format!("nginx: {e}"))?;
+        let taskset = std::path::Path::new("/usr/bin/taskset");
+        let mut cmd = if pin && taskset.exists() {
+            let mut c = std::process::Command::new(taskset);
+            c.arg("-c").arg(core.to_string()).arg(bin);
+            c
+        } else {
+            std::process::Command::new(bin)
+        };
+        // `-e`: the error log before the configuration is read (the built-in default is under
+        // /var/log, not writable by everyone).
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit());
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("cannot start {}: {e}", bin.display()));
+            }
+        };
+        // From here on, Drop kills it and removes the directory, whatever happens.
+        let mut nginx = Nginx { child, addr, dir };
+        let deadline = Instant::now() + NGINX_START_TIMEOUT;
+        loop {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return Ok(nginx);
+            }
+            if !nginx.alive() || Instant::now() > deadline {
+                let log = std::fs::read_to_string(nginx.dir.join("error.log")).unwrap_or_default();
+                return Err(format!(
+                    "nginx did not start listening on {addr}: {}",
+                    log.lines().last().unwrap_or("(no error log)")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn cpus(&self) -> String {
+        status_field(&self.pid().to_string(), "Cpus_allowed_list").unwrap_or_default()
+    }
+}
+
+/// `nginx -v`'s answer, for the report.
+fn nginx_version(bin: &std::path::Path) -> String {
+    std::process::Command::new(bin)
+        .arg("-v")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_string())
+        .and_then(|v| v.strip_prefix("nginx version: ").map(str::to_string))
+        .unwrap_or_else(|| "version unknown".into())
+}
+
+impl Drop for Nginx {
+    /// SIGTERM (nginx's fast shutdown), a short wait, then SIGKILL; the prefix directory goes
+    /// with it. No drain is needed: the run is over when this is dropped.
+    fn drop(&mut self) {
+        if self.alive() {
+            // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.alive() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -601,7 +826,7 @@ async fn run_through(
         Path::Shared => BENCH_CORE,
         _ => EMBEDCAR_CORE,
     };
-    let mut ec = Embedcar::start(upstream, pinned, core, &[])?;
+    let mut ec = Embedcar::start(upstream, pinned, core, &engine_env())?;
     if let Err(e) = check_path(ec.addr, &s.path, "through embedcar").await {
         ec.stop().await;
         return Err(e);
@@ -613,6 +838,46 @@ async fn run_through(
     if died {
         return Err(format!(
             "embedcar exited during the {} {} run",
+            load.label(s.connections),
+            path.label()
+        ));
+    }
+    Ok((result, cpus))
+}
+
+/// The engine is off unless `EMBEDCAR_EMBEDDINGS__ENABLED` says otherwise: this is the
+/// pass-through's cost, as the issue measured it, and with the engine on the tokenizer's tables
+/// (loaded at start for the engine's first callers) would be most of the resident memory.
+fn engine_env() -> Vec<(&'static str, String)> {
+    match std::env::var_os(ENGINE_SWITCH) {
+        Some(_) => vec![],
+        None => vec![(ENGINE_SWITCH, "false".into())],
+    }
+}
+
+const ENGINE_SWITCH: &str = "EMBEDCAR_EMBEDDINGS__ENABLED";
+
+/// One run through a fresh nginx: on core 0 for `Path::Nginx`, on the bench's core for
+/// `Path::NginxShared`. Also returns the cores it was allowed.
+async fn run_nginx(
+    s: &Settings,
+    bin: &std::path::Path,
+    load: Load,
+    path: Path,
+    upstream: SocketAddr,
+    pinned: bool,
+) -> Result<(RunResult, String), String> {
+    let core = match path {
+        Path::NginxShared => BENCH_CORE,
+        _ => EMBEDCAR_CORE,
+    };
+    let mut nginx = Nginx::start(bin, upstream, pinned, core)?;
+    check_path(nginx.addr, &s.path, "through nginx").await?;
+    let result = run(s, load, path, nginx.addr, ProxyCpu::Process(nginx.pid())).await;
+    let cpus = nginx.cpus();
+    if !nginx.alive() {
+        return Err(format!(
+            "nginx exited during the {} {} run",
             load.label(s.connections),
             path.label()
         ));
@@ -791,6 +1056,8 @@ fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
         "lag p99",
         "proxy us/req",
         "(stat)",
+        "x nginx",
+        "x relay",
         "proxy core%",
         "proxy MiB",
         "bench%",
@@ -804,12 +1071,27 @@ fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
             .iter()
             .find(|d| d.load == r.load && d.path == Path::Direct);
         let (added50, added99, ratio) = match (r.path, direct) {
-            (Path::Through | Path::Relay | Path::Shared, Some(d)) => (
+            (Path::Direct, _) | (_, None) => ("-".into(), "-".into(), "-".into()),
+            (_, Some(d)) => (
                 f3(r.p(0.5) - d.p(0.5)),
                 f3(r.p(0.99) - d.p(0.99)),
                 format!("{:.2}", r.throughput / d.throughput),
             ),
-            _ => ("-".into(), "-".into(), "-".into()),
+        };
+        // CPU per request as a ratio to nginx's and the relay's in the same scenario (the
+        // relay runs only in the split placement, so shared-core rows have no relay ratio).
+        let cpu_ratio = |to: Path| {
+            let theirs = find_run(results, r.load, to)
+                .and_then(|t| t.proxy.as_ref())
+                .map(|p| p.cpu_us_per_request);
+            match (r.proxy.as_ref(), theirs) {
+                (Some(p), Some(t)) if r.path != to => format!("{:.2}", p.cpu_us_per_request / t),
+                _ => "-".into(),
+            }
+        };
+        let nginx_here = match r.path {
+            Path::Shared | Path::NginxShared => Path::NginxShared,
+            _ => Path::Nginx,
         };
         let ec = r.proxy.as_ref();
         let core = |i: usize| r.cores_util.get(i).map_or("-".into(), |u| f1(u * 100.0));
@@ -836,6 +1118,8 @@ fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
             },
             ec.map_or("-".into(), |e| f1(e.cpu_us_per_request)),
             ec.map_or("-".into(), |e| f1(e.stat_us_per_request)),
+            cpu_ratio(nginx_here),
+            cpu_ratio(Path::Relay),
             ec.map_or("-".into(), |e| f1(e.util * 100.0)),
             ec.map_or("-".into(), |e| f1(e.peak_mib)),
             f1(r.self_util * 100.0),
@@ -867,13 +1151,15 @@ fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
         "+p50, +p99   minus the direct run of the same scenario",
         "tput x       throughput / direct throughput",
         "lag          how late the load generator sent vs. its schedule (part of the latency)",
-        "proxy ...    the proxy under test: embedcar (child process on core 0) or the tcp relay",
-        "             (a thread on core 0: no HTTP, just bytes; the floor of any proxy here);",
-        "             `shared core`: embedcar on core 1 beside the load generator and upstream",
+        "proxy ...    the proxy under test: embedcar or nginx (child process on core 0) or the tcp",
+        "             relay (a thread on core 0: no HTTP, just bytes; the floor of any proxy here);",
+        "             `shared core`: the proxy on core 1 beside the load generator and upstream",
         "us/req       proxy CPU time (user+system, all threads) per request, process CPU clock",
         "(stat)       the same from /proc/<pid>/stat utime+stime (tick-sampled cross-check)",
+        "x nginx      us/req / nginx's us/req, same scenario and placement, same run",
+        "x relay      us/req / the tcp relay's us/req, same scenario, same run",
         "core%        proxy CPU time / wall time; 100 = its core is saturated",
-        "MiB          embedcar peak RSS (VmHWM; a fresh process per run)",
+        "MiB          proxy peak RSS (VmHWM; a fresh process per run)",
         "bench%       load generator + fake upstream CPU / wall time (core 1)",
         "core0/1%     whole-core busy time (/proc/stat), other load included",
     ];
@@ -905,7 +1191,7 @@ fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
         // A direct run does not use core 0 (only the proxy lives there); a shared-core run
         // puts the proxy on core 1.
         let (core0, core1) = match (&r.proxy, r.path) {
-            (Some(_), Path::Shared) => (
+            (Some(_), Path::Shared | Path::NginxShared) => (
                 r.cores_util.get(EMBEDCAR_CORE).copied().unwrap_or(0.0),
                 other(BENCH_CORE, r.self_util + proxy),
             ),
@@ -923,6 +1209,11 @@ fn report(s: &Settings, results: &[RunResult], pinned: bool) -> String {
         }
     }
     out
+}
+
+/// The run of `path` in scenario `load`, if there was one.
+fn find_run(results: &[RunResult], load: Load, path: Path) -> Option<&RunResult> {
+    results.iter().find(|r| r.load == load && r.path == path)
 }
 
 /// The issue's targets, one line each. `None` when a figure is missing.
@@ -984,6 +1275,140 @@ fn targets(results: &[RunResult]) -> Vec<String> {
         ));
     }
     lines
+}
+
+/// The issue's same-run comparisons with nginx and the bare relay: one line each, empty when
+/// nginx did not run.
+fn nginx_targets(results: &[RunResult], later_rounds: &[RunResult]) -> Vec<String> {
+    let verdict = |ok: bool| if ok { "PASS" } else { "MISS" };
+    let mut lines = Vec::new();
+    // Each closed-loop round's CPU per request, by path, in round order.
+    let per_round = |path: Path| -> Vec<f64> {
+        results
+            .iter()
+            .chain(later_rounds)
+            .filter(|r| r.load == Load::Closed && r.path == path)
+            .filter_map(|r| r.proxy.as_ref().map(|p| p.cpu_us_per_request))
+            .collect()
+    };
+    let (ec, ngx, relay) = (
+        per_round(Path::Through),
+        per_round(Path::Nginx),
+        per_round(Path::Relay),
+    );
+    if ec.is_empty() || ngx.len() != ec.len() {
+        return lines;
+    }
+    let ratios =
+        |theirs: &[f64]| -> Vec<f64> { ec.iter().zip(theirs).map(|(e, t)| e / t).collect() };
+    let x_nginx = ratios(&ngx);
+    let ratio = median(&x_nginx);
+    lines.push(format!(
+        "TARGET cpu_per_request_x_nginx <= {TARGET_CPU_X_NGINX:.2} (closed loop, saturation): embedcar {} / nginx {} us = {ratio:.2}{} {}",
+        spread(&ec, 1),
+        spread(&ngx, 1),
+        rounds_note(&x_nginx),
+        verdict(ratio <= TARGET_CPU_X_NGINX)
+    ));
+    if relay.len() == ec.len() {
+        let x_relay = ratios(&relay);
+        let ratio = median(&x_relay);
+        let nginx_x_relay: Vec<f64> = ngx.iter().zip(&relay).map(|(n, r)| n / r).collect();
+        lines.push(format!(
+            "STRETCH cpu_per_request_x_relay <= {STRETCH_CPU_X_RELAY:.2}: embedcar {} / tcp relay {} us = {ratio:.2}{} {} (nginx: {:.2})",
+            spread(&ec, 1),
+            spread(&relay, 1),
+            rounds_note(&x_relay),
+            verdict(ratio <= STRETCH_CPU_X_RELAY),
+            median(&nginx_x_relay)
+        ));
+    }
+    if let (Some(e), Some(n)) = (
+        find_run(results, Load::Closed, Path::Through),
+        find_run(results, Load::Closed, Path::Nginx),
+    ) {
+        lines.push(format!(
+            "NOTE throughput at saturation: embedcar {:.0} / nginx {:.0} req/s = {:.2}",
+            e.throughput,
+            n.throughput,
+            e.throughput / n.throughput
+        ));
+    }
+    let rate = Load::Open(TARGET_ADDED_P50_RATE);
+    let added = |path: Path| match (
+        find_run(results, rate, Path::Direct),
+        find_run(results, rate, path),
+    ) {
+        (Some(d), Some(t)) => Some(t.p(0.5) - d.p(0.5)),
+        _ => None,
+    };
+    if let (Some(e), Some(n)) = (added(Path::Shared), added(Path::NginxShared)) {
+        lines.push(format!(
+            "TARGET added_p50_ms_at_{TARGET_ADDED_P50_RATE}rps <= nginx's (both on the bench's core): embedcar {e:.3}, nginx {n:.3} {}",
+            verdict(e <= n)
+        ));
+    }
+    if let (Some(e), Some(n)) = (added(Path::Through), added(Path::Nginx)) {
+        lines.push(format!(
+            "NOTE added_p50_ms_at_{TARGET_ADDED_P50_RATE}rps alone on core 0: embedcar {e:.3}, nginx {n:.3}{}",
+            added(Path::Relay)
+                .map(|r| format!(", tcp relay {r:.3}"))
+                .unwrap_or_default()
+        ));
+    }
+    let peak = |paths: [Path; 2]| {
+        results
+            .iter()
+            .filter(|r| paths.contains(&r.path))
+            .filter_map(|r| r.proxy.as_ref().map(|e| e.peak_mib))
+            .fold(f64::NAN, f64::max)
+    };
+    let (e, n) = (
+        peak([Path::Through, Path::Shared]),
+        peak([Path::Nginx, Path::NginxShared]),
+    );
+    if e.is_finite() && n.is_finite() {
+        lines.push(format!(
+            "NOTE peak_memory_mib: embedcar {e:.1}, nginx {n:.1} (x nginx {:.2})",
+            e / n
+        ));
+    }
+    lines
+}
+
+/// The median of a few figures (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `median` alone for one figure, `median [min–max]` for several.
+fn spread(v: &[f64], decimals: usize) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    match v.len() {
+        0 => "-".into(),
+        1 => format!("{:.decimals$}", v[0]),
+        _ => format!("{:.decimals$} [{lo:.decimals$}-{hi:.decimals$}]", median(v)),
+    }
+}
+
+/// For several rounds: how many, and each round's ratio.
+fn rounds_note(ratios: &[f64]) -> String {
+    if ratios.len() < 2 {
+        return String::new();
+    }
+    let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+    format!(
+        " (median of {} alternating rounds: {})",
+        ratios.len(),
+        each.join(", ")
+    )
 }
 
 /// The same figures for the bare TCP relay, to tell embedcar's own cost from the machine's.
@@ -1069,6 +1494,11 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
         .filter(|(k, _)| k.starts_with("EMBEDCAR_"))
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    let config: Vec<String> = engine_env()
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(config)
+        .collect();
     println!(
         "  embedcar config: defaults{}",
         if config.is_empty() {
@@ -1092,33 +1522,63 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     let mut loads = vec![Load::Closed];
     loads.extend(s.rates.iter().map(|r| Load::Open(*r)));
     let mut results = Vec::new();
+    let mut later_rounds = Vec::new();
     let mut embedcar_cpus = String::new();
+    let mut nginx_cpus = String::new();
+    let nginx = if s.nginx { nginx_bin() } else { None };
     for load in loads {
         let direct = run(&s, load, Path::Direct, fake.addr(), ProxyCpu::None).await;
         results.push(direct);
 
-        if s.floor {
-            let relay = Relay::start(fake.addr(), pinned)?;
-            let r = run(
-                &s,
-                load,
-                Path::Relay,
-                relay.addr,
-                ProxyCpu::Thread(relay.clock),
-            )
-            .await;
-            relay.stop();
-            results.push(r);
-        }
+        // The closed loop's proxies again, in turn, `BENCH_ROUNDS` times: the host's noise
+        // moves every figure between runs, and alternating lets each round's ratios compare
+        // neighbours. Round one goes into the table; every round into the ROUNDS lines.
+        let rounds = match load {
+            Load::Closed => s.rounds,
+            Load::Open(_) => 1,
+        };
+        for round in 0..rounds {
+            let mut these = Vec::new();
+            if s.floor {
+                let relay = Relay::start(fake.addr(), pinned)?;
+                let r = run(
+                    &s,
+                    load,
+                    Path::Relay,
+                    relay.addr,
+                    ProxyCpu::Thread(relay.clock),
+                )
+                .await;
+                relay.stop();
+                these.push(r);
+            }
 
-        let (through, cpus) = run_through(&s, load, Path::Through, &upstream, pinned).await?;
-        embedcar_cpus = cpus;
-        results.push(through);
+            if let Some(bin) = &nginx {
+                let (r, cpus) = run_nginx(&s, bin, load, Path::Nginx, fake.addr(), pinned).await?;
+                nginx_cpus = cpus;
+                these.push(r);
+            }
+
+            let (through, cpus) = run_through(&s, load, Path::Through, &upstream, pinned).await?;
+            embedcar_cpus = cpus;
+            these.push(through);
+            if round == 0 {
+                results.extend(these);
+            } else {
+                later_rounds.extend(these);
+            }
+        }
 
         // Latency again with embedcar on the bench's core: the same core count as the direct
         // run, and no wake-up of an idle core per hop (see README: on this VM a halted core
-        // takes tens of microseconds to wake, more than embedcar's own work).
+        // takes tens of microseconds to wake, more than embedcar's own work). nginx likewise,
+        // so that the two are compared in the same placement.
         if matches!(load, Load::Open(_)) && pinned {
+            if let Some(bin) = &nginx {
+                let (r, _) =
+                    run_nginx(&s, bin, load, Path::NginxShared, fake.addr(), pinned).await?;
+                results.push(r);
+            }
             let (shared, _) = run_through(&s, load, Path::Shared, &upstream, pinned).await?;
             results.push(shared);
         }
@@ -1134,11 +1594,26 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
             "no".into()
         }
     );
+    match &nginx {
+        Some(bin) => println!(
+            "  nginx: {} ({}; one process, fresh per run, upstream keep-alive, no access log), cpus {nginx_cpus}",
+            bin.display(),
+            nginx_version(bin)
+        ),
+        None if s.nginx => println!(
+            "  nginx: not found (BENCH_NGINX_BIN, PATH, {}): its rows are skipped, and the ratios to it",
+            NGINX_PATHS.join(", ")
+        ),
+        None => println!("  nginx: skipped (BENCH_NGINX=0)"),
+    }
     println!();
     print!("{}", report(&s, &results, pinned));
     println!();
     if !s.smoke {
         for line in targets(&results) {
+            println!("{line}");
+        }
+        for line in nginx_targets(&results, &later_rounds) {
             println!("{line}");
         }
         for line in floor_notes(&results) {
@@ -1147,7 +1622,7 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     }
 
     let mut broken = false;
-    for r in &results {
+    for r in results.iter().chain(&later_rounds) {
         if r.errors > 0 {
             let label = r.load.label(s.connections);
             let path = r.path.label();

@@ -1,22 +1,25 @@
-//! embedcar's own tower layers: recording request metrics, counting and logging failures, and
-//! bounding request bodies. Their
-//! order relative to tower-http's layers is set in `stack.rs`, not here.
+//! embedcar's own tower layers: catching panics, the request's context (sensitive headers, id,
+//! span), recording request metrics, counting and logging failures, and bounding request
+//! bodies. Their order is set in `stack.rs`, not here.
 
 use std::{
+    any::Any,
     convert::Infallible,
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
-use http::{header, Request, Response};
+use futures_util::future::{ready, Either, Ready};
+use http::{header, HeaderName, HeaderValue, Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
-use tower_http::request_id::RequestId;
 use tracing::Instrument as _;
 
 use crate::{
@@ -25,60 +28,205 @@ use crate::{
     metrics::{MethodLabel, Metrics, Route},
 };
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 /// Status for a request whose caller went away before it was answered (nginx's 499).
 const CLIENT_CLOSED: u16 = 499;
 
 // ---------------------------------------------------------------------------------------------
-// Request spans
+// Panics
 
-/// One span per request, named by its request id, around the handler, so that every line the
-/// request logs carries the id. Only the handler is instrumented, not the response body: nothing
-/// logs while a body streams. (tower-http's TraceLayer did the same and more: entering the span
-/// for every body frame, classifying failures, timing callbacks for events that are off at the
-/// default level; together about a microsecond per request.)
+/// Turns a panic anywhere below (in `call` or while the response future is polled) into one
+/// caller's 500 ([`errors::panic_response`]), so that a handler bug costs a request, not the
+/// connection. tower-http's CatchPanicLayer does the same but boxes every response body once
+/// more (and a body-type adapter above it boxed it again); this one hands the body through.
+/// Like tower-http's, it does not reach into the body once the response is out.
 #[derive(Clone, Copy, Default)]
-pub struct RequestSpanLayer;
+pub struct CatchPanicLayer;
 
-impl<S> Layer<S> for RequestSpanLayer {
-    type Service = RequestSpan<S>;
-    fn layer(&self, inner: S) -> RequestSpan<S> {
-        RequestSpan { inner }
+impl<S> Layer<S> for CatchPanicLayer {
+    type Service = CatchPanic<S>;
+    fn layer(&self, inner: S) -> CatchPanic<S> {
+        CatchPanic { inner }
     }
 }
 
 #[derive(Clone)]
-pub struct RequestSpan<S> {
+pub struct CatchPanic<S> {
     inner: S,
 }
 
-impl<S, B> Service<Request<B>> for RequestSpan<S>
+impl<S, B> Service<Request<B>> for CatchPanic<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = tracing::instrument::Instrumented<S::Future>;
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = CatchPanicFuture<S::Future>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let id = req
-            .extensions()
-            .get::<RequestId>()
-            .and_then(|id| id.header_value().to_str().ok())
-            .unwrap_or("-");
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))) {
+            Ok(inner) => CatchPanicFuture {
+                inner: Some(inner),
+                panicked: None,
+            },
+            Err(panic) => CatchPanicFuture {
+                inner: None,
+                panicked: Some(panic),
+            },
+        }
+    }
+}
+
+pin_project! {
+    pub struct CatchPanicFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        panicked: Option<Box<dyn Any + Send + 'static>>,
+    }
+}
+
+impl<F> Future for CatchPanicFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        if let Some(panic) = this.panicked.take() {
+            return Poll::Ready(Ok(errors::panic_response(panic)));
+        }
+        let Some(inner) = this.inner.as_mut().as_pin_mut() else {
+            // Polled again after a panic was answered: nothing left to answer with.
+            return Poll::Pending;
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(polled) => polled,
+            Err(panic) => {
+                // The panicked future is dropped at once, as it would be by an unwinding task.
+                this.inner.set(None);
+                Poll::Ready(Ok(errors::panic_response(panic)))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request context: sensitive headers, request ids, the request span
+
+/// The request headers whose values are credentials: marked sensitive before anything may log
+/// or debug-print headers, so that `Debug` output shows them as "Sensitive".
+const SENSITIVE: [HeaderName; 3] = [
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    header::COOKIE,
+];
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything a request needs before it is handled, in one layer and one pass over its headers
+/// (tower-http's three layers for the same made a hashed lookup per name, an extension map per
+/// request and a UUID string per id):
+///
+/// * credentials (`authorization`, `api-key`, `cookie`) are marked sensitive;
+/// * the request gets an id: the caller's `x-request-id`, or a new UUID (v4), which goes
+///   upstream too, as Envoy does, so both sides' logs can be joined;
+/// * one span per request, named by its id, around the handler, so that every line the request
+///   logs carries the id. Only the handler is instrumented, not the response body: nothing logs
+///   while a body streams;
+/// * on the way back, the upstream's own `x-request-id` wins (OpenAI's `req_...` is what its
+///   support asks for); ours fills in when the reply has none (embedcar's own errors).
+#[derive(Clone, Copy, Default)]
+pub struct RequestContextLayer;
+
+impl<S> Layer<S> for RequestContextLayer {
+    type Service = RequestContext<S>;
+    fn layer(&self, inner: S) -> RequestContext<S> {
+        RequestContext { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestContext<S> {
+    inner: S,
+}
+
+/// A new request id: a random (v4) UUID, written straight into the header value.
+fn new_request_id() -> HeaderValue {
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+}
+
+impl<S, B> Service<Request<B>> for RequestContext<S>
+where
+    S: Service<Request<B>, Response = Response<ProxyBody>, Error = Infallible>,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = RequestContextFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let mut id = None;
+        for (name, value) in req.headers_mut().iter_mut() {
+            if SENSITIVE.contains(name) {
+                value.set_sensitive(true);
+            } else if id.is_none() && name == X_REQUEST_ID {
+                id = Some(value.clone());
+            }
+        }
+        let id = match id {
+            Some(id) => id,
+            None => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID, id.clone());
+                id
+            }
+        };
         let span = tracing::info_span!(
             "request",
-            id = %id,
+            id = %id.to_str().unwrap_or("-"),
             method = %req.method(),
             path = %req.uri().path(),
         );
-        let future = span.in_scope(|| self.inner.call(req));
-        future.instrument(span)
+        let inner = span.in_scope(|| self.inner.call(req));
+        RequestContextFuture {
+            inner: inner.instrument(span),
+            id: Some(id),
+        }
+    }
+}
+
+pin_project! {
+    pub struct RequestContextFuture<F> {
+        #[pin]
+        inner: tracing::instrument::Instrumented<F>,
+        id: Option<HeaderValue>,
+    }
+}
+
+impl<F> Future for RequestContextFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        if let Some(id) = this.id.take() {
+            if let header::Entry::Vacant(slot) = response.headers_mut().entry(X_REQUEST_ID) {
+                slot.insert(id);
+            }
+        }
+        Poll::Ready(Ok(response))
     }
 }
 
@@ -116,7 +264,7 @@ pub struct RecordMetrics<S> {
 
 /// Records one request when dropped: with the response's status once the body is done, or as
 /// 499 if the caller left before there was a response.
-struct RequestRecord {
+pub struct RequestRecord {
     metrics: Arc<Metrics>,
     route: Route,
     method: MethodLabel,
@@ -140,7 +288,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+    type Future = RecordMetricsFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -150,19 +298,44 @@ where
         let route = Route::of(req.uri().path());
         req.extensions_mut().insert(route);
         self.metrics.requests_in_flight.inc();
-        let mut record = RequestRecord {
+        let record = RequestRecord {
             metrics: self.metrics.clone(),
             route,
             method: MethodLabel::of(req.method()),
             status: None,
             started: Instant::now(),
         };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let response = fut.await?;
-            record.status = Some(response.status().as_u16());
-            Ok(response.map(|b| Guarded::new(b, record).boxed_unsync()))
-        })
+        RecordMetricsFuture {
+            inner: self.inner.call(req),
+            record: Some(record),
+        }
+    }
+}
+
+pin_project! {
+    /// The handler's future; its response body carries the record to the body's end. Dropped
+    /// before the response (the caller left), the record goes with it, as a 499.
+    pub struct RecordMetricsFuture<F> {
+        #[pin]
+        inner: F,
+        record: Option<RequestRecord>,
+    }
+}
+
+impl<F> Future for RecordMetricsFuture<F>
+where
+    F: Future<Output = Result<Response<ProxyBody>, Infallible>>,
+{
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(response) = ready!(this.inner.poll(cx));
+        let Some(mut record) = this.record.take() else {
+            return Poll::Ready(Ok(response));
+        };
+        record.status = Some(response.status().as_u16());
+        Poll::Ready(Ok(response.map(|b| Guarded::new(b, record).boxed_unsync())))
     }
 }
 
@@ -254,7 +427,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -388,7 +561,7 @@ where
 {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
-    type Future = BoxFuture<Result<Response<ProxyBody>, Infallible>>;
+    type Future = Either<Ready<Result<Response<ProxyBody>, Infallible>>, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -403,17 +576,110 @@ where
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
             let err = ProxyError::BodyTooLarge { limit };
-            return Box::pin(async move { Ok(err.into_response()) });
+            return Either::Left(ready(Ok(err.into_response())));
         }
         let idle = self.layer.idle;
         req.extensions_mut().insert(self.layer.bounds.clone());
         let req = req.map(|b| Limited::new(IdleTimeout::new(b, idle), limit).boxed_unsync());
-        Box::pin(self.inner.call(req))
+        Either::Right(self.inner.call(req))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt as _};
+
+    fn ok_with(headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
+        let mut r = Response::new(crate::body::full("ok"));
+        for (k, v) in headers {
+            r.headers_mut().insert(*k, HeaderValue::from_static(v));
+        }
+        r
+    }
+
+    async fn status_of<S>(svc: S) -> u16
+    where
+        S: Service<Request<()>, Response = Response<ProxyBody>, Error = Infallible>,
+    {
+        let r = svc.oneshot(Request::new(())).await.unwrap();
+        r.status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_call_or_in_the_future_becomes_a_500() {
+        let in_call = CatchPanicLayer.layer(service_fn(
+            |_: Request<()>| -> Ready<Result<Response<ProxyBody>, Infallible>> {
+                panic!("in call")
+            },
+        ));
+        assert_eq!(status_of(in_call).await, 500);
+        let in_future = CatchPanicLayer.layer(service_fn(|_: Request<()>| async {
+            if true {
+                panic!("in the future");
+            }
+            Ok::<_, Infallible>(ok_with(&[]))
+        }));
+        assert_eq!(status_of(in_future).await, 500);
+        let fine = CatchPanicLayer.layer(service_fn(|_: Request<()>| async {
+            Ok::<_, Infallible>(ok_with(&[]))
+        }));
+        assert_eq!(status_of(fine).await, 200);
+    }
+
+    #[tokio::test]
+    async fn a_request_gets_an_id_upstream_and_back_and_its_credentials_are_sensitive() {
+        let svc = RequestContextLayer.layer(service_fn(|req: Request<()>| async move {
+            for name in ["authorization", "api-key", "cookie"] {
+                assert!(req.headers()[name].is_sensitive(), "{name}");
+            }
+            assert!(!req.headers()["content-type"].is_sensitive());
+            let id = req.headers()["x-request-id"].to_str().unwrap();
+            assert!(uuid::Uuid::parse_str(id).is_ok(), "{id}");
+            // The reply carries no id of its own: ours fills in.
+            let mut r = ok_with(&[]);
+            r.headers_mut()
+                .insert("x-seen-id", req.headers()["x-request-id"].clone());
+            Ok::<_, Infallible>(r)
+        }));
+        let req = Request::builder()
+            .header("authorization", "Bearer k")
+            .header("api-key", "k")
+            .header("cookie", "c=1")
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        let r = svc.oneshot(req).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], r.headers()["x-seen-id"]);
+    }
+
+    #[tokio::test]
+    async fn the_callers_id_goes_upstream_and_the_upstreams_own_id_wins_on_the_way_back() {
+        let svc = RequestContextLayer.layer(service_fn(|req: Request<()>| async move {
+            assert_eq!(req.headers()["x-request-id"], "caller-1");
+            Ok::<_, Infallible>(ok_with(&[("x-request-id", "req_upstream")]))
+        }));
+        let req = Request::builder()
+            .header("x-request-id", "caller-1")
+            .body(())
+            .unwrap();
+        let r = svc.oneshot(req).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], "req_upstream");
+
+        let svc = RequestContextLayer.layer(service_fn(|_: Request<()>| async move {
+            Ok::<_, Infallible>(ok_with(&[]))
+        }));
+        let req = Request::builder()
+            .header("x-request-id", "caller-2")
+            .body(())
+            .unwrap();
+        let r = svc.oneshot(req).await.unwrap();
+        assert_eq!(r.headers()["x-request-id"], "caller-2");
+    }
+}
+
+#[cfg(test)]
+mod failure_log_tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]

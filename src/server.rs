@@ -2,6 +2,7 @@
 //! HTTP/1.1 and cleartext HTTP/2 on one port, and a graceful drain.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     convert::Infallible,
     future::Future,
@@ -10,16 +11,16 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
     },
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     time::Duration,
 };
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
-    service::TowerToHyperService,
 };
 use pin_project_lite::pin_project;
 use tokio::{
@@ -27,7 +28,7 @@ use tokio::{
     sync::{watch, Notify, Semaphore},
     time::Instant,
 };
-use tower::Service;
+use tower::{util::Oneshot, Service, ServiceExt as _};
 
 use crate::{
     body::{Guarded, ProxyBody},
@@ -150,10 +151,10 @@ pub async fn serve(
 
         let (id, conn) = connections.register();
         let header_read_timeout = settings.header_read_timeout;
-        let hyper_service = TowerToHyperService::new(Tracked {
-            inner: service.clone(),
+        let hyper_service = Tracked {
+            inner: RefCell::new(service.clone()),
             conn: conn.clone(),
-        });
+        };
         let builder = builder.clone();
         let mut drain = drain_rx.clone();
         let metrics = metrics.clone();
@@ -357,11 +358,18 @@ impl AtCapLog {
 
 /// The connection's service: counts its requests in progress (until the response body ends or
 /// is dropped), so that the accept loop knows which connections are idle.
-#[derive(Clone)]
+///
+/// A hyper service (`call(&self)`) over the tower stack (`call(&mut self)`), without the glue's
+/// copy of the whole stack per request (hyper-util's `TowerToHyperService` clones the service
+/// for every call, a boxed copy and a reference count per layer): the connection's one copy is
+/// borrowed for the call, which is synchronous and never re-entered. Every layer of the stack
+/// is always ready; were one not, the request would get a copy of its own and wait on it.
 struct Tracked {
-    inner: HttpService,
+    inner: RefCell<HttpService>,
     conn: Arc<ConnectionState>,
 }
+
+type StackFuture = <HttpService as Service<Request<Incoming>>>::Future;
 
 /// One request in progress on a connection.
 struct Busy(Arc<ConnectionState>);
@@ -385,19 +393,21 @@ impl Drop for Busy {
     }
 }
 
-impl Service<Request<Incoming>> for Tracked {
+impl hyper::service::Service<Request<Incoming>> for Tracked {
     type Response = Response<Guarded<ProxyBody, Option<Busy>>>;
     type Error = Infallible;
-    type Future = TrackedFuture<<HttpService as Service<Request<Incoming>>>::Future>;
+    type Future = TrackedFuture<Either<StackFuture, Oneshot<HttpService, Request<Incoming>>>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
         let busy = Busy::new(&self.conn);
+        let mut service = self.inner.borrow_mut();
+        let inner = match service.poll_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(())) => Either::Left(service.call(req)),
+            Poll::Ready(Err(never)) => match never {},
+            Poll::Pending => Either::Right(service.clone().oneshot(req)),
+        };
         TrackedFuture {
-            inner: self.inner.call(req),
+            inner,
             busy: Some(busy),
         }
     }

@@ -1,61 +1,38 @@
 //! The one place that orders the tower layers. Outermost first; each layer says why it sits
 //! where it does.
 
-use std::{convert::Infallible, sync::Arc};
+use std::sync::Arc;
 
-use http::{header, HeaderName, Request, Response};
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use tower::{util::BoxCloneService, ServiceBuilder};
-use tower_http::{
-    catch_panic::CatchPanicLayer,
-    map_response_body::MapResponseBodyLayer,
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
-    sensitive_headers::SetSensitiveRequestHeadersLayer,
-};
+use tower::ServiceBuilder;
 
 use crate::{
-    body::ProxyBody,
-    errors,
     layers::{
-        LogThrottle, RecordMetricsLayer, ReportFailuresLayer, RequestBodyLayer, RequestSpanLayer,
-        FAILURE_LOG_INTERVAL,
+        CatchPanic, CatchPanicLayer, LogThrottle, RecordMetrics, RecordMetricsLayer,
+        ReportFailures, ReportFailuresLayer, RequestBody, RequestBodyLayer, RequestContext,
+        RequestContextLayer, FAILURE_LOG_INTERVAL,
     },
     router::Router,
     AppState,
 };
 
-/// The service each connection runs, with its concrete type erased so the server need not
-/// spell it.
-pub type HttpService = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infallible>;
+/// The service each connection runs, spelled out: every layer's future is a named type, so a
+/// request's way down the stack costs no allocation of its own (the router's future is the one
+/// boxed, for the handler's async fns).
+pub type HttpService =
+    CatchPanic<RequestContext<RecordMetrics<ReportFailures<RequestBody<Router>>>>>;
 
 pub fn build(state: &AppState) -> HttpService {
     let router = Router::new(state.proxy.clone(), state.engine.clone());
     let throttle = Arc::new(LogThrottle::new(FAILURE_LOG_INTERVAL));
-    let service = ServiceBuilder::new()
-        // Erases the response body type the layers below build up, so one body type reaches
-        // the server.
-        .layer(MapResponseBodyLayer::new(BodyExt::boxed_unsync))
+    ServiceBuilder::new()
         // Outermost, so that a panic anywhere below (a handler bug, a bad input we did not
         // foresee) becomes one caller's 500 in OpenAI's shape, not a dropped connection.
-        .layer(CatchPanicLayer::custom(errors::panic_response))
-        // Before anything that may log or debug-print headers: marks the credentials sensitive
-        // so that `Debug` output shows them as "Sensitive".
-        .layer(SetSensitiveRequestHeadersLayer::new([
-            header::AUTHORIZATION,
-            HeaderName::from_static("api-key"),
-            header::COOKIE,
-        ]))
-        // Give every request an id (the caller's x-request-id, or a new UUID) before the trace
-        // span is made, so every log line of the request carries it. The id goes upstream too,
-        // as Envoy does, so both sides' logs can be joined.
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
-        // On the way back, the upstream's own x-request-id wins (OpenAI's `req_...` is what its
-        // support asks for); our id fills in when the reply has none (embedcar's own errors).
-        .layer(PropagateRequestIdLayer::x_request_id())
-        // One span per request, named by its id, around the handler; headers are never
-        // recorded.
-        .layer(RequestSpanLayer)
+        .layer(CatchPanicLayer)
+        // Before anything that may log or debug-print headers: marks the credentials sensitive;
+        // gives every request an id (the caller's x-request-id, or a new UUID, sent upstream
+        // too) and a span named by it, so every log line of the request carries it; puts the
+        // id on replies that have none of their own.
+        .layer(RequestContextLayer)
         // Metrics see every request that got this far, including those the body limit refuses,
         // and time each to the end of its response body.
         .layer(RecordMetricsLayer::new(state.metrics.clone()))
@@ -70,6 +47,5 @@ pub fn build(state: &AppState) -> HttpService {
             state.config.upstream.body_idle_timeout,
             state.metrics.clone(),
         ))
-        .service(router);
-    BoxCloneService::new(service)
+        .service(router)
 }
