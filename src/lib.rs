@@ -20,6 +20,7 @@ pub mod rate_gate;
 pub mod retry;
 pub mod router;
 pub mod server;
+pub mod shared_tier;
 pub mod stack;
 pub mod status;
 pub mod upstream;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// The embeddings engine, unless `embeddings.enabled` is off.
     pub engine: Option<Arc<Engine>>,
+    /// The tier shared with other replicas through Redis, if `redis.url` is set.
+    pub shared: Option<Arc<shared_tier::SharedTier>>,
     /// Kept here for the key file's watcher, which [`run`] starts and stops with the listeners.
     upstream: Arc<Upstream>,
     draining: AtomicBool,
@@ -70,6 +73,11 @@ impl AppState {
             metrics.clone(),
         );
         let retrier = Arc::new(Retrier::new(&config, metrics.clone()));
+        let shared =
+            shared_tier::SharedTier::new(&config.redis, config.cache.enabled, metrics.clone())?;
+        if let Some(tier) = &shared {
+            retrier.gates.attach_shared(tier.clone());
+        }
         let proxy = Arc::new(Proxy::new(
             upstream.clone(),
             limit.clone(),
@@ -93,11 +101,15 @@ impl AppState {
                 proxy.clone(),
             ))
         });
+        if let (Some(tier), Some(engine)) = (&shared, &engine) {
+            engine.cache().attach_shared(tier.clone());
+        }
         Ok(Arc::new(AppState {
             config,
             metrics,
             proxy,
             engine,
+            shared,
             upstream,
             draining: AtomicBool::new(false),
         }))
@@ -158,6 +170,14 @@ pub async fn run(
         ))
     });
 
+    // Announced until the drain is over, then leaves the replica set at once.
+    let (beat_stop_tx, beat_stop_rx) = oneshot::channel::<()>();
+    let heartbeat = state.shared.clone().map(|tier| {
+        tokio::spawn(tier.heartbeat(async {
+            let _ = beat_stop_rx.await;
+        }))
+    });
+
     let drain_state = state.clone();
     let shutdown = async move {
         shutdown.await;
@@ -180,7 +200,11 @@ pub async fn run(
 
     let _ = admin_stop_tx.send(());
     let _ = watch_stop_tx.send(());
+    let _ = beat_stop_tx.send(());
     let _ = admin.await;
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
     if let Some(watch) = key_watch {
         let _ = watch.await;
     }
