@@ -817,3 +817,47 @@ async fn the_lua_gate_does_governors_arithmetic() {
         assert!(checked > 10, "{kind}: the schedule never made anyone wait");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_divides_the_budget_by_the_replicas_last_seen() {
+    let Some(mut redis) = PrivateRedis::start() else {
+        return;
+    };
+    let upstream = FakeUpstream::start().await;
+    let prefix = fresh_prefix("divided");
+    let url = redis.url();
+    let configs = (0..3)
+        .map(|_| {
+            let mut c = replica_config(&upstream, &url, &prefix);
+            c.limits.requests_per_minute = 60;
+            c.limits.request_timeout = Duration::from_secs(1);
+            c
+        })
+        .collect();
+    let handles = replicas(configs).await;
+    // Every replica has counted the three (heartbeats every 2 s).
+    let counted = Instant::now() + Duration::from_secs(10);
+    for h in &handles {
+        while metric(h, "embedcar_redis_replicas").await != 3.0 {
+            assert!(
+                Instant::now() < counted,
+                "the replicas never counted each other"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    redis.stop();
+    upstream.reset_stats();
+    let client = client();
+    load(&client, &handles[0].url(), "sk-out", "out", 120).await;
+    let sent = upstream.embedding_inputs();
+    eprintln!("redis down, 3 replicas last seen, 60 rpm: one replica sent {sent}");
+    // A third of the budget (a burst of 20, one every 3 s after it), not all of it.
+    assert!(
+        (15..=30).contains(&sent),
+        "one replica sent {sent} of a 60 rpm budget"
+    );
+    for h in handles {
+        h.shutdown().await.unwrap();
+    }
+}
