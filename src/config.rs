@@ -806,6 +806,38 @@ mod tests {
     }
 
     #[test]
+    fn redis_is_off_unless_a_url_is_given_and_takes_the_environment_form() {
+        assert_eq!(Config::default().redis.url, None);
+        let c = load_toml(
+            "",
+            &[
+                ("EMBEDCAR_REDIS__URL", "rediss://redis.example:6380/1"),
+                ("EMBEDCAR_REDIS__COMMAND_TIMEOUT", "20ms"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.url.as_deref(),
+            Some("rediss://redis.example:6380/1")
+        );
+        assert_eq!(c.redis.command_timeout, Duration::from_millis(20));
+        assert!(c.redis.shared_cache && c.redis.shared_gates && !c.redis.required);
+        let e = load_toml("[redis]\nurl = \"http://redis:6379\"\n", &[]).unwrap_err();
+        assert!(e.contains("redis.url"), "{e}");
+        let e = load_toml(
+            "[redis]\nurl = \"redis://r\"\npassword_env = \"A\"\npassword_file = \"/b\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("redis"), "{e}");
+        let e = load_toml("[redis]\ncommand_timeout = \"0s\"\n", &[]).unwrap_err();
+        assert!(e.contains("redis.command_timeout"), "{e}");
+        let mut c = Config::default();
+        c.redis.url = Some("redis://:s3cret@redis:6379".into());
+        assert!(!c.to_toml().contains("s3cret"));
+    }
+
+    #[test]
     fn the_printed_configuration_masks_url_credentials_and_parses_back() {
         let mut c = Config::default();
         c.upstream.url = "https://user:s3cret@example.com/prefix".into();
