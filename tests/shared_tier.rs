@@ -2,7 +2,7 @@
 //! upstream's 429 seen by one holding all, one cache, tenants kept apart, and Redis trouble
 //! (stopped, slow) costing nothing but the sharing.
 //!
-//! Needs a real `redis-server`: `EMBEDCAR_TEST_REDIS_URL` names the instance `scripts/test`
+//! Needs a real `redis-server`: `TEST_REDIS_URL` names the instance `scripts/test`
 //! starts, and the outage scenarios start private ones (they stop and stall them) from
 //! `redis-server` on the PATH. Without them a test fails under `CI=true` and is skipped, loudly,
 //! elsewhere.
@@ -40,15 +40,15 @@ fn in_ci() -> bool {
 
 /// The shared test instance, or `None` (skip) outside CI.
 fn redis_url() -> Option<String> {
-    match std::env::var("EMBEDCAR_TEST_REDIS_URL") {
+    match std::env::var("TEST_REDIS_URL") {
         Ok(url) if !url.is_empty() => Some(url),
         _ => {
             assert!(
                 !in_ci(),
-                "EMBEDCAR_TEST_REDIS_URL is not set: CI must run these tests against a real redis-server (scripts/test starts one)"
+                "TEST_REDIS_URL is not set: CI must run these tests against a real redis-server (scripts/test starts one)"
             );
             eprintln!(
-                "\n*** SKIPPED: EMBEDCAR_TEST_REDIS_URL is not set; run scripts/test, or start redis-server and set it ***\n"
+                "\n*** SKIPPED: TEST_REDIS_URL is not set; run scripts/test, or start redis-server and set it ***\n"
             );
             None
         }
