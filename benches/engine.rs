@@ -1696,6 +1696,11 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
             sat.push(saturation(&s, &fake, inputs, pinned).await?);
         }
     }
+    let shared = if s.runs("redis") {
+        shared_tier_bench(&s, &fake, pinned).await?
+    } else {
+        None
+    };
     drop(fake);
 
     println!(
@@ -1714,6 +1719,10 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     println!();
     print!("{}", render_table(&render, s.dims));
     println!();
+    if let Some(f) = &shared {
+        print!("{}", shared_tier_table(f));
+        println!();
+    }
     for l in LEGEND {
         println!("  {l}");
     }
@@ -1788,4 +1797,244 @@ async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared tier (Redis): L2 hits against L1 hits, round trips per call, the gate's latency
+// ---------------------------------------------------------------------------------------------
+
+/// What the shared tier costs, measured on the real binary against a real redis-server.
+struct SharedTierFigures {
+    inputs: usize,
+    l1_hit_us: f64,
+    l2_hit_us: f64,
+    fetch_per_call: f64,
+    gate_per_call: f64,
+    store_per_call: f64,
+    gate_p50_us: f64,
+    gate_p99_us: f64,
+}
+
+/// A redis-server of the benchmark's own on a free port (no persistence), stopped on drop.
+struct BenchRedis {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+    url: String,
+}
+
+impl Drop for BenchRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_bench_redis() -> Result<BenchRedis, String> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let dir = std::env::temp_dir().join(format!("embedcar-bench-redis-{port}"));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("no redis-server ({e})"))?;
+    let r = BenchRedis {
+        child,
+        dir,
+        url: format!("redis://127.0.0.1:{port}/0"),
+    };
+    for _ in 0..200 {
+        if let Ok(mut c) = redis::Client::open(r.url.as_str()).and_then(|c| c.get_connection()) {
+            if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                return Ok(r);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err("redis-server did not come up".into())
+}
+
+/// Sends each of `inputs` once through `addr`, `conns` at a time; answers the cache hits.
+async fn each_once(addr: SocketAddr, inputs: &[String], conns: usize) -> Result<u64, String> {
+    let host = HeaderValue::from_str(&addr.to_string()).expect("host header");
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (next, host) = (next.clone(), host.clone());
+        let inputs: Arc<[String]> = inputs.into();
+        tasks.push(tokio::spawn(async move {
+            let mut sender = connect::<Full<Bytes>>(addr).await?;
+            let mut hits = 0;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                let Some(input) = inputs.get(i) else {
+                    return Ok::<u64, String>(hits);
+                };
+                hits += send(&mut sender, &host, body_for(input))
+                    .await
+                    .map_err(|(e, _)| e)?
+                    .cache_hits;
+            }
+        }));
+    }
+    let mut hits = 0;
+    for t in tasks {
+        hits += t.await.map_err(|e| e.to_string())??;
+    }
+    Ok(hits)
+}
+
+async fn shared_tier_bench(
+    s: &Settings,
+    fake: &FakeUpstream,
+    pinned: bool,
+) -> Result<Option<SharedTierFigures>, String> {
+    let redis = match start_bench_redis() {
+        Ok(r) => r,
+        Err(e) => {
+            println!(
+                "  shared tier (redis): SKIPPED, {e}; install Debian's redis-server to measure it"
+            );
+            return Ok(None);
+        }
+    };
+    let env = vec![
+        ("EMBEDCAR_REDIS__URL", redis.url.clone()),
+        (
+            "EMBEDCAR_LIMITS__REQUESTS_PER_MINUTE",
+            "10000000".to_string(),
+        ),
+        // The cost of the tier, not its resilience: on a busy benchmark machine the default
+        // 50 ms can expire and send requests to the fallback, which would not be an L2 hit.
+        ("EMBEDCAR_REDIS__COMMAND_TIMEOUT", "1s".to_string()),
+    ];
+    let writer = Embedcar::start(&fake.url(), false, EMBEDCAR_CORE, &env)?;
+    let mut reader = Embedcar::start(&fake.url(), pinned, EMBEDCAR_CORE, &env)?;
+    let n = if s.smoke { 64 } else { 4000 };
+    let inputs: Vec<String> = (0..n)
+        .map(|i| format!("shared {i}: the food was delicious and the waiter was friendly."))
+        .collect();
+    // Through the writer: every input goes upstream once and on to Redis.
+    each_once(writer.addr, &inputs, 8).await?;
+    let mut conn = redis::Client::open(redis.url.as_str())
+        .and_then(|c| c.get_connection())
+        .map_err(|e| e.to_string())?;
+    for _ in 0..500 {
+        if redis::cmd("DBSIZE").query::<usize>(&mut conn).unwrap_or(0) > n {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Through the reader: first from Redis (L1 misses), then from its own L1, same run.
+    let cpu = || cpu_ns(reader.pid()).map(|c| c as f64);
+    let t0 = cpu().ok_or("no CPU clock")?;
+    let l2_hits = each_once(reader.addr, &inputs, 8).await?;
+    let t1 = cpu().ok_or("no CPU clock")?;
+    let l1_hits = each_once(reader.addr, &inputs, 8).await?;
+    let t2 = cpu().ok_or("no CPU clock")?;
+    if l2_hits != n as u64 || l1_hits != n as u64 {
+        return Err(format!(
+            "shared tier: {l2_hits} and {l1_hits} hits of {n} (Redis did not answer every L1 miss)"
+        ));
+    }
+    // Round trips per upstream call: misses one at a time, so that each is a call of its own.
+    let names = [
+        "embedcar_redis_command_seconds_count{op=\"fetch\"}",
+        "embedcar_redis_command_seconds_count{op=\"gate\"}",
+        "embedcar_redis_command_seconds_count{op=\"store\"}",
+    ];
+    let admin = reader.admin.ok_or("no admin address")?;
+    let before = metrics_at(admin, &names).await.ok_or("no metrics")?;
+    let calls_before = fake.embedding_calls();
+    let misses: Vec<String> = (0..200)
+        .map(|i| format!("shared miss {i}: the food was delicious and the waiter was friendly."))
+        .collect();
+    each_once(reader.addr, &misses, 1).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = metrics_at(admin, &names).await.ok_or("no metrics")?;
+    let calls = (fake.embedding_calls() - calls_before).max(1) as f64;
+    let per_call = |i: usize| (after[i].unwrap_or(0.0) - before[i].unwrap_or(0.0)) / calls;
+    let (fetch, gate, store) = (per_call(0), per_call(1), per_call(2));
+    reader.alive();
+    writer.stop().await;
+    reader.stop().await;
+
+    // The gate check's own latency: the library's client against the same Redis, in turn.
+    let metrics = Arc::new(embedcar::metrics::Metrics::new());
+    let config = embedcar::config::RedisConfig {
+        url: Some(redis.url.clone()),
+        command_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let tier = embedcar::shared_tier::SharedTier::new(&config, true, metrics)
+        .map_err(|e| e.to_string())?
+        .ok_or("no tier")?;
+    let limits = embedcar::shared_tier::GateLimits::per_minute(10_000_000, 0);
+    let mut latency = histogram(HIST_MAX_NS);
+    for i in 0..if s.smoke { 100 } else { 5000 } {
+        let credential = [(i % 7) as u8; 32];
+        let t = Instant::now();
+        tier.gate(&credential, limits, 10)
+            .await
+            .ok_or("the gate did not answer")?;
+        latency.record(ns(t.elapsed())).ok();
+    }
+    Ok(Some(SharedTierFigures {
+        inputs: n,
+        l2_hit_us: (t1 - t0) / 1e3 / n as f64,
+        l1_hit_us: (t2 - t1) / 1e3 / n as f64,
+        fetch_per_call: fetch,
+        gate_per_call: gate,
+        store_per_call: store,
+        gate_p50_us: latency.value_at_quantile(0.5) as f64 / 1e3,
+        gate_p99_us: latency.value_at_quantile(0.99) as f64 / 1e3,
+    }))
+}
+
+fn shared_tier_table(f: &SharedTierFigures) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "shared tier (redis), {} single-input base64 requests per phase, 8 connections:",
+        f.inputs
+    );
+    let _ = writeln!(
+        out,
+        "  embedcar CPU per request, L1 hit:                      {:.1} us",
+        f.l1_hit_us
+    );
+    let _ = writeln!(
+        out,
+        "  embedcar CPU per request, L2 hit (L1 miss, Redis hit): {:.1} us ({:+.1} us)",
+        f.l2_hit_us,
+        f.l2_hit_us - f.l1_hit_us
+    );
+    let _ = writeln!(
+        out,
+        "  Redis round trips per upstream call: {:.2} on the caller's path (fetch {:.2} + gate {:.2}), {:.2} written behind",
+        f.fetch_per_call + f.gate_per_call,
+        f.fetch_per_call,
+        f.gate_per_call,
+        f.store_per_call
+    );
+    let _ = writeln!(
+        out,
+        "  gate check (EVALSHA round trip) added latency: p50 {:.0} us, p99 {:.0} us",
+        f.gate_p50_us, f.gate_p99_us
+    );
+    out
 }

@@ -76,6 +76,13 @@ fn handle(state: &AppState, status: &Status, req: Request<Incoming>) -> Response
                 // Traffic waits until the first callers would not: the tokenizer's tables
                 // load in the background at start (a second or so).
                 text(StatusCode::SERVICE_UNAVAILABLE, "loading the tokenizer\n")
+            } else if state
+                .shared
+                .as_ref()
+                .is_some_and(|t| t.required && !t.reachable())
+            {
+                // Only with `redis.required`: otherwise an outage costs the sharing, not the pod.
+                text(StatusCode::SERVICE_UNAVAILABLE, "redis unreachable\n")
             } else {
                 text(StatusCode::OK, "ready\n")
             }

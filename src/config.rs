@@ -68,6 +68,7 @@ pub struct Config {
     pub credentials: CredentialsConfig,
     pub embeddings: EmbeddingsConfig,
     pub cache: CacheConfig,
+    pub redis: RedisConfig,
     pub log: LogConfig,
 }
 
@@ -371,6 +372,60 @@ impl Default for CacheConfig {
     }
 }
 
+/// The shared tier for many replicas: rate gates and a vector cache in Redis (or Valkey), so
+/// that replicas act as one client of the upstream. No `url`: no Redis, each replica alone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://` (TLS). The password comes from `password_env` or
+    /// `password_file`, not from here.
+    pub url: Option<String>,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// Path of a file holding the password (a mounted Secret); surrounding whitespace ignored.
+    pub password_file: Option<String>,
+    /// Prepended to every key, so that several deployments can share one Redis.
+    pub key_prefix: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Every command's bound: what Redis trouble may add to a request, at most, before the
+    /// tier's breaker stops asking.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// The L2 vector cache behind the in-process one.
+    pub shared_cache: bool,
+    /// The global rate gates, and the upstream's closures shared between replicas.
+    pub shared_gates: bool,
+    /// Whether `/readyz` fails while Redis cannot be reached. Off: an outage costs only the
+    /// sharing.
+    pub required: bool,
+}
+
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "embedcar:";
+/// A connect within a datacentre takes milliseconds; this only bounds a reconnect, which runs
+/// in the background (callers are bounded by `command_timeout`).
+pub const DEFAULT_REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A Redis round trip in the same zone is well under a millisecond; 50 ms is what a request
+/// may lose to a Redis in trouble before the breaker stops asking, a small part of an
+/// embeddings call's own hundreds of milliseconds.
+pub const DEFAULT_REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(50);
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            password_env: None,
+            password_file: None,
+            key_prefix: DEFAULT_REDIS_KEY_PREFIX.to_string(),
+            connect_timeout: DEFAULT_REDIS_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_REDIS_COMMAND_TIMEOUT,
+            shared_cache: true,
+            shared_gates: true,
+            required: false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -599,6 +654,7 @@ impl Config {
                 "credentials: set api_key_env or api_key_file, not both".into(),
             ));
         }
+        self.check_redis()?;
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return Err(ConfigError(
                 "server.admin_listen: must differ from server.listen".into(),
@@ -623,11 +679,42 @@ impl Config {
         out
     }
 
+    fn check_redis(&self) -> Result<(), ConfigError> {
+        let r = &self.redis;
+        if r.password_env.is_some() && r.password_file.is_some() {
+            return Err(ConfigError(
+                "redis: set password_env or password_file, not both".into(),
+            ));
+        }
+        for (key, value) in [
+            ("redis.connect_timeout", r.connect_timeout),
+            ("redis.command_timeout", r.command_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError(format!("{key}: must be longer than 0s")));
+            }
+        }
+        if let Some(url) = &r.url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(ConfigError(
+                    "redis.url: must start with redis:// or rediss:// (TLS)".into(),
+                ));
+            }
+            redis::Client::open(url.as_str())
+                .map_err(|e| ConfigError(format!("redis.url: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// The effective configuration as TOML, for `check-config`. Holds no secret: keys are only
     /// ever named by variable or file, and a URL's userinfo is masked.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.upstream.url = crate::upstream::BaseUrl::mask_userinfo(&shown.upstream.url);
+        shown.redis.url = shown
+            .redis
+            .url
+            .map(|u| crate::upstream::BaseUrl::mask_userinfo(&u));
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -805,6 +892,38 @@ mod tests {
         let e = load_toml("", &[("EMBEDCAR_SERVER__LISTEN", "nowhere")]).unwrap_err();
         assert!(e.contains("server.listen"), "{e}");
         assert!(e.contains("EMBEDCAR_SERVER__LISTEN"), "{e}");
+    }
+
+    #[test]
+    fn redis_is_off_unless_a_url_is_given_and_takes_the_environment_form() {
+        assert_eq!(Config::default().redis.url, None);
+        let c = load_toml(
+            "",
+            &[
+                ("EMBEDCAR_REDIS__URL", "rediss://redis.example:6380/1"),
+                ("EMBEDCAR_REDIS__COMMAND_TIMEOUT", "20ms"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.url.as_deref(),
+            Some("rediss://redis.example:6380/1")
+        );
+        assert_eq!(c.redis.command_timeout, Duration::from_millis(20));
+        assert!(c.redis.shared_cache && c.redis.shared_gates && !c.redis.required);
+        let e = load_toml("[redis]\nurl = \"http://redis:6379\"\n", &[]).unwrap_err();
+        assert!(e.contains("redis.url"), "{e}");
+        let e = load_toml(
+            "[redis]\nurl = \"redis://r\"\npassword_env = \"A\"\npassword_file = \"/b\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.contains("redis"), "{e}");
+        let e = load_toml("[redis]\ncommand_timeout = \"0s\"\n", &[]).unwrap_err();
+        assert!(e.contains("redis.command_timeout"), "{e}");
+        let mut c = Config::default();
+        c.redis.url = Some("redis://:s3cret@redis:6379".into());
+        assert!(!c.to_toml().contains("s3cret"));
     }
 
     #[test]

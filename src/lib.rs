@@ -22,6 +22,7 @@ pub mod rate_gate;
 pub mod retry;
 pub mod router;
 pub mod server;
+pub mod shared_tier;
 pub mod stack;
 pub mod status;
 pub mod upstream;
@@ -54,6 +55,8 @@ pub struct AppState {
     pub proxy: Arc<Proxy>,
     /// The embeddings engine, unless `embeddings.enabled` is off.
     pub engine: Option<Arc<Engine>>,
+    /// The tier shared with other replicas through Redis, if `redis.url` is set.
+    pub shared: Option<Arc<shared_tier::SharedTier>>,
     /// Kept here for the key file's watcher, which [`run`] starts and stops with the listeners.
     upstream: Arc<Upstream>,
     draining: AtomicBool,
@@ -64,6 +67,11 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config)?;
         let outbound = outbound::Parts::new(&config, metrics.clone());
+        let shared =
+            shared_tier::SharedTier::new(&config.redis, config.cache.enabled, metrics.clone())?;
+        if let Some(tier) = &shared {
+            outbound.gates.attach_shared(tier.clone());
+        }
         let proxy = Arc::new(Proxy::new(
             upstream.clone(),
             &outbound,
@@ -84,11 +92,15 @@ impl AppState {
                 proxy.clone(),
             ))
         });
+        if let (Some(tier), Some(engine)) = (&shared, &engine) {
+            engine.cache().attach_shared(tier.clone());
+        }
         Ok(Arc::new(AppState {
             config,
             metrics,
             proxy,
             engine,
+            shared,
             upstream,
             draining: AtomicBool::new(false),
         }))
@@ -146,6 +158,14 @@ pub async fn run(
         ))
     });
 
+    // Announced until the drain is over, then leaves the replica set at once.
+    let (beat_stop_tx, beat_stop_rx) = oneshot::channel::<()>();
+    let heartbeat = state.shared.clone().map(|tier| {
+        tokio::spawn(tier.heartbeat(async {
+            let _ = beat_stop_rx.await;
+        }))
+    });
+
     let drain_state = state.clone();
     let shutdown = async move {
         shutdown.await;
@@ -168,7 +188,11 @@ pub async fn run(
 
     let _ = admin_stop_tx.send(());
     let _ = watch_stop_tx.send(());
+    let _ = beat_stop_tx.send(());
     let _ = admin.await;
+    if let Some(heartbeat) = heartbeat {
+        let _ = heartbeat.await;
+    }
     if let Some(watch) = key_watch {
         let _ = watch.await;
     }

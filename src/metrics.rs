@@ -97,6 +97,8 @@ pub struct Metrics {
     /// The size-adjusted latency baseline the last judged call was compared with.
     pub adaptive_baseline: prometheus::Gauge,
     pub adaptive_decisions: IntCounterVec,
+    /// The shared tier's (Redis) commands, fallback, L2 cache and replicas.
+    pub redis: crate::shared_tier::SharedTierMetrics,
 
     /// Children of the per-request metrics above, looked up once and kept (see [`Children`]).
     requests_by: Children<IntCounter>,
@@ -485,6 +487,7 @@ impl Metrics {
             adaptive_limit,
             adaptive_baseline,
             adaptive_decisions,
+            redis: crate::shared_tier::SharedTierMetrics::new(),
             requests_by: Children::new(Route::COUNT * METHOD_LABELS.len() * STATUS_LABELS.len()),
             request_duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
             upstream_requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
@@ -529,7 +532,7 @@ impl Metrics {
             Box::new(m.adaptive_baseline.clone()),
             Box::new(m.adaptive_decisions.clone()),
         ];
-        for c in collectors {
+        for c in collectors.into_iter().chain(m.redis.collectors()) {
             m.registry.register(c).expect("metric names are unique");
         }
         // The standard process_* metrics (resident and virtual memory, CPU seconds, open and max

@@ -3,6 +3,12 @@
 //! shuts the credential's gate until the reset for every caller at once, so one caller's 429
 //! does not become a hundred.
 //!
+//! With the shared tier (`src/shared_tier.rs`) the gates are global: a call that the local
+//! gates let through also asks Redis' gate, which all replicas share, and a closure seen here is
+//! published to every replica. The local gates stay the first step, so Redis is asked only when
+//! the local view allows; while Redis cannot be asked, a local gate with the budget divided by
+//! the replicas last seen stands in for the global one.
+//!
 //! Waiting at a gate counts against the caller's deadline. A caller who could not get through
 //! before its deadline is told so at once (429 with Retry-After), not after waiting for nothing.
 
@@ -11,7 +17,7 @@ use std::{
     num::NonZeroU32,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::Duration,
 };
@@ -29,6 +35,7 @@ use crate::{
     metrics::Metrics,
     outbound::{Attempt, BoxFuture},
     retry::{RateLimitHeaders, Tried},
+    shared_tier::{GateAnswer, GateLimits, SharedTier},
 };
 
 /// A credential's identity at the gates (the SHA-256 fingerprint the batch keys use).
@@ -80,10 +87,82 @@ type Limiter = RateLimiter<
     NoOpMiddleware<Duration>,
 >;
 
-pub struct RateGates {
-    clock: TokioClock,
+/// A budget of requests and tokens per minute (either may be absent: no limit of that kind).
+struct Budget {
     requests: Option<Limiter>,
     tokens: Option<(Limiter, NonZeroU32)>,
+}
+
+impl Budget {
+    fn new(requests_per_minute: u32, tokens_per_minute: u32, clock: &TokioClock) -> Budget {
+        let limiter = |per_minute: u32| {
+            NonZeroU32::new(per_minute).map(|n| {
+                (
+                    RateLimiter::dashmap_with_clock(Quota::per_minute(n), clock.clone()),
+                    n,
+                )
+            })
+        };
+        Budget {
+            requests: limiter(requests_per_minute).map(|(l, _)| l),
+            tokens: limiter(tokens_per_minute),
+        }
+    }
+
+    fn limiters(&self) -> impl Iterator<Item = &Limiter> {
+        [self.requests.as_ref(), self.tokens.as_ref().map(|(l, _)| l)]
+            .into_iter()
+            .flatten()
+    }
+
+    /// How long until `credential` may send `tokens` more tokens; `None` when it may go now
+    /// (and then the request and its tokens are counted).
+    ///
+    /// The request cell is taken first and only once per caller (`request_spent` remembers
+    /// it): governor cannot look without taking, and a cell taken while the tokens then say
+    /// wait stays this caller's, rather than being spent again on every look while it waits.
+    fn wait(
+        &self,
+        clock: &TokioClock,
+        credential: &CredentialId,
+        tokens: u64,
+        request_spent: &mut bool,
+    ) -> Option<Duration> {
+        let now = clock.now();
+        if let (Some(limiter), false) = (&self.requests, *request_spent) {
+            if let Err(not_until) = limiter.check_key(credential) {
+                return Some(not_until.wait_time_from(now));
+            }
+            *request_spent = true;
+        }
+        if let Some((limiter, burst)) = &self.tokens {
+            // A call larger than a whole minute's budget could never pass; let it go as a
+            // full minute's worth.
+            let cells = u32::try_from(tokens)
+                .unwrap_or(u32::MAX)
+                .clamp(1, burst.get());
+            let cells = NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN);
+            match limiter.check_key_n(credential, cells) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => return Some(not_until.wait_time_from(now)),
+                Err(_) => return Some(Duration::from_secs(60)),
+            }
+        }
+        None
+    }
+}
+
+pub struct RateGates {
+    clock: TokioClock,
+    /// This replica's view: the whole budget (the global gate, if any, comes after it).
+    local: Budget,
+    requests_per_minute: u32,
+    tokens_per_minute: u32,
+    /// The global gate, once attached (`attach_shared`).
+    shared: OnceLock<Arc<SharedTier>>,
+    /// The stand-in for the global gate while Redis cannot be asked: the budget divided by
+    /// the replicas last seen (their count, and the budget made for it).
+    fallback: Mutex<Option<(u32, Arc<Budget>)>>,
     /// Gates the upstream shut, until when.
     shut: Mutex<HashMap<CredentialId, Instant>>,
     /// Callers waiting at each credential's gate, served in arrival order: the tokio mutex is
@@ -107,17 +186,12 @@ impl RateGates {
         let clock = TokioClock {
             origin: Instant::now(),
         };
-        let limiter = |per_minute: u32| {
-            NonZeroU32::new(per_minute).map(|n| {
-                (
-                    RateLimiter::dashmap_with_clock(Quota::per_minute(n), clock.clone()),
-                    n,
-                )
-            })
-        };
         RateGates {
-            requests: limiter(requests_per_minute).map(|(l, _)| l),
-            tokens: limiter(tokens_per_minute),
+            local: Budget::new(requests_per_minute, tokens_per_minute, &clock),
+            requests_per_minute,
+            tokens_per_minute,
+            shared: OnceLock::new(),
+            fallback: Mutex::new(None),
             clock,
             shut: Mutex::new(HashMap::new()),
             lines: Mutex::new(HashMap::new()),
@@ -149,9 +223,16 @@ impl RateGates {
         {
             return;
         }
-        for limiter in [self.requests.as_ref(), self.tokens.as_ref().map(|(l, _)| l)]
-            .into_iter()
-            .flatten()
+        let fallback = self
+            .fallback
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(_, b)| b.clone());
+        for limiter in self
+            .local
+            .limiters()
+            .chain(fallback.iter().flat_map(|b| b.limiters()))
         {
             limiter.retain_recent();
             limiter.shrink_to_fit();
@@ -166,9 +247,26 @@ impl RateGates {
         lines.shrink_to_fit();
     }
 
-    /// Shuts `credential`'s gate for `for_` (from a 429 or a budget at zero). A later, shorter
-    /// closure does not reopen a longer one.
+    /// Makes the gates global: from now on a call asks the shared tier's gate too (after the
+    /// local one), and closures are published to every replica. Once only.
+    pub fn attach_shared(&self, tier: Arc<SharedTier>) {
+        if tier.shares_gates {
+            let _ = self.shared.set(tier);
+        }
+    }
+
+    /// Shuts `credential`'s gate for `for_` (from a 429 or a budget at zero), here and (with the
+    /// shared tier) on every replica. A later, shorter closure does not reopen a longer one.
     pub fn shut(&self, credential: &CredentialId, for_: Duration) {
+        if let Some(tier) = self.shared.get() {
+            tier.publish_shut(credential, for_);
+        }
+        self.metrics.gate_closures.inc();
+        self.shut_here(credential, for_);
+    }
+
+    /// Shuts `credential`'s gate on this replica only.
+    fn shut_here(&self, credential: &CredentialId, for_: Duration) {
         let until = Instant::now() + for_;
         self.ever_shut.store(true, Ordering::Relaxed);
         let mut shut = self.shut.lock().unwrap_or_else(|p| p.into_inner());
@@ -176,7 +274,6 @@ impl RateGates {
         if *entry < until {
             *entry = until;
         }
-        self.metrics.gate_closures.inc();
         // Forget closures long past, so the map holds only live ones.
         let now = Instant::now();
         shut.retain(|_, t| *t > now);
@@ -193,16 +290,105 @@ impl RateGates {
             .filter(|t| *t > Instant::now())
     }
 
-    /// Whether every request passes: no limits configured and no gate ever shut.
+    /// Whether every request passes: no limits configured, no gate ever shut, and no global
+    /// gate (another replica's closure could hold this one's calls).
     pub fn wide_open(&self) -> bool {
-        self.requests.is_none() && self.tokens.is_none() && !self.ever_shut.load(Ordering::Relaxed)
+        self.local.requests.is_none()
+            && self.local.tokens.is_none()
+            && !self.ever_shut.load(Ordering::Relaxed)
+            && self.shared.get().is_none()
     }
 
     /// Passes one request of `tokens` tokens for `credential`, waiting as needed, but never
-    /// past `deadline`. Waiting callers line up in arrival order; a newcomer whose turn would
+    /// past `deadline`: the local gates first, then (with the shared tier) the global gate, or
+    /// while Redis cannot be asked, the local stand-in with a divided budget.
+    pub async fn pass(
+        &self,
+        credential: &CredentialId,
+        tokens: u64,
+        deadline: Instant,
+    ) -> Result<(), ProxyError> {
+        self.pass_local(credential, tokens, deadline).await?;
+        let Some(tier) = self.shared.get() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let limits = GateLimits::per_minute(self.requests_per_minute, self.tokens_per_minute);
+        loop {
+            match tier.gate(credential, limits, tokens).await {
+                Some(GateAnswer::Go) => {
+                    let waited = started.elapsed();
+                    if !waited.is_zero() {
+                        self.metrics.gate_wait.observe(waited.as_secs_f64());
+                    }
+                    return Ok(());
+                }
+                Some(GateAnswer::Wait { wait, closed }) => {
+                    if closed {
+                        // Another replica saw the 429: the lanes here hold their calls too.
+                        self.ever_shut.store(true, Ordering::Relaxed);
+                        self.shut_here(credential, wait);
+                    }
+                    if Instant::now() + wait > deadline {
+                        return Err(self.refuse(wait));
+                    }
+                    tokio::time::sleep(wait).await;
+                }
+                None => return self.pass_fallback(credential, tokens, deadline).await,
+            }
+        }
+    }
+
+    /// The global gate's stand-in: this replica's share of the budget.
+    async fn pass_fallback(
+        &self,
+        credential: &CredentialId,
+        tokens: u64,
+        deadline: Instant,
+    ) -> Result<(), ProxyError> {
+        let Some(budget) = self.fallback_budget() else {
+            return Ok(());
+        };
+        let mut request_spent = false;
+        loop {
+            match budget.wait(&self.clock, credential, tokens, &mut request_spent) {
+                None => return Ok(()),
+                Some(wait) if Instant::now() + wait > deadline => return Err(self.refuse(wait)),
+                Some(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// The budget divided by the replicas last seen, made anew when their count changes;
+    /// `None` without limits.
+    fn fallback_budget(&self) -> Option<Arc<Budget>> {
+        if self.requests_per_minute == 0 && self.tokens_per_minute == 0 {
+            return None;
+        }
+        let replicas = self.shared.get().map_or(1, |t| t.replicas());
+        let mut fallback = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
+        match &*fallback {
+            Some((n, budget)) if *n == replicas => Some(budget.clone()),
+            _ => {
+                let share = |per_minute: u32| match per_minute {
+                    0 => 0,
+                    n => (n / replicas).max(1),
+                };
+                let budget = Arc::new(Budget::new(
+                    share(self.requests_per_minute),
+                    share(self.tokens_per_minute),
+                    &self.clock,
+                ));
+                *fallback = Some((replicas, budget.clone()));
+                Some(budget)
+            }
+        }
+    }
+
+    /// The local gates: waiting callers line up in arrival order; a newcomer whose turn would
     /// come after its deadline (the wait at the head of the line, plus one interval per caller
     /// ahead) is refused at once with 429, not after waiting for nothing.
-    pub async fn pass(
+    async fn pass_local(
         &self,
         credential: &CredentialId,
         tokens: u64,
@@ -261,8 +447,8 @@ impl RateGates {
     #[cfg(test)]
     fn held(&self) -> (usize, usize, usize, usize) {
         (
-            self.requests.as_ref().map_or(0, |l| l.len()),
-            self.tokens.as_ref().map_or(0, |(l, _)| l.len()),
+            self.local.requests.as_ref().map_or(0, |l| l.len()),
+            self.local.tokens.as_ref().map_or(0, |(l, _)| l.len()),
             self.shut.lock().unwrap_or_else(|p| p.into_inner()).len(),
             self.lines.lock().unwrap_or_else(|p| p.into_inner()).len(),
         )
@@ -300,12 +486,8 @@ impl RateGates {
         shut.max(self.request_interval.unwrap_or(Duration::ZERO))
     }
 
-    /// How long until `credential` may send `tokens` more tokens now; `None` when it may go
-    /// now (and then the request and its tokens are counted).
-    ///
-    /// The request cell is taken first and only once per caller (`request_spent` remembers
-    /// it): governor cannot look without taking, and a cell taken while the tokens then say
-    /// wait stays this caller's, rather than being spent again on every look while it waits.
+    /// How long until `credential` may send `tokens` more tokens now (the upstream's closure,
+    /// then the local budget); `None` when it may go now.
     fn wait(
         &self,
         credential: &CredentialId,
@@ -315,27 +497,8 @@ impl RateGates {
         if let Some(until) = self.shut_until(credential) {
             return Some(until - Instant::now());
         }
-        let now = self.clock.now();
-        if let (Some(limiter), false) = (&self.requests, *request_spent) {
-            if let Err(not_until) = limiter.check_key(credential) {
-                return Some(not_until.wait_time_from(now));
-            }
-            *request_spent = true;
-        }
-        if let Some((limiter, burst)) = &self.tokens {
-            // A call larger than a whole minute's budget could never pass; let it go as a
-            // full minute's worth.
-            let cells = u32::try_from(tokens)
-                .unwrap_or(u32::MAX)
-                .clamp(1, burst.get());
-            let cells = NonZeroU32::new(cells).unwrap_or(NonZeroU32::MIN);
-            match limiter.check_key_n(credential, cells) {
-                Ok(Ok(())) => {}
-                Ok(Err(not_until)) => return Some(not_until.wait_time_from(now)),
-                Err(_) => return Some(Duration::from_secs(60)),
-            }
-        }
-        None
+        self.local
+            .wait(&self.clock, credential, tokens, request_spent)
     }
 }
 

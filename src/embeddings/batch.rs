@@ -757,6 +757,11 @@ async fn run_batch(
             ctx.cache.insert((scope, *hash), embedded.clone());
         }
     }
+    let answered = delivery.hashes.iter().zip(&outcomes);
+    ctx.cache.share(
+        scope,
+        answered.filter_map(|(h, o)| Some((*h, o.as_ref().ok()?))),
+    );
     delivery.deliver(outcomes);
     retire_if_idle(&ctx, &key, kind, &lane);
 }

@@ -11,12 +11,19 @@
 //! on everything else but I/O (measured in the engine benchmark). quick_cache has no TTL of
 //! its own, so an entry carries its expiry and a lookup that finds it stale removes it; stale
 //! entries nobody asks for age out under the byte bound like any cold entry.
+//!
+//! With the shared tier (`src/shared_tier.rs`) this is L1 in front of an L2 in Redis that all
+//! replicas share: L1's misses are looked up there in one MGET (`fetch_shared`), a hit fills
+//! L1, and the upstream's answers go there too, written behind (`share`).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
-use crate::config::CacheConfig;
+use crate::{config::CacheConfig, shared_tier::SharedTier};
 
 /// What the engine knows about one input once the upstream has answered for it.
 #[derive(Debug)]
@@ -59,6 +66,8 @@ impl quick_cache::Weighter<CacheKey, Entry> for ByBytes {
 pub struct VectorCache {
     inner: Option<quick_cache::sync::Cache<CacheKey, Entry, ByBytes>>,
     ttl: Duration,
+    /// L2, once attached (`attach_shared`).
+    shared: OnceLock<Arc<SharedTier>>,
 }
 
 impl VectorCache {
@@ -71,6 +80,47 @@ impl VectorCache {
         Self {
             inner,
             ttl: config.ttl,
+            shared: OnceLock::new(),
+        }
+    }
+
+    /// Puts the shared cache behind this one (if the tier shares its cache). Once only.
+    pub fn attach_shared(&self, tier: Arc<SharedTier>) {
+        if tier.shares_cache && self.inner.is_some() {
+            let _ = self.shared.set(tier);
+        }
+    }
+
+    /// L1's misses `hashes` (under `scope`) looked up in L2, in one round trip; each hit is
+    /// put in L1. Without L2, or while Redis cannot be asked, all misses.
+    pub async fn fetch_shared(&self, scope: u128, hashes: &[u128]) -> Vec<Option<Arc<Embedded>>> {
+        let Some(tier) = self.shared.get().filter(|_| !hashes.is_empty()) else {
+            return vec![None; hashes.len()];
+        };
+        let keys: Vec<CacheKey> = hashes.iter().map(|h| (scope, *h)).collect();
+        tier.fetch(&keys)
+            .await
+            .into_iter()
+            .zip(keys)
+            .map(|(found, key)| {
+                let found = Arc::new(found?);
+                self.insert_here(key, found.clone());
+                Some(found)
+            })
+            .collect()
+    }
+
+    /// Gives the upstream's answers to L2 (written behind; nothing without L2).
+    pub fn share<'a>(
+        &self,
+        scope: u128,
+        answered: impl Iterator<Item = (u128, &'a Arc<Embedded>)>,
+    ) {
+        if let Some(tier) = self.shared.get() {
+            tier.store(
+                answered.map(|(h, e)| ((scope, h), e.clone())).collect(),
+                self.ttl,
+            );
         }
     }
 
@@ -85,6 +135,11 @@ impl VectorCache {
     }
 
     pub fn insert(&self, key: CacheKey, value: Arc<Embedded>) {
+        self.insert_here(key, value);
+    }
+
+    /// Into L1 only.
+    fn insert_here(&self, key: CacheKey, value: Arc<Embedded>) {
         if let Some(c) = &self.inner {
             c.insert(
                 key,

@@ -306,6 +306,21 @@ impl Engine {
                 unsized_misses.push((position, hash, input));
             }
         }
+        // L1's misses go to the shared cache (if any) in one round trip.
+        if !unsized_misses.is_empty() {
+            let hashes: Vec<u128> = unsized_misses.iter().map(|(_, h, _)| *h).collect();
+            let found = self.cache.fetch_shared(scope, &hashes).await;
+            if found.iter().any(Option::is_some) {
+                let mut found = found.into_iter();
+                unsized_misses.retain(|(position, _, _)| match found.next().flatten() {
+                    Some(hit) => {
+                        answers[*position] = Some(hit);
+                        false
+                    }
+                    None => true,
+                });
+            }
+        }
         let sized = size_misses(tokenizer, unsized_misses).await?;
         let mut misses: [Vec<(usize, Miss)>; 2] = [Vec::new(), Vec::new()];
         for (position, miss, exact) in sized {
