@@ -5,8 +5,9 @@
 //! replica's in-process one.
 //!
 //! Redis trouble never becomes a caller's trouble: every command is bounded by
-//! `redis.command_timeout`, and after `BREAKER_FAILURES` failures in a row a breaker stops
-//! asking for `BREAKER_COOLDOWN`, then lets one probe through. While it is open the cache is
+//! `redis.command_timeout`, and a breaker stops asking for `BREAKER_COOLDOWN` (then lets one
+//! probe through) after the first command that timed out, or after `BREAKER_FAILURES` errors in
+//! a row. While it is open the cache is
 //! the in-process one alone and the gates are local ones with the budget divided by the
 //! replicas last seen (each replica announces itself in a sorted set whose members expire), so
 //! an outage does not multiply the budget by the number of replicas.
@@ -35,7 +36,10 @@ use crate::{
     config::RedisConfig, embeddings::cache::Embedded, metrics::Metrics, rate_gate::CredentialId,
 };
 
-/// Failures in a row (errors or timeouts) after which the tier stops asking Redis.
+/// Errors in a row after which the tier stops asking Redis. An error comes back at once and
+/// costs a caller nothing; a timeout costs it `command_timeout`, and a request meets two
+/// commands (its cache lookup, then its call's gate), so one timeout opens the breaker at once:
+/// a request pays `command_timeout` at most, whatever Redis does.
 pub const BREAKER_FAILURES: u32 = 3;
 /// How long the tier does without Redis before one command probes it again.
 pub const BREAKER_COOLDOWN: Duration = Duration::from_secs(2);
@@ -396,12 +400,12 @@ impl SharedTier {
         }
     }
 
-    fn failed(&self) {
+    fn failed(&self, timed_out: bool) {
         self.reachable.store(false, Ordering::Relaxed);
         let now = Instant::now();
         let mut mode = self.mode.lock().unwrap_or_else(|p| p.into_inner());
         match *mode {
-            Mode::Closed { failures } if failures + 1 < BREAKER_FAILURES => {
+            Mode::Closed { failures } if !timed_out && failures + 1 < BREAKER_FAILURES => {
                 *mode = Mode::Closed {
                     failures: failures + 1,
                 };
@@ -454,7 +458,7 @@ impl SharedTier {
                     .errors
                     .with_label_values(&[op.label(), "error"])
                     .inc();
-                self.failed();
+                self.failed(false);
                 None
             }
             Err(_) => {
@@ -463,7 +467,7 @@ impl SharedTier {
                     .errors
                     .with_label_values(&[op.label(), "timeout"])
                     .inc();
-                self.failed();
+                self.failed(true);
                 None
             }
         }
