@@ -31,7 +31,7 @@ use crate::{
     config::BreakerConfig,
     errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture},
+    outbound::{Attempt, BoxFuture, Layered},
     rate_gate::CredentialId,
     retry::{Health, Tried},
 };
@@ -450,20 +450,14 @@ impl BreakerLayer {
 impl<S> tower::Layer<S> for BreakerLayer {
     type Service = Breaker<S>;
     fn layer(&self, inner: S) -> Breaker<S> {
-        Breaker(Arc::new((self.breaker.clone(), inner)))
+        Layered::new(self.clone(), inner)
     }
 }
 
-/// The breaker layer's service; the breaker and the service below are shared behind one `Arc`.
-pub struct Breaker<S>(Arc<(Option<Arc<CircuitBreaker>>, S)>);
+/// The breaker layer's service.
+pub type Breaker<S> = Layered<BreakerLayer, S>;
 
-impl<S> Clone for Breaker<S> {
-    fn clone(&self) -> Self {
-        Breaker(self.0.clone())
-    }
-}
-
-impl<S, R, T> tower::Service<Attempt<R>> for Breaker<S>
+impl<S, R, T> tower::Service<Attempt<R>> for Layered<BreakerLayer, S>
 where
     S: tower::Service<
             Attempt<R>,
@@ -489,8 +483,8 @@ where
     }
 
     fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
-        let (breaker, inner) = &*self.0;
-        let Some(breaker) = breaker.clone() else {
+        let (layer, inner) = self.parts();
+        let Some(breaker) = layer.breaker.clone() else {
             // No breaker: the attempt goes straight on, without a future of this layer's own.
             return inner.clone().call(attempt);
         };

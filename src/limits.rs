@@ -24,7 +24,7 @@ use crate::{
     adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
     errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Kind, Placed},
+    outbound::{Attempt, BoxFuture, Kind, Layered, Placed},
     retry::Tried,
 };
 
@@ -234,20 +234,14 @@ impl PlaceLayer {
 impl<S> tower::Layer<S> for PlaceLayer {
     type Service = Place<S>;
     fn layer(&self, inner: S) -> Place<S> {
-        Place(Arc::new((self.capacity.clone(), inner)))
+        Layered::new(self.clone(), inner)
     }
 }
 
-/// The places layer's service; the capacity and the service below are shared behind one `Arc`.
-pub struct Place<S>(Arc<(Arc<Capacity>, S)>);
+/// The places layer's service.
+pub type Place<S> = Layered<PlaceLayer, S>;
 
-impl<S> Clone for Place<S> {
-    fn clone(&self) -> Self {
-        Place(self.0.clone())
-    }
-}
-
-impl<S, R, T> tower::Service<Attempt<R>> for Place<S>
+impl<S, R, T> tower::Service<Attempt<R>> for Layered<PlaceLayer, S>
 where
     S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError>
         + Clone
@@ -270,9 +264,10 @@ where
     }
 
     fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
-        let shared = self.0.clone();
+        let shared = self.shared();
         Box::pin(async move {
-            let (capacity, inner) = &*shared;
+            let (layer, inner) = &*shared;
+            let capacity = &layer.capacity;
             let mut places = match (attempt.places.take(), attempt.kind) {
                 (Some(held), _) => held,
                 (None, Kind::Engine) => capacity.engine_places().await,

@@ -120,6 +120,32 @@ pub fn build<L>(exchange: L, parts: &Parts) -> Outbound<L> {
         .service(exchange)
 }
 
+/// Every layer's service: the layer's own state and the service below it, shared behind one
+/// `Arc`, so a call clones one pointer, not the stack below it.
+pub struct Layered<L, S>(Arc<(L, S)>);
+
+impl<L, S> Layered<L, S> {
+    pub fn new(layer: L, inner: S) -> Self {
+        Layered(Arc::new((layer, inner)))
+    }
+
+    /// The layer and the service below, for a future that outlives the call.
+    pub fn shared(&self) -> Arc<(L, S)> {
+        self.0.clone()
+    }
+
+    /// The layer and the service below, borrowed.
+    pub fn parts(&self) -> &(L, S) {
+        &self.0
+    }
+}
+
+impl<L, S> Clone for Layered<L, S> {
+    fn clone(&self) -> Self {
+        Layered(self.0.clone())
+    }
+}
+
 /// A boxed, sendable future: what every layer's `call` returns.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -219,19 +245,12 @@ impl AttemptTimeoutLayer {
 impl<S> Layer<S> for AttemptTimeoutLayer {
     type Service = AttemptTimeout<S>;
     fn layer(&self, inner: S) -> AttemptTimeout<S> {
-        AttemptTimeout(Arc::new((self.clone(), inner)))
+        Layered::new(self.clone(), inner)
     }
 }
 
-/// The attempt's timeout. The layer and the service below are shared behind one `Arc`, so a
-/// call clones one pointer, not the stack.
-pub struct AttemptTimeout<S>(Arc<(AttemptTimeoutLayer, S)>);
-
-impl<S> Clone for AttemptTimeout<S> {
-    fn clone(&self) -> Self {
-        AttemptTimeout(self.0.clone())
-    }
-}
+/// The attempt timeout's service.
+pub type AttemptTimeout<S> = Layered<AttemptTimeoutLayer, S>;
 
 /// An engine attempt ends without waiting for the upstream any longer than this many times
 /// what an unqueued call of its size takes (the learnt baseline), so that a call lost in a hung
@@ -286,7 +305,7 @@ impl HeadArrived {
     }
 }
 
-impl<S, R, T> Service<Attempt<R>> for AttemptTimeout<S>
+impl<S, R, T> Service<Attempt<R>> for Layered<AttemptTimeoutLayer, S>
 where
     S: Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + Sync + 'static,
     S::Future: Send,
@@ -302,7 +321,7 @@ where
     }
 
     fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
-        let shared = self.0.clone();
+        let shared = self.shared();
         Box::pin(async move {
             let (layer, inner) = &*shared;
             let mut attempt = attempt;

@@ -33,7 +33,7 @@ use crate::{
     adaptive_limit::Signal,
     errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture},
+    outbound::{Attempt, BoxFuture, Layered},
     retry::{RateLimitHeaders, Tried},
     shared_tier::{GateAnswer, GateLimits, SharedTier},
 };
@@ -531,20 +531,14 @@ impl GateLayer {
 impl<S> tower::Layer<S> for GateLayer {
     type Service = Gate<S>;
     fn layer(&self, inner: S) -> Gate<S> {
-        Gate(Arc::new((self.clone(), inner)))
+        Layered::new(self.clone(), inner)
     }
 }
 
-/// The gate layer's service; the layer and the service below are shared behind one `Arc`.
-pub struct Gate<S>(Arc<(GateLayer, S)>);
+/// The gate layer's service.
+pub type Gate<S> = Layered<GateLayer, S>;
 
-impl<S> Clone for Gate<S> {
-    fn clone(&self) -> Self {
-        Gate(self.0.clone())
-    }
-}
-
-impl<S, R, T> tower::Service<Attempt<R>> for Gate<S>
+impl<S, R, T> tower::Service<Attempt<R>> for Layered<GateLayer, S>
 where
     S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError>
         + Clone
@@ -567,7 +561,7 @@ where
     }
 
     fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
-        let shared = self.0.clone();
+        let shared = self.shared();
         Box::pin(async move {
             let (layer, inner) = &*shared;
             let credential = attempt.credential;

@@ -22,7 +22,7 @@ use crate::{
     adaptive_limit::Signal,
     errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Call, Placed, Reply},
+    outbound::{Attempt, BoxFuture, Call, Layered, Placed, Reply},
 };
 
 /// What the upstream said about a credential's remaining budget, from one reply's headers.
@@ -707,21 +707,14 @@ impl RetryLayer {
 impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
     fn layer(&self, inner: S) -> Retry<S> {
-        Retry(Arc::new((self.state.clone(), inner)))
+        Layered::new(self.clone(), inner)
     }
 }
 
-/// The retry layer's service; the loop's state and the stack below are shared behind one
-/// `Arc`, so a call clones one pointer, not the stack.
-pub struct Retry<S>(Arc<(Arc<RetryState>, S)>);
+/// The retry layer's service.
+pub type Retry<S> = Layered<RetryLayer, S>;
 
-impl<S> Clone for Retry<S> {
-    fn clone(&self) -> Self {
-        Retry(self.0.clone())
-    }
-}
-
-impl<S, R, T> Service<Call<R>> for Retry<S>
+impl<S, R, T> Service<Call<R>> for Layered<RetryLayer, S>
 where
     S: Service<Attempt<R>, Response = Tried<Placed<T>>, Error = ProxyError>
         + Clone
@@ -741,10 +734,10 @@ where
     }
 
     fn call(&mut self, call: Call<R>) -> Self::Future {
-        let shared = self.0.clone();
+        let shared = self.shared();
         Box::pin(async move {
-            let (state, inner) = &*shared;
-            state.run(inner, call).await
+            let (layer, inner) = &*shared;
+            layer.state.run(inner, call).await
         })
     }
 }
