@@ -808,33 +808,17 @@ mod loop_tests {
             async move { Ok::<_, ProxyError>(tried) }
         });
         let stack = outbound::build(exchange, parts);
-        let deadline = policy.deadline;
-        let attempts = move |n| {
-            Some(Attempt {
-                request: n,
-                kind: Kind::PassThrough { idempotent: true },
-                route: crate::metrics::Route::Other,
-                credential: KEY,
-                tokens: 1,
-                deadline,
-                answer_by: None,
-                live: None,
-                places: None,
-                head: Default::default(),
-            })
+        let call = Call {
+            retryable: policy.retryable,
+            max_attempts: policy.max_attempts,
+            callers: policy.callers,
+            ..one_call(
+                policy.deadline,
+                Kind::PassThrough { idempotent: true },
+                None,
+            )
         };
-        let f = outbound::send(
-            &stack,
-            Call {
-                attempts: Box::new(attempts),
-                deadline,
-                retryable: policy.retryable,
-                max_attempts: policy.max_attempts,
-                callers: policy.callers,
-                live: None,
-            },
-        )
-        .await?;
+        let f = outbound::send(&stack, call).await?;
         Ok(Finished {
             value: f.value.value,
             attempts: f.attempts,
@@ -1059,28 +1043,7 @@ mod loop_tests {
             Ok::<_, ProxyError>(answer(a.request).await)
         });
         let stack = outbound::build(exchange, &p);
-        let attempts = move |n| {
-            Some(Attempt {
-                request: n,
-                kind: Kind::PassThrough { idempotent: true },
-                route: crate::metrics::Route::Other,
-                credential: KEY,
-                tokens: 1,
-                deadline: far,
-                answer_by: None,
-                live: None,
-                places: None,
-                head: Default::default(),
-            })
-        };
-        let call = Call {
-            attempts: Box::new(attempts),
-            deadline: far,
-            retryable: true,
-            max_attempts: Some(3),
-            callers: 1,
-            live: None,
-        };
+        let call = one_call(far, Kind::PassThrough { idempotent: true }, None);
         let done = outbound::send(&stack, call).await.unwrap();
         assert_eq!(done.value.value, 200);
         assert_eq!(done.attempts, 2);

@@ -459,6 +459,30 @@ async fn an_input_embedded_through_one_replica_is_answered_by_another_from_redis
     }
 }
 
+/// Two replicas sharing `url` under a steady load for 5 s from now, with limits the load never
+/// reaches (the gate is asked on every call); the load's observations come from the task.
+async fn two_replicas_under_load(
+    upstream: &FakeUpstream,
+    url: &str,
+    prefix: &str,
+    tag: &'static str,
+) -> (Vec<embedcar::Handle>, tokio::task::JoinHandle<Observed>) {
+    let mut configs = vec![
+        replica_config(upstream, url, prefix),
+        replica_config(upstream, url, prefix),
+    ];
+    for c in &mut configs {
+        c.limits.requests_per_minute = 100_000;
+        c.limits.tokens_per_minute = 10_000_000;
+    }
+    let handles = replicas(configs).await;
+    let bases: Vec<String> = handles.iter().map(|h| h.url()).collect();
+    let client = client();
+    let until = Instant::now() + Duration::from_secs(5);
+    let load = tokio::spawn(async move { steady_load(&client, &bases, until, tag).await });
+    (handles, load)
+}
+
 /// Latencies of a steady load through two replicas (a mix of repeated and new inputs) while
 /// `trouble` happens to Redis; every request must be answered.
 struct Observed {
@@ -598,25 +622,7 @@ async fn redis_stopped_mid_load_costs_only_the_sharing() {
     let upstream = FakeUpstream::start().await;
     let prefix = fresh_prefix("stopped");
     let url = redis.url();
-    let mut configs = vec![
-        replica_config(&upstream, &url, &prefix),
-        replica_config(&upstream, &url, &prefix),
-    ];
-    for c in &mut configs {
-        // Limits that the load never reaches: the gate is asked on every call.
-        c.limits.requests_per_minute = 100_000;
-        c.limits.tokens_per_minute = 10_000_000;
-    }
-    let handles = replicas(configs).await;
-    let bases: Vec<String> = handles.iter().map(|h| h.url()).collect();
-    let client = client();
-
-    let start = Instant::now();
-    let load = tokio::spawn({
-        let client = client.clone();
-        let bases = bases.clone();
-        async move { steady_load(&client, &bases, start + Duration::from_secs(5), "stopped").await }
-    });
+    let (handles, load) = two_replicas_under_load(&upstream, &url, &prefix, "stopped").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     redis.stop();
     let stopped = Instant::now();
@@ -668,23 +674,7 @@ async fn redis_slow_costs_only_the_sharing() {
     let upstream = FakeUpstream::start().await;
     let prefix = fresh_prefix("slow");
     let url = redis.url();
-    let mut configs = vec![
-        replica_config(&upstream, &url, &prefix),
-        replica_config(&upstream, &url, &prefix),
-    ];
-    for c in &mut configs {
-        c.limits.requests_per_minute = 100_000;
-    }
-    let handles = replicas(configs).await;
-    let bases: Vec<String> = handles.iter().map(|h| h.url()).collect();
-    let client = client();
-
-    let start = Instant::now();
-    let load = tokio::spawn({
-        let client = client.clone();
-        let bases = bases.clone();
-        async move { steady_load(&client, &bases, start + Duration::from_secs(5), "slow").await }
-    });
+    let (handles, load) = two_replicas_under_load(&upstream, &url, &prefix, "slow").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     // Redis stalls for 3 s: every command in that time would wait for it.
     let stall = tokio::task::spawn_blocking({
