@@ -21,9 +21,14 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{ready, Context, Poll},
     time::Duration,
 };
+
+use pin_project_lite::pin_project;
 
 use tokio::time::Instant;
 
@@ -31,7 +36,7 @@ use crate::{
     config::BreakerConfig,
     errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Layered},
+    outbound::{Attempt, Layered},
     rate_gate::CredentialId,
     retry::{Health, Tried},
 };
@@ -120,8 +125,8 @@ pub enum Failure {
 
 /// Leave to make one upstream attempt. Report how it went; a pass dropped without a report (the
 /// callers left) frees a probe without judging the upstream.
-pub struct Pass<'a> {
-    breaker: &'a CircuitBreaker,
+pub struct Pass {
+    breaker: Arc<CircuitBreaker>,
     credential: CredentialId,
     /// This attempt probes the credential's circuit, or the circuit for everyone.
     probe: bool,
@@ -129,7 +134,7 @@ pub struct Pass<'a> {
     reported: bool,
 }
 
-impl Pass<'_> {
+impl Pass {
     pub fn succeeded(mut self) {
         self.reported = true;
         self.breaker
@@ -160,7 +165,7 @@ impl Pass<'_> {
     }
 }
 
-impl Drop for Pass<'_> {
+impl Drop for Pass {
     fn drop(&mut self) {
         if !self.reported {
             self.breaker
@@ -196,7 +201,7 @@ impl CircuitBreaker {
     }
 
     /// Lets an attempt for `credential` through, or refuses it with 503 + Retry-After.
-    pub fn admit(&self, credential: &CredentialId) -> Result<Pass<'_>, ProxyError> {
+    pub fn admit(self: &Arc<Self>, credential: &CredentialId) -> Result<Pass, ProxyError> {
         let now = Instant::now();
         let mut c = self.lock();
         let global_probe = self.advance(&mut c.unreachable, now)?;
@@ -235,7 +240,7 @@ impl CircuitBreaker {
             }
         };
         Ok(Pass {
-            breaker: self,
+            breaker: self.clone(),
             credential: *credential,
             probe,
             global_probe,
@@ -459,21 +464,11 @@ pub type Breaker<S> = Layered<BreakerLayer, S>;
 
 impl<S, R, T> tower::Service<Attempt<R>> for Layered<BreakerLayer, S>
 where
-    S: tower::Service<
-            Attempt<R>,
-            Response = Tried<T>,
-            Error = ProxyError,
-            Future = BoxFuture<Result<Tried<T>, ProxyError>>,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    R: Send + 'static,
-    T: Send + 'static,
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone,
 {
     type Response = Tried<T>;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<Tried<T>, ProxyError>>;
+    type Future = Judged<S::Future>;
 
     fn poll_ready(
         &mut self,
@@ -484,22 +479,65 @@ where
 
     fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
         let (layer, inner) = self.parts();
-        let Some(breaker) = layer.breaker.clone() else {
-            // No breaker: the attempt goes straight on, without a future of this layer's own.
-            return inner.clone().call(attempt);
+        // No breaker: the attempt goes straight on, and nobody hears how it went.
+        let pass = match &layer.breaker {
+            Some(breaker) => match breaker.admit(&attempt.credential) {
+                Ok(pass) => Some(pass),
+                Err(refused) => {
+                    return Judged::Refused {
+                        error: Some(refused),
+                    }
+                }
+            },
+            None => None,
         };
-        let mut inner = inner.clone();
-        Box::pin(async move {
-            let pass = breaker.admit(&attempt.credential)?;
-            let tried = inner.call(attempt).await?;
-            match tried.health {
-                Health::Good => pass.succeeded(),
-                Health::Bad(how) => pass.failed(how),
-                Health::Neutral if tried.rate_limit.is_some() => pass.answered(),
-                Health::Neutral => pass.neutral(),
+        Judged::Going {
+            attempt: inner.clone().call(attempt),
+            pass,
+        }
+    }
+}
+
+pin_project! {
+    /// The breaker's future: refused at once, or the attempt below, whose outcome the breaker
+    /// hears as it ends. A named type rather than a box: every upstream call passes here.
+    #[project = JudgedProj]
+    pub enum Judged<F> {
+        Refused { error: Option<ProxyError> },
+        Going {
+            #[pin]
+            attempt: F,
+            // Dropped unreported if the attempt fails inside embedcar or its caller leaves:
+            // that frees a probe without judging the upstream.
+            pass: Option<Pass>,
+        },
+    }
+}
+
+impl<F, T> Future for Judged<F>
+where
+    F: Future<Output = Result<Tried<T>, ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            JudgedProj::Refused { error } => {
+                Poll::Ready(Err(error.take().expect("a refused attempt is polled once")))
             }
-            Ok(tried)
-        })
+            JudgedProj::Going { attempt, pass } => {
+                let result = ready!(attempt.poll(cx));
+                if let (Ok(tried), Some(pass)) = (&result, pass.take()) {
+                    match tried.health {
+                        Health::Good => pass.succeeded(),
+                        Health::Bad(how) => pass.failed(how),
+                        Health::Neutral if tried.rate_limit.is_some() => pass.answered(),
+                        Health::Neutral => pass.neutral(),
+                    }
+                }
+                Poll::Ready(result)
+            }
+        }
     }
 }
 
@@ -510,7 +548,7 @@ mod tests {
     const A: CredentialId = [1; 32];
     const B: CredentialId = [2; 32];
 
-    fn breaker() -> CircuitBreaker {
+    fn breaker() -> Arc<CircuitBreaker> {
         let settings = BreakerConfig {
             enabled: true,
             failure_rate: 0.9,
@@ -519,7 +557,7 @@ mod tests {
             connect_failures: 3,
             cooldown: Duration::from_secs(5),
         };
-        CircuitBreaker::new(&settings, Arc::new(Metrics::new()))
+        Arc::new(CircuitBreaker::new(&settings, Arc::new(Metrics::new())))
     }
 
     #[tokio::test(start_paused = true)]

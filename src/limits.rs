@@ -6,12 +6,17 @@
 //! official clients treat as retryable.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
     },
+    task::{ready, Context, Poll},
     time::Duration,
 };
+
+use pin_project_lite::pin_project;
 
 use http::{HeaderMap, HeaderName};
 
@@ -93,6 +98,21 @@ impl ConcurrencyLimit {
         }
     }
 
+    /// A slot if one is free now.
+    fn try_acquire(&self) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        self.metrics.concurrency_wait.observe(0.0);
+        Some(self.held(permit))
+    }
+
+    fn held(&self, permit: OwnedSemaphorePermit) -> Slot {
+        self.metrics.upstream_in_flight.inc();
+        Slot {
+            _permit: permit,
+            metrics: self.metrics.clone(),
+        }
+    }
+
     /// Takes a slot, waiting at most the wait budget (and never past `deadline`, when given).
     pub async fn acquire(&self, deadline: Option<Instant>) -> Result<Slot, ProxyError> {
         let started = Instant::now();
@@ -129,11 +149,7 @@ impl ConcurrencyLimit {
         self.metrics
             .concurrency_wait
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.upstream_in_flight.inc();
-        Ok(Slot {
-            _permit: permit,
-            metrics: self.metrics.clone(),
-        })
+        Ok(self.held(permit))
     }
 
     /// Takes a slot, however long that takes: for the embeddings dispatchers, whose callers
@@ -150,11 +166,7 @@ impl ConcurrencyLimit {
         self.metrics
             .concurrency_wait
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.upstream_in_flight.inc();
-        Slot {
-            _permit: permit,
-            metrics: self.metrics.clone(),
-        }
+        self.held(permit)
     }
 
     pub fn available(&self) -> usize {
@@ -184,6 +196,14 @@ impl Capacity {
             slot: self.ceiling.acquire_unbounded().await,
             place,
         }
+    }
+
+    /// A pass-through slot if one is free now.
+    fn free_pass_through_slot(&self) -> Option<Places> {
+        Some(Places {
+            slot: self.ceiling.try_acquire()?,
+            place: None,
+        })
     }
 
     /// A pass-through slot, within the wait budget and by `deadline`.
@@ -254,7 +274,7 @@ where
 {
     type Response = Tried<Placed<T>>;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<Tried<Placed<T>>, ProxyError>>;
+    type Future = Placing<S::Future, T>;
 
     fn poll_ready(
         &mut self,
@@ -264,34 +284,97 @@ where
     }
 
     fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
-        let shared = self.shared();
-        Box::pin(async move {
-            let (layer, inner) = &*shared;
-            let capacity = &layer.capacity;
-            let mut places = match (attempt.places.take(), attempt.kind) {
-                (Some(held), _) => held,
-                (None, Kind::Engine) => capacity.engine_places().await,
-                (None, Kind::PassThrough { .. }) => {
-                    capacity.pass_through_slot(attempt.deadline).await?
+        let (layer, inner) = self.parts();
+        let capacity = &layer.capacity;
+        // Places held already or free now: the attempt goes on at once.
+        let at_once = match (attempt.places.take(), attempt.kind) {
+            (Some(held), _) => Some(held),
+            (None, Kind::PassThrough { .. }) => capacity.free_pass_through_slot(),
+            (None, Kind::Engine) => None,
+        };
+        match at_once {
+            Some(places) => placed(inner, places, attempt),
+            None => {
+                let shared = self.shared();
+                Placing::Waiting {
+                    attempt: Box::pin(async move {
+                        let (layer, inner) = &*shared;
+                        let capacity = &layer.capacity;
+                        let places = match attempt.kind {
+                            Kind::Engine => capacity.engine_places().await,
+                            Kind::PassThrough { .. } => {
+                                capacity.pass_through_slot(attempt.deadline).await?
+                            }
+                        };
+                        placed(inner, places, attempt).await
+                    }),
                 }
-            };
-            let (kind, tokens) = (attempt.kind, attempt.tokens);
-            places.sent();
-            let tried = inner.clone().call(attempt).await?;
-            Ok(match kind {
-                // The engine's attempt has read its reply: its places are done with. Its size
-                // is what it sent (only the inputs someone still waited for).
-                Kind::Engine => {
-                    places.finish(tried.signal, tried.size.unwrap_or(tokens));
-                    tried.map(|value| Placed { value, slot: None })
-                }
-                // A passed-through response streams on: its slot goes with it.
-                Kind::PassThrough { .. } => tried.map(|value| Placed {
-                    value,
-                    slot: Some(places.slot),
-                }),
-            })
-        })
+            }
+        }
+    }
+}
+/// Sends the attempt on with its places held, which start the learnt limit's clock.
+fn placed<S, R, T>(inner: &S, mut places: Places, attempt: Attempt<R>) -> Placing<S::Future, T>
+where
+    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone,
+{
+    let (kind, tokens) = (attempt.kind, attempt.tokens);
+    places.sent();
+    Placing::Held {
+        attempt: inner.clone().call(attempt),
+        places: Some(places),
+        kind,
+        tokens,
+    }
+}
+
+pin_project! {
+    /// The places layer's future: the attempt with its places held (a named type, no box,
+    /// when they were free or held already), or a wait for them first.
+    #[project = PlacingProj]
+    pub enum Placing<F, T> {
+        Held {
+            #[pin]
+            attempt: F,
+            places: Option<Places>,
+            kind: Kind,
+            tokens: u64,
+        },
+        Waiting { attempt: BoxFuture<Result<Tried<Placed<T>>, ProxyError>> },
+    }
+}
+
+impl<F, T> Future for Placing<F, T>
+where
+    F: Future<Output = Result<Tried<T>, ProxyError>>,
+{
+    type Output = Result<Tried<Placed<T>>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (attempt, places, kind, tokens) = match self.project() {
+            PlacingProj::Waiting { attempt } => return attempt.as_mut().poll(cx),
+            PlacingProj::Held {
+                attempt,
+                places,
+                kind,
+                tokens,
+            } => (attempt, places, *kind, *tokens),
+        };
+        let tried = ready!(attempt.poll(cx))?;
+        let places = places.take().expect("polled after it ended");
+        Poll::Ready(Ok(match kind {
+            // The engine's attempt has read its reply: its places are done with. Its size is
+            // what it sent (only the inputs someone still waited for).
+            Kind::Engine => {
+                places.finish(tried.signal, tried.size.unwrap_or(tokens));
+                tried.map(|value| Placed { value, slot: None })
+            }
+            // A passed-through response streams on: its slot goes with it.
+            Kind::PassThrough { .. } => tried.map(|value| Placed {
+                value,
+                slot: Some(places.slot),
+            }),
+        }))
     }
 }
 

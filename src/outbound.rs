@@ -12,7 +12,15 @@
 //! the stack at once. A tower middleware that is not always ready (a `Buffer`, tower's own
 //! concurrency limit) does not belong in it.
 
-use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{ready, Poll},
+    time::Duration,
+};
+
+use pin_project_lite::pin_project;
 
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder};
@@ -314,84 +322,196 @@ where
 {
     type Response = Tried<T>;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<Tried<T>, ProxyError>>;
+    type Future = Timed<S::Future, T>;
 
     fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, attempt: Attempt<R>) -> Self::Future {
-        let shared = self.shared();
-        Box::pin(async move {
-            let (layer, inner) = &*shared;
-            let mut attempt = attempt;
-            let started = Instant::now();
-            let wait = layer.timeouts.upstream_wait(attempt.kind, attempt.tokens);
-            let upstream_deadline = started + wait;
-            let (kind, route) = (attempt.kind, attempt.route);
-            let live = attempt.live.clone();
-            // The callers' deadline as it stands now: an engine call's callers may have come
-            // and gone while it waited for its place.
-            let answer_by = match &live {
-                Some(live) => live(),
-                None => attempt.answer_by,
-            };
-            if kind == Kind::Engine {
-                // Nobody left with time: nothing is sent. (A timer already due would still let
-                // the request go out on its first poll.)
-                if answer_by.is_none_or(|by| by <= started) {
-                    return Ok(Tried::not_sent(T::abandoned(ProxyError::UpstreamTimeout(
-                        Duration::ZERO,
-                    ))));
+        let (layer, inner) = self.parts();
+        match attempt.kind {
+            // Its callers' deadline is fixed, and its exchange returns at the response head:
+            // one timer for both bounds, in a named future (every pass-through request takes
+            // this path).
+            Kind::PassThrough { .. } if attempt.live.is_none() => {
+                let started = Instant::now();
+                let wait = layer.timeouts.upstream_wait(attempt.kind, attempt.tokens);
+                let upstream_deadline = started + wait;
+                let until = attempt
+                    .answer_by
+                    .map_or(upstream_deadline, |by| by.min(upstream_deadline));
+                Timed::PassThrough {
+                    timer: tokio::time::sleep_until(until),
+                    upstream_bound: until == upstream_deadline,
+                    started,
+                    wait,
+                    kind: attempt.kind,
+                    route: attempt.route,
+                    metrics: layer.metrics.clone(),
+                    exchange: inner.clone().call(attempt),
                 }
-                attempt.head = HeadArrived::watched();
             }
-            let head = attempt.head.clone();
-            let exchange = inner.clone().call(attempt);
-            tokio::pin!(exchange);
-            // Waits until the upstream's own time is up, or no caller is left with time: when
-            // the callers' deadline comes, a caller who joined meanwhile may have more.
-            let mut callers = answer_by.unwrap_or(upstream_deadline);
-            let upstream_timed_out = loop {
-                let until = upstream_deadline.min(callers);
-                match tokio::time::timeout_at(until, &mut exchange).await {
-                    Ok(result) => return result,
-                    Err(_) if head.has_arrived() => return exchange.await,
-                    Err(_) if until == upstream_deadline => break true,
-                    Err(_) => match live.as_ref().and_then(|l| l()) {
-                        Some(later) if later > callers => callers = later.min(upstream_deadline),
-                        _ => break false,
-                    },
+            _ => Timed::Engine {
+                attempt: Box::pin(engine_attempt(self.shared(), attempt)),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The attempt timeout's future.
+    #[project = TimedProj]
+    pub enum Timed<F, T> {
+        PassThrough {
+            #[pin]
+            exchange: F,
+            #[pin]
+            timer: tokio::time::Sleep,
+            // The timer is the upstream's own bound (else the callers' deadline came first).
+            upstream_bound: bool,
+            started: Instant,
+            wait: Duration,
+            kind: Kind,
+            route: Route,
+            metrics: Arc<Metrics>,
+        },
+        Engine { attempt: BoxFuture<Result<Tried<T>, ProxyError>> },
+    }
+}
+
+impl<F, T> Future for Timed<F, T>
+where
+    F: Future<Output = Result<Tried<T>, ProxyError>>,
+    T: Reply,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            TimedProj::Engine { attempt } => attempt.as_mut().poll(cx),
+            TimedProj::PassThrough {
+                exchange,
+                timer,
+                upstream_bound,
+                started,
+                wait,
+                kind,
+                route,
+                metrics,
+            } => {
+                if let Poll::Ready(result) = exchange.poll(cx) {
+                    return Poll::Ready(result);
                 }
-            };
-            let metrics = &layer.metrics;
-            let elapsed = started.elapsed();
-            if let Kind::PassThrough { .. } = kind {
-                metrics
-                    .deadline_expired
-                    .with_label_values(&["first_byte"])
-                    .inc();
+                ready!(timer.poll(cx));
+                Poll::Ready(Ok(timed_out(
+                    metrics,
+                    *kind,
+                    *route,
+                    *started,
+                    *wait,
+                    *upstream_bound,
+                )))
             }
-            let timed_out = ProxyError::UpstreamTimeout(elapsed.min(wait));
-            if !upstream_timed_out {
-                // Every caller's deadline came first: slow is not broken. Nothing to retry,
-                // and the breaker hears nothing; the learnt limit hears the call took at least
-                // this long.
-                let label = match kind {
-                    Kind::Engine => "abandoned",
-                    Kind::PassThrough { .. } => "timeout",
-                };
-                metrics.observe_upstream(route, label, elapsed);
-                return Ok(Tried::abandoned(T::abandoned(timed_out)));
-            }
-            metrics.observe_upstream(route, "timeout", elapsed);
-            Ok(match kind {
-                Kind::PassThrough { idempotent: false } => Tried {
-                    verdict: Verdict::Final,
-                    ..Tried::broken(T::error(timed_out), RetryReason::Timeout)
-                },
-                _ => Tried::broken(T::error(timed_out), RetryReason::Timeout),
-            })
-        })
+        }
+    }
+}
+
+/// An engine attempt under its timeout: its callers' deadline moves as callers join and leave,
+/// and the timeout bounds the wait for the reply's head, not the reading of it.
+async fn engine_attempt<S, R, T>(
+    shared: Arc<(AttemptTimeoutLayer, S)>,
+    attempt: Attempt<R>,
+) -> Result<Tried<T>, ProxyError>
+where
+    S: Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone,
+    T: Reply,
+{
+    let (layer, inner) = &*shared;
+    let mut attempt = attempt;
+    let started = Instant::now();
+    let wait = layer.timeouts.upstream_wait(attempt.kind, attempt.tokens);
+    let upstream_deadline = started + wait;
+    let (kind, route) = (attempt.kind, attempt.route);
+    let live = attempt.live.clone();
+    // The callers' deadline as it stands now: an engine call's callers may have come and gone
+    // while it waited for its place.
+    let answer_by = match &live {
+        Some(live) => live(),
+        None => attempt.answer_by,
+    };
+    if kind == Kind::Engine {
+        // Nobody left with time: nothing is sent. (A timer already due would still let the
+        // request go out on its first poll.)
+        if answer_by.is_none_or(|by| by <= started) {
+            return Ok(Tried::not_sent(T::abandoned(ProxyError::UpstreamTimeout(
+                Duration::ZERO,
+            ))));
+        }
+        attempt.head = HeadArrived::watched();
+    }
+    let head = attempt.head.clone();
+    let exchange = inner.clone().call(attempt);
+    tokio::pin!(exchange);
+    // Waits until the upstream's own time is up, or no caller is left with time: when the
+    // callers' deadline comes, a caller who joined meanwhile may have more.
+    let mut callers = answer_by.unwrap_or(upstream_deadline);
+    let upstream_timed_out = loop {
+        let until = upstream_deadline.min(callers);
+        match tokio::time::timeout_at(until, &mut exchange).await {
+            Ok(result) => return result,
+            Err(_) if head.has_arrived() => return exchange.await,
+            Err(_) if until == upstream_deadline => break true,
+            Err(_) => match live.as_ref().and_then(|l| l()) {
+                Some(later) if later > callers => callers = later.min(upstream_deadline),
+                _ => break false,
+            },
+        }
+    };
+    Ok(timed_out(
+        &layer.metrics,
+        kind,
+        route,
+        started,
+        wait,
+        upstream_timed_out,
+    ))
+}
+
+/// The attempt's answer when its time ran out: the upstream's own (a broken attempt, worth a
+/// retry unless it may have been carried out), or its callers' (abandoned).
+fn timed_out<T: Reply>(
+    metrics: &Metrics,
+    kind: Kind,
+    route: Route,
+    started: Instant,
+    wait: Duration,
+    upstream_timed_out: bool,
+) -> Tried<T> {
+    let elapsed = started.elapsed();
+    if let Kind::PassThrough { .. } = kind {
+        metrics
+            .deadline_expired
+            .with_label_values(&["first_byte"])
+            .inc();
+    }
+    let timed_out = ProxyError::UpstreamTimeout(elapsed.min(wait));
+    if !upstream_timed_out {
+        // Every caller's deadline came first: slow is not broken. Nothing to retry, and the
+        // breaker hears nothing; the learnt limit hears the call took at least this long.
+        let label = match kind {
+            Kind::Engine => "abandoned",
+            Kind::PassThrough { .. } => "timeout",
+        };
+        metrics.observe_upstream(route, label, elapsed);
+        return Tried::abandoned(T::abandoned(timed_out));
+    }
+    metrics.observe_upstream(route, "timeout", elapsed);
+    match kind {
+        Kind::PassThrough { idempotent: false } => Tried {
+            verdict: Verdict::Final,
+            ..Tried::broken(T::error(timed_out), RetryReason::Timeout)
+        },
+        _ => Tried::broken(T::error(timed_out), RetryReason::Timeout),
     }
 }

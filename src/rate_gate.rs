@@ -14,13 +14,18 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     num::NonZeroU32,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
         Arc, Mutex, OnceLock,
     },
+    task::{ready, Context, Poll},
     time::Duration,
 };
+
+use pin_project_lite::pin_project;
 
 use governor::{
     clock::Clock, middleware::NoOpMiddleware, state::keyed::DashMapStateStore, Quota, RateLimiter,
@@ -551,7 +556,7 @@ where
 {
     type Response = Tried<T>;
     type Error = ProxyError;
-    type Future = BoxFuture<Result<Tried<T>, ProxyError>>;
+    type Future = Gated<S, S::Future, T>;
 
     fn poll_ready(
         &mut self,
@@ -562,12 +567,23 @@ where
 
     fn call(&mut self, mut attempt: Attempt<R>) -> Self::Future {
         let shared = self.shared();
-        Box::pin(async move {
-            let (layer, inner) = &*shared;
-            let credential = attempt.credential;
-            if !layer.gates.wide_open() {
-                // Places already held are not carried through a wait here: other tenants would
-                // wait behind one tenant's quota. The places layer takes fresh ones after.
+        let credential = attempt.credential;
+        if shared.0.gates.wide_open() {
+            // No gate to pass (the default: no limits configured, never shut by the
+            // upstream): the attempt goes on at once, and its answer is heard on the way back.
+            let attempt = shared.1.clone().call(attempt);
+            return Gated::Open {
+                attempt,
+                layer: shared,
+                credential,
+            };
+        }
+        Gated::Waiting {
+            attempt: Box::pin(async move {
+                let (layer, inner) = &*shared;
+                // Places already held are not carried through a wait here: other tenants
+                // would wait behind one tenant's quota. The places layer takes fresh ones
+                // after.
                 if let Some(held) = attempt.places.take() {
                     held.finish(Signal::Ignore, 0);
                 }
@@ -575,17 +591,60 @@ where
                     .gates
                     .pass(&credential, attempt.tokens, attempt.deadline)
                     .await?;
-            }
-            let tried = inner.clone().call(attempt).await?;
-            if let Some((status, headers)) = &tried.rate_limit {
-                layer.observe(&credential, *status, headers);
-            }
-            Ok(tried)
-        })
+                let tried = inner.clone().call(attempt).await?;
+                layer.heard(&credential, &tried);
+                Ok(tried)
+            }),
+        }
     }
 }
 
+pin_project! {
+    /// The gate's future: straight on when no gate is set (a named type, no box: every upstream
+    /// call passes here), or a wait at the gate first.
+    #[project = GatedProj]
+    pub enum Gated<S, F, T> {
+        Open {
+            #[pin]
+            attempt: F,
+            layer: Arc<(GateLayer, S)>,
+            credential: CredentialId,
+        },
+        Waiting { attempt: BoxFuture<Result<Tried<T>, ProxyError>> },
+    }
+}
+
+impl<S, F, T> Future for Gated<S, F, T>
+where
+    F: Future<Output = Result<Tried<T>, ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            GatedProj::Open {
+                attempt,
+                layer,
+                credential,
+            } => {
+                let result = ready!(attempt.poll(cx));
+                if let Ok(tried) = &result {
+                    layer.0.heard(credential, tried);
+                }
+                Poll::Ready(result)
+            }
+            GatedProj::Waiting { attempt } => attempt.as_mut().poll(cx),
+        }
+    }
+}
 impl GateLayer {
+    /// What an attempt's answer says about the credential's budget.
+    fn heard<T>(&self, credential: &CredentialId, tried: &Tried<T>) {
+        if let Some((status, headers)) = &tried.rate_limit {
+            self.observe(credential, *status, headers);
+        }
+    }
+
     /// Shuts the credential's gate when the upstream says it is out of budget. (No gauge of
     /// the remaining budget: it would mix credentials, the last writer winning.)
     fn observe(&self, credential: &CredentialId, status: StatusCode, headers: &RateLimitHeaders) {
