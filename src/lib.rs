@@ -5,26 +5,14 @@
 //! embedders use [`start`], which runs the same thing in the background on the configured
 //! (possibly port-0) addresses.
 
-pub mod adaptive_limit;
-pub mod admin;
-pub mod body;
-pub mod breaker;
 pub mod config;
-pub mod durations;
 pub mod embeddings;
-pub mod errors;
-pub mod layers;
-pub mod limits;
+pub mod http;
 pub mod metrics;
-pub mod outbound;
-pub mod proxy;
-pub mod rate_gate;
-pub mod retry;
-pub mod router;
+pub mod passthrough;
+pub mod resilience;
 pub mod server;
 pub mod shared_tier;
-pub mod stack;
-pub mod status;
 pub mod upstream;
 
 use std::{
@@ -39,10 +27,16 @@ use std::{
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 pub use crate::config::Config;
+// The paths the binary, tests and benches used before the modules moved into folders.
+pub use crate::{
+    config::durations,
+    http::{body, errors},
+    resilience::adaptive_limit,
+};
 use crate::{
     embeddings::Engine,
     metrics::Metrics,
-    proxy::{Proxy, ProxySettings},
+    passthrough::{Proxy, ProxySettings},
     upstream::Upstream,
 };
 
@@ -66,7 +60,7 @@ impl AppState {
     pub fn new(config: Config) -> Result<Arc<AppState>, Error> {
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config)?;
-        let outbound = outbound::Parts::new(&config, metrics.clone());
+        let outbound = upstream::outbound::Parts::new(&config, metrics.clone());
         let shared =
             shared_tier::SharedTier::new(&config.redis, config.cache.enabled, metrics.clone())?;
         if let Some(tier) = &shared {
@@ -142,14 +136,14 @@ pub async fn run(
     }
 
     let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
-    let admin = tokio::spawn(admin::serve(admin_listener, state.clone(), async {
+    let admin = tokio::spawn(server::admin::serve(admin_listener, state.clone(), async {
         let _ = admin_stop_rx.await;
     }));
     // Watched until the drain is over: calls made during the grace period use the newest key too.
     let (watch_stop_tx, watch_stop_rx) = oneshot::channel::<()>();
     let reload_interval = state.config.credentials.reload_interval;
     let key_watch = (!reload_interval.is_zero()).then(|| {
-        tokio::spawn(upstream::watch_key_file(
+        tokio::spawn(upstream::credential::watch_key_file(
             state.upstream.clone(),
             reload_interval,
             async {
@@ -179,7 +173,7 @@ pub async fn run(
     };
     server::serve(
         listener,
-        stack::build(&state),
+        http::stack::build(&state),
         settings,
         state.metrics.clone(),
         shutdown,

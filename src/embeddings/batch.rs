@@ -38,16 +38,17 @@ use super::{
     tokens::{apportion, Tokenizer},
 };
 use crate::{
-    adaptive_limit::Signal,
-    body::{self, IdleTimeout, Limited, ProxyBody},
     config::UpstreamEncoding,
-    errors::ProxyError,
-    limits::{Capacity, Places},
-    metrics::{Metrics, Route, TokenSource},
-    outbound::{self, Attempt, Call, HeadArrived, Kind, LiveDeadline, Outbound, Reply},
-    proxy::{error_chain, strip_hop_by_hop},
-    rate_gate::{CredentialId, RateGates},
-    retry::{mark_final, RetryReason, Tried, Verdict},
+    http::body::{self, IdleTimeout, Limited, ProxyBody},
+    http::errors::ProxyError,
+    http::route::Route,
+    metrics::{Metrics, TokenSource},
+    passthrough::{error_chain, strip_hop_by_hop},
+    resilience::adaptive_limit::Signal,
+    resilience::limits::{Capacity, Places},
+    resilience::rate_gate::{CredentialId, RateGates},
+    resilience::retry::{mark_final, RetryReason, Tried, Verdict},
+    upstream::outbound::{self, Attempt, Call, HeadArrived, Kind, LiveDeadline, Outbound, Reply},
     upstream::Upstream,
 };
 
@@ -115,7 +116,7 @@ impl Failure {
         *r.status_mut() = self.status;
         *r.headers_mut() = self.headers.clone();
         if let Some(n) = self.attempts {
-            r.extensions_mut().insert(crate::errors::Attempts(n));
+            r.extensions_mut().insert(crate::http::errors::Attempts(n));
         }
         r
     }

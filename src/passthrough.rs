@@ -16,16 +16,19 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::{
-    body::{
+    embeddings::keys::credential_fingerprint,
+    http::body::{
         find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
         ProxyBody,
     },
-    embeddings::keys::credential_fingerprint,
-    errors::{Attempts, ProxyError},
-    limits::time_budget,
-    metrics::{Metrics, Route},
-    outbound::{self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply},
-    retry::{mark_final, RetryReason, Tried},
+    http::errors::{Attempts, ProxyError},
+    http::route::Route,
+    metrics::Metrics,
+    resilience::limits::time_budget,
+    resilience::retry::{mark_final, RetryReason, Tried},
+    upstream::outbound::{
+        self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply,
+    },
     upstream::Upstream,
 };
 use tower::Service;
@@ -158,9 +161,9 @@ impl Proxy {
         let upstream = self.upstream.clone();
         let attempts = move |_| {
             let body = match (&kept, streamed.take()) {
-                (Some(bytes), _) => crate::body::full(bytes.clone()),
+                (Some(bytes), _) => crate::http::body::full(bytes.clone()),
                 (None, Some(body)) => body,
-                (None, None) => crate::body::empty(),
+                (None, None) => crate::http::body::empty(),
             };
             let mut head = clone_parts(&parts);
             // Per attempt: a retry after a key rotation goes with the new key.

@@ -19,10 +19,10 @@ use tower::{
 };
 
 use crate::{
-    adaptive_limit::Signal,
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Call, Layered, Placed, Reply},
+    resilience::adaptive_limit::Signal,
+    upstream::outbound::{Attempt, BoxFuture, Call, Layered, Placed, Reply},
 };
 
 /// What the upstream said about a credential's remaining budget, from one reply's headers.
@@ -426,7 +426,7 @@ pub enum Verdict {
 pub enum Health {
     Good,
     /// Connection errors, the upstream's own timeouts, broken exchanges, 5xx.
-    Bad(crate::breaker::Failure),
+    Bad(crate::resilience::breaker::Failure),
     /// Answers about the request, not the upstream (4xx, 429 included), and attempts abandoned
     /// because their callers' deadlines passed.
     Neutral,
@@ -463,7 +463,7 @@ impl<T> Tried<T> {
             Verdict::Final
         };
         let health = if status.is_server_error() {
-            Health::Bad(crate::breaker::Failure::Upstream)
+            Health::Bad(crate::resilience::breaker::Failure::Upstream)
         } else if status.is_success() {
             Health::Good
         } else {
@@ -508,8 +508,8 @@ impl<T> Tried<T> {
     /// breaker's business, not the learnt limit's.
     pub fn broken(value: T, reason: RetryReason) -> Tried<T> {
         let failure = match reason {
-            RetryReason::Connect => crate::breaker::Failure::Connect,
-            _ => crate::breaker::Failure::Upstream,
+            RetryReason::Connect => crate::resilience::breaker::Failure::Connect,
+            _ => crate::resilience::breaker::Failure::Upstream,
         };
         Tried {
             value,
@@ -750,7 +750,7 @@ where
 /// its headers as the upstream sent them.
 pub fn mark_final(headers: &mut HeaderMap) {
     headers.insert("x-should-retry", http::HeaderValue::from_static("false"));
-    if headers.contains_key(crate::errors::ERROR_HEADER) {
+    if headers.contains_key(crate::http::errors::ERROR_HEADER) {
         headers.remove(http::header::RETRY_AFTER);
         headers.remove(RETRY_AFTER_MS);
     }
@@ -761,7 +761,7 @@ mod loop_tests {
     //! The retry loop inside the whole outbound stack, over an exchange that answers what each
     //! test says: the gate, the breaker and the places are the real ones.
     use super::*;
-    use crate::outbound::{self, Kind, Parts};
+    use crate::upstream::outbound::{self, Kind, Parts};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     impl Reply for u16 {
@@ -794,7 +794,7 @@ mod loop_tests {
         }
     }
 
-    const KEY: crate::rate_gate::CredentialId = [7; 32];
+    const KEY: crate::resilience::rate_gate::CredentialId = [7; 32];
 
     /// One call down the stack; attempt `n` is answered `answer(n)`.
     async fn run(
@@ -1059,7 +1059,7 @@ mod loop_tests {
             Some(Attempt {
                 request: n,
                 kind,
-                route: crate::metrics::Route::Other,
+                route: crate::http::route::Route::Other,
                 credential: KEY,
                 tokens: 1,
                 deadline,

@@ -18,19 +18,22 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::{
-    adaptive_limit::AdaptiveLimit,
-    breaker::{BreakerLayer, CircuitBreaker},
-    errors::ProxyError,
-    limits::{Capacity, ConcurrencyLimit, PlaceLayer, Places, Slot},
-    metrics::{Metrics, Route},
-    rate_gate::{CredentialId, GateLayer, RateGates},
-    retry::{Finished, RetryLayer, RetryReason, RetryState, Tried, Verdict},
+    http::errors::ProxyError,
+    http::route::Route,
+    metrics::Metrics,
+    resilience::adaptive_limit::AdaptiveLimit,
+    resilience::breaker::{BreakerLayer, CircuitBreaker},
+    resilience::limits::{Capacity, ConcurrencyLimit, PlaceLayer, Places, Slot},
+    resilience::rate_gate::{CredentialId, GateLayer, RateGates},
+    resilience::retry::{Finished, RetryLayer, RetryReason, RetryState, Tried, Verdict},
     Config,
 };
 
 /// The stack an exchange `L` runs under.
-pub type Outbound<L> = crate::retry::Retry<
-    crate::rate_gate::Gate<crate::breaker::Breaker<crate::limits::Place<AttemptTimeout<L>>>>,
+pub type Outbound<L> = crate::resilience::retry::Retry<
+    crate::resilience::rate_gate::Gate<
+        crate::resilience::breaker::Breaker<crate::resilience::limits::Place<AttemptTimeout<L>>>,
+    >,
 >;
 
 /// What the layers share, made once at start.

@@ -13,11 +13,11 @@ use http::{Method, Request, Response};
 use tower::Service;
 
 use crate::{
-    body::ProxyBody,
     embeddings::{EmbeddingsPath, Engine},
-    errors::ProxyError,
-    metrics::Route,
-    proxy::Proxy,
+    http::body::ProxyBody,
+    http::errors::ProxyError,
+    http::route::Route,
+    passthrough::Proxy,
 };
 
 #[derive(Clone)]

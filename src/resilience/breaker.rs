@@ -29,11 +29,11 @@ use tokio::time::Instant;
 
 use crate::{
     config::BreakerConfig,
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Layered},
-    rate_gate::CredentialId,
-    retry::{Health, Tried},
+    resilience::rate_gate::CredentialId,
+    resilience::retry::{Health, Tried},
+    upstream::outbound::{Attempt, BoxFuture, Layered},
 };
 
 /// Buckets of the failure-rate window: the window slides in steps of a tenth.

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use tower::ServiceBuilder;
 
 use crate::{
-    layers::{
+    http::layers::{
         CatchPanic, CatchPanicLayer, LogThrottle, RecordMetrics, RecordMetricsLayer,
         ReportFailures, ReportFailuresLayer, RequestBody, RequestBodyLayer, RequestContext,
         RequestContextLayer, FAILURE_LOG_INTERVAL,
     },
-    router::Router,
+    http::router::Router,
     AppState,
 };
 

@@ -30,12 +30,12 @@ use tokio::time::Instant;
 use http::StatusCode;
 
 use crate::{
-    adaptive_limit::Signal,
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Layered},
-    retry::{RateLimitHeaders, Tried},
+    resilience::adaptive_limit::Signal,
+    resilience::retry::{RateLimitHeaders, Tried},
     shared_tier::{GateAnswer, GateLimits, SharedTier},
+    upstream::outbound::{Attempt, BoxFuture, Layered},
 };
 
 /// A credential's identity at the gates (the SHA-256 fingerprint the batch keys use).
