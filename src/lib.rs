@@ -126,7 +126,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let base = &upstream::BaseUrl::mask_userinfo(&state.config.upstream.url);
+    let base = &config::base_url::BaseUrl::mask_userinfo(&state.config.upstream.url);
     for warning in state.config.warnings() {
         tracing::warn!("{warning}");
     }

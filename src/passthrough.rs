@@ -16,20 +16,24 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::{
-    embeddings::keys::credential_fingerprint,
-    http::body::{
-        find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
-        ProxyBody,
+    http::{
+        body::{
+            find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
+            ProxyBody,
+        },
+        errors::{Attempts, ProxyError},
+        route::Route,
     },
-    http::errors::{Attempts, ProxyError},
-    http::route::Route,
     metrics::Metrics,
-    resilience::limits::time_budget,
-    resilience::retry::{mark_final, RetryReason, Tried},
-    upstream::outbound::{
-        self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply,
+    resilience::{
+        limits::time_budget,
+        retry::{mark_final, RetryReason, Tried},
     },
-    upstream::Upstream,
+    upstream::{
+        credential::credential_fingerprint,
+        outbound::{self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply},
+        Upstream,
+    },
 };
 use tower::Service;
 

@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 use crate::{
     config::RedisConfig, embeddings::cache::Embedded, metrics::Metrics,
-    resilience::rate_gate::CredentialId,
+    upstream::credential::CredentialId,
 };
 
 /// Errors in a row after which the tier stops asking Redis. An error comes back at once and

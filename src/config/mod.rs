@@ -9,6 +9,7 @@
 //! and nothing here depends on the flow. Durations as the config writes them (`90s`) and as
 //! messages show them (`4.5s`) are in `durations`.
 
+pub mod base_url;
 pub mod durations;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
@@ -586,7 +587,7 @@ impl Config {
 
     /// Checks that go beyond types: values that parse but cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        crate::upstream::BaseUrl::parse(&self.upstream.url)
+        base_url::BaseUrl::parse(&self.upstream.url)
             .map_err(|e| ConfigError(format!("upstream.url: {e}")))?;
         let positive = [
             ("server.max_connections", self.server.max_connections),
@@ -675,7 +676,7 @@ impl Config {
     /// `check-config`.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let base = crate::upstream::BaseUrl::mask_userinfo(&self.upstream.url);
+        let base = base_url::BaseUrl::mask_userinfo(&self.upstream.url);
         if base.trim_end_matches('/').ends_with("/v1") {
             out.push(format!(
                 "upstream.url ({base}) ends in /v1, and request paths keep their /v1: /v1/embeddings would go to {}/v1/embeddings; you probably want the URL without /v1",
@@ -716,11 +717,11 @@ impl Config {
     /// ever named by variable or file, and a URL's userinfo is masked.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.upstream.url = crate::upstream::BaseUrl::mask_userinfo(&shown.upstream.url);
+        shown.upstream.url = base_url::BaseUrl::mask_userinfo(&shown.upstream.url);
         shown.redis.url = shown
             .redis
             .url
-            .map(|u| crate::upstream::BaseUrl::mask_userinfo(&u));
+            .map(|u| base_url::BaseUrl::mask_userinfo(&u));
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

@@ -39,17 +39,24 @@ use super::{
 };
 use crate::{
     config::UpstreamEncoding,
-    http::body::{self, IdleTimeout, Limited, ProxyBody},
-    http::errors::ProxyError,
-    http::route::Route,
+    http::{
+        body::{self, IdleTimeout, Limited, ProxyBody},
+        errors::ProxyError,
+        route::Route,
+    },
     metrics::{Metrics, TokenSource},
     passthrough::{error_chain, strip_hop_by_hop},
-    resilience::adaptive_limit::Signal,
-    resilience::limits::{Capacity, Places},
-    resilience::rate_gate::{CredentialId, RateGates},
-    resilience::retry::{mark_final, RetryReason, Tried, Verdict},
-    upstream::outbound::{self, Attempt, Call, HeadArrived, Kind, LiveDeadline, Outbound, Reply},
-    upstream::Upstream,
+    resilience::{
+        adaptive_limit::Signal,
+        limits::{Capacity, Places},
+        rate_gate::RateGates,
+        retry::{mark_final, RetryReason, Tried, Verdict},
+    },
+    upstream::{
+        credential::CredentialId,
+        outbound::{self, Attempt, Call, HeadArrived, Kind, LiveDeadline, Outbound, Reply},
+        Upstream,
+    },
 };
 
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;

@@ -31,15 +31,15 @@ use self::{
 };
 use crate::{
     config::Config,
-    http::body::{self, BodyBounds, ProxyBody},
-    http::errors::ProxyError,
-    http::route::Route,
+    http::{
+        body::{self, BodyBounds, ProxyBody},
+        errors::ProxyError,
+        route::Route,
+    },
     metrics::{Metrics, TokenSource},
     passthrough::{strip_hop_by_hop, Proxy},
     resilience::limits::time_budget,
-    resilience::rate_gate::CredentialId,
-    upstream::outbound,
-    upstream::Upstream,
+    upstream::{credential::CredentialId, outbound, Upstream},
 };
 
 /// Response header: how many of the caller's inputs were answered from the cache.

@@ -23,9 +23,11 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 use crate::{
-    http::body::{BodyBounds, BufferBudget, Guarded, IdleTimeout, Limited, ProxyBody},
-    http::errors::{self, Attempts, Blame, Detail, ProxyError},
-    http::route::Route,
+    http::{
+        body::{BodyBounds, BufferBudget, Guarded, IdleTimeout, Limited, ProxyBody},
+        errors::{self, Attempts, Blame, Detail, ProxyError},
+        route::Route,
+    },
     metrics::{MethodLabel, Metrics},
 };
 

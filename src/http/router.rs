@@ -14,9 +14,7 @@ use tower::Service;
 
 use crate::{
     embeddings::{EmbeddingsPath, Engine},
-    http::body::ProxyBody,
-    http::errors::ProxyError,
-    http::route::Route,
+    http::{body::ProxyBody, errors::ProxyError, route::Route},
     passthrough::Proxy,
 };
 

@@ -31,9 +31,11 @@ use crate::{
     config::BreakerConfig,
     http::errors::ProxyError,
     metrics::Metrics,
-    resilience::rate_gate::CredentialId,
     resilience::retry::{Health, Tried},
-    upstream::outbound::{Attempt, BoxFuture, Layered},
+    upstream::{
+        credential::CredentialId,
+        outbound::{Attempt, BoxFuture, Layered},
+    },
 };
 
 /// Buckets of the failure-rate window: the window slides in steps of a tenth.

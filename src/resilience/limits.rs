@@ -23,8 +23,10 @@ use tokio::{
 use crate::{
     http::errors::ProxyError,
     metrics::Metrics,
-    resilience::adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
-    resilience::retry::Tried,
+    resilience::{
+        adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
+        retry::Tried,
+    },
     upstream::outbound::{Attempt, BoxFuture, Kind, Layered, Placed},
 };
 

@@ -32,14 +32,16 @@ use http::StatusCode;
 use crate::{
     http::errors::ProxyError,
     metrics::Metrics,
-    resilience::adaptive_limit::Signal,
-    resilience::retry::{RateLimitHeaders, Tried},
+    resilience::{
+        adaptive_limit::Signal,
+        retry::{RateLimitHeaders, Tried},
+    },
     shared_tier::{GateAnswer, GateLimits, SharedTier},
-    upstream::outbound::{Attempt, BoxFuture, Layered},
+    upstream::{
+        credential::CredentialId,
+        outbound::{Attempt, BoxFuture, Layered},
+    },
 };
-
-/// A credential's identity at the gates (the SHA-256 fingerprint the batch keys use).
-pub type CredentialId = [u8; 32];
 
 /// governor's clock on tokio's time, so that gates follow tokio's paused clock in tests and
 /// share one notion of "now" with the deadlines they are weighed against.

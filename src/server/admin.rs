@@ -11,7 +11,10 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::{server::accept_with_backoff, server::status::Status, AppState};
+use crate::{
+    server::{accept_with_backoff, status::Status},
+    AppState,
+};
 
 /// Ends a task when dropped, so the status sampler stops with the listener however `serve` ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -39,8 +39,10 @@ use tokio::{
 use tower::{util::Oneshot, Service, ServiceExt as _};
 
 use crate::{
-    http::body::{Guarded, ProxyBody},
-    http::stack::HttpService,
+    http::{
+        body::{Guarded, ProxyBody},
+        stack::HttpService,
+    },
     metrics::Metrics,
 };
 

@@ -14,11 +14,30 @@ use http::{
 use sha2::{Digest, Sha256};
 
 use super::Upstream;
-use crate::{
-    config::{Config, CredentialHeader},
-    embeddings::keys::credential_fingerprint,
-    resilience::rate_gate::CredentialId,
-};
+use crate::config::{Config, CredentialHeader};
+
+/// Who a call is for, upstream: the SHA-256 fingerprint of the credential headers it carries
+/// (see [`credential_fingerprint`]). The rate gates, the breaker, batch keys and cache scopes
+/// keep callers apart by it.
+pub type CredentialId = [u8; 32];
+
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// SHA-256 over both credential headers, each with its name, so `Authorization: X` and
+/// `api-key: X` differ. A request with neither gets the fingerprint of nothing: all
+/// unauthenticated callers share one tenant, as they share one upstream answer (a 401).
+pub fn credential_fingerprint(headers: &HeaderMap) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for name in [header::AUTHORIZATION, API_KEY] {
+        for v in headers.get_all(&name) {
+            h.update(name.as_str().as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+            h.update([0]);
+        }
+    }
+    h.finalize().into()
+}
 
 /// A key embedcar holds and sends in place of whatever the caller sent.
 #[derive(Clone)]

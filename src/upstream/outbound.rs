@@ -18,15 +18,17 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::{
-    http::errors::ProxyError,
-    http::route::Route,
+    config::Config,
+    http::{errors::ProxyError, route::Route},
     metrics::Metrics,
-    resilience::adaptive_limit::AdaptiveLimit,
-    resilience::breaker::{BreakerLayer, CircuitBreaker},
-    resilience::limits::{Capacity, ConcurrencyLimit, PlaceLayer, Places, Slot},
-    resilience::rate_gate::{CredentialId, GateLayer, RateGates},
-    resilience::retry::{Finished, RetryLayer, RetryReason, RetryState, Tried, Verdict},
-    Config,
+    resilience::{
+        adaptive_limit::AdaptiveLimit,
+        breaker::{BreakerLayer, CircuitBreaker},
+        limits::{Capacity, ConcurrencyLimit, PlaceLayer, Places, Slot},
+        rate_gate::{GateLayer, RateGates},
+        retry::{Finished, RetryLayer, RetryReason, RetryState, Tried, Verdict},
+    },
+    upstream::credential::CredentialId,
 };
 
 /// The stack an exchange `L` runs under.

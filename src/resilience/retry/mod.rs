@@ -794,7 +794,7 @@ mod loop_tests {
         }
     }
 
-    const KEY: crate::resilience::rate_gate::CredentialId = [7; 32];
+    const KEY: crate::upstream::credential::CredentialId = [7; 32];
 
     /// One call down the stack; attempt `n` is answered `answer(n)`.
     async fn run(
