@@ -7,13 +7,13 @@
 
 pub mod config;
 pub mod embeddings;
-pub mod http;
+pub(crate) mod http;
 pub mod metrics;
-pub mod passthrough;
-pub mod resilience;
-pub mod server;
+pub(crate) mod passthrough;
+pub(crate) mod resilience;
+pub(crate) mod server;
 pub mod shared_tier;
-pub mod upstream;
+pub(crate) mod upstream;
 
 use std::{
     future::Future,
@@ -26,13 +26,23 @@ use std::{
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
-pub use crate::config::Config;
-// The paths the binary, tests and benches used before the modules moved into folders.
-pub use crate::{
-    config::durations,
-    http::{body, errors},
-    resilience::adaptive_limit,
-};
+pub use crate::config::{durations, Config};
+
+/// Request and reply bodies, as tests and embedders build them.
+pub mod body {
+    pub use crate::http::body::{empty, full, BoxError, ProxyBody};
+}
+
+/// The error embedcar answers with, and the header that marks its own error replies.
+pub mod errors {
+    pub use crate::http::errors::{ProxyError, ERROR_HEADER};
+}
+
+/// The learnt concurrency limit, which the engine benchmark drives on its own.
+pub mod adaptive_limit {
+    pub use crate::resilience::adaptive_limit::{AdaptiveLimit, Signal};
+}
+
 use crate::{
     embeddings::Engine,
     metrics::Metrics,
@@ -45,12 +55,12 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// Everything the request path shares, built once at start.
 pub struct AppState {
     pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub proxy: Arc<Proxy>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) proxy: Arc<Proxy>,
     /// The embeddings engine, unless `embeddings.enabled` is off.
     pub engine: Option<Arc<Engine>>,
     /// The tier shared with other replicas through Redis, if `redis.url` is set.
-    pub shared: Option<Arc<shared_tier::SharedTier>>,
+    pub(crate) shared: Option<Arc<shared_tier::SharedTier>>,
     /// Kept here for the key file's watcher, which [`run`] starts and stops with the listeners.
     upstream: Arc<Upstream>,
     draining: AtomicBool,

@@ -9,7 +9,7 @@
 //! and nothing here depends on the flow. Durations as the config writes them (`90s`) and as
 //! messages show them (`4.5s`) are in `durations`.
 
-pub mod base_url;
+pub(crate) mod base_url;
 pub mod durations;
 
 use std::{net::SocketAddr, path::Path, time::Duration};

@@ -428,16 +428,6 @@ impl Batcher {
         }
         Ok(tickets)
     }
-
-    /// Inputs queued now (the admission count; the gauge mirrors it).
-    pub fn queued(&self) -> usize {
-        self.ctx.queued.load(Ordering::Acquire)
-    }
-
-    /// Lanes alive now (busy, or with flights in the air).
-    pub fn lanes(&self) -> usize {
-        lock(&self.ctx.lanes).len()
-    }
 }
 
 impl Ctx {

@@ -123,10 +123,6 @@ impl BatchKey {
     pub fn credential(&self) -> &[u8; 32] {
         &self.0.credential
     }
-
-    pub fn model(&self) -> Option<&str> {
-        self.0.model.as_deref()
-    }
 }
 
 fn header_signature(headers: &HeaderMap, ignored: &IgnoredHeaders) -> u128 {

@@ -8,10 +8,10 @@
 //! (`batch`), wait for them within the deadline, and render the reply in the caller's own format
 //! and order (`render`).
 
-pub mod batch;
-pub mod cache;
-pub mod float_text;
-pub mod keys;
+pub(crate) mod batch;
+pub(crate) mod cache;
+pub(crate) mod float_text;
+pub(crate) mod keys;
 pub mod render;
 pub mod request;
 pub mod tokens;
