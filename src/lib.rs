@@ -5,27 +5,15 @@
 //! embedders use [`start`], which runs the same thing in the background on the configured
 //! (possibly port-0) addresses.
 
-pub mod adaptive_limit;
-pub mod admin;
-pub mod body;
-pub mod breaker;
 pub mod config;
-pub mod durations;
 pub mod embeddings;
-pub mod errors;
-pub mod layers;
-pub mod limits;
+pub(crate) mod http;
 pub mod metrics;
-pub mod outbound;
-pub mod proxy;
-pub mod rate_gate;
-pub mod retry;
-pub mod router;
-pub mod server;
+pub(crate) mod passthrough;
+pub(crate) mod resilience;
+pub(crate) mod server;
 pub mod shared_tier;
-pub mod stack;
-pub mod status;
-pub mod upstream;
+pub(crate) mod upstream;
 
 use std::{
     future::Future,
@@ -38,11 +26,27 @@ use std::{
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
-pub use crate::config::Config;
+pub use crate::config::{durations, Config};
+
+/// Request and reply bodies, as tests and embedders build them.
+pub mod body {
+    pub use crate::http::body::{empty, full, BoxError, ProxyBody};
+}
+
+/// The error embedcar answers with, and the header that marks its own error replies.
+pub mod errors {
+    pub use crate::http::errors::{ProxyError, ERROR_HEADER};
+}
+
+/// The learnt concurrency limit, which the engine benchmark drives on its own.
+pub mod adaptive_limit {
+    pub use crate::resilience::adaptive_limit::{AdaptiveLimit, Signal};
+}
+
 use crate::{
     embeddings::Engine,
     metrics::Metrics,
-    proxy::{Proxy, ProxySettings},
+    passthrough::{Proxy, ProxySettings},
     upstream::Upstream,
 };
 
@@ -51,12 +55,12 @@ pub type Error = Box<dyn std::error::Error + Send + Sync>;
 /// Everything the request path shares, built once at start.
 pub struct AppState {
     pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub proxy: Arc<Proxy>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) proxy: Arc<Proxy>,
     /// The embeddings engine, unless `embeddings.enabled` is off.
     pub engine: Option<Arc<Engine>>,
     /// The tier shared with other replicas through Redis, if `redis.url` is set.
-    pub shared: Option<Arc<shared_tier::SharedTier>>,
+    pub(crate) shared: Option<Arc<shared_tier::SharedTier>>,
     /// Kept here for the key file's watcher, which [`run`] starts and stops with the listeners.
     upstream: Arc<Upstream>,
     draining: AtomicBool,
@@ -66,7 +70,7 @@ impl AppState {
     pub fn new(config: Config) -> Result<Arc<AppState>, Error> {
         let metrics = Arc::new(Metrics::new());
         let upstream = Upstream::new(&config)?;
-        let outbound = outbound::Parts::new(&config, metrics.clone());
+        let outbound = upstream::outbound::Parts::new(&config, metrics.clone());
         let shared =
             shared_tier::SharedTier::new(&config.redis, config.cache.enabled, metrics.clone())?;
         if let Some(tier) = &shared {
@@ -132,7 +136,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
-    let base = &upstream::BaseUrl::mask_userinfo(&state.config.upstream.url);
+    let base = &config::base_url::BaseUrl::mask_userinfo(&state.config.upstream.url);
     for warning in state.config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -142,14 +146,14 @@ pub async fn run(
     }
 
     let (admin_stop_tx, admin_stop_rx) = oneshot::channel::<()>();
-    let admin = tokio::spawn(admin::serve(admin_listener, state.clone(), async {
+    let admin = tokio::spawn(server::admin::serve(admin_listener, state.clone(), async {
         let _ = admin_stop_rx.await;
     }));
     // Watched until the drain is over: calls made during the grace period use the newest key too.
     let (watch_stop_tx, watch_stop_rx) = oneshot::channel::<()>();
     let reload_interval = state.config.credentials.reload_interval;
     let key_watch = (!reload_interval.is_zero()).then(|| {
-        tokio::spawn(upstream::watch_key_file(
+        tokio::spawn(upstream::credential::watch_key_file(
             state.upstream.clone(),
             reload_interval,
             async {
@@ -179,7 +183,7 @@ pub async fn run(
     };
     server::serve(
         listener,
-        stack::build(&state),
+        http::stack::build(&state),
         settings,
         state.metrics.clone(),
         shutdown,

@@ -12,6 +12,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::http::route::Route;
+
 /// Request latency buckets, in seconds: from a cache hit (sub-millisecond) to a long completion.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -271,9 +273,9 @@ impl Metrics {
         )
         .expect("valid metric");
         // Every known label value from the start, so an alert's rate() sees 0, not "no data".
-        for (code, blame) in crate::errors::CODES {
+        for (code, blame) in crate::http::errors::CODES {
             match blame {
-                crate::errors::Blame::Shed => shed.with_label_values(&[code]),
+                crate::http::errors::Blame::Shed => shed.with_label_values(&[code]),
                 _ => errors.with_label_values(&[code]),
             };
         }
@@ -371,7 +373,7 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
-        for reason in crate::retry::RetryReason::LABELS {
+        for reason in crate::resilience::retry::RetryReason::LABELS {
             retries.with_label_values(&[reason]);
         }
         let retry_budget_exhausted = counter(
@@ -407,7 +409,7 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
-        for state in crate::breaker::STATE_LABELS {
+        for state in crate::resilience::breaker::STATE_LABELS {
             breaker_transitions.with_label_values(&[state]);
         }
         let upstream_ratelimit_exhausted = IntCounterVec::new(
@@ -445,7 +447,7 @@ impl Metrics {
             &["decision"],
         )
         .expect("valid metric");
-        for d in crate::adaptive_limit::Decision::ALL {
+        for d in crate::resilience::adaptive_limit::Decision::ALL {
             adaptive_decisions.with_label_values(&[d.label()]);
         }
 
@@ -550,8 +552,8 @@ impl Metrics {
     /// An error reply embedcar made itself, by its code: shed, or an error by reason. A code
     /// embedcar does not know (a chained embedcar upstream's newer one) counts as `other`.
     pub fn count_own_error(&self, code: &str) {
-        match crate::errors::known_code(code) {
-            Some((code, crate::errors::Blame::Shed)) => self.shed.with_label_values(&[code]),
+        match crate::http::errors::known_code(code) {
+            Some((code, crate::http::errors::Blame::Shed)) => self.shed.with_label_values(&[code]),
             Some((code, _)) => self.errors.with_label_values(&[code]),
             None => self.errors.with_label_values(&["other"]),
         }
@@ -683,78 +685,9 @@ impl Default for Metrics {
     }
 }
 
-/// The API endpoint a request is for, as a bounded metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Route {
-    Embeddings,
-    ChatCompletions,
-    Completions,
-    Responses,
-    Models,
-    Files,
-    Other,
-}
-
-impl Route {
-    /// How many routes there are (the variants above).
-    const COUNT: usize = 7;
-
-    /// Classifies a request path; OpenAI's `/v1/...` paths and Azure's
-    /// `/openai/deployments/{name}/...` paths alike.
-    pub fn of(path: &str) -> Route {
-        let rest = path
-            .strip_prefix("/v1/")
-            .or_else(|| {
-                path.strip_prefix("/openai/deployments/")
-                    .and_then(|r| r.split_once('/').map(|(_, tail)| tail))
-            })
-            .or_else(|| path.strip_prefix("/openai/"))
-            .unwrap_or(path.trim_start_matches('/'));
-        let first = rest.split(['/', '?']).next().unwrap_or("");
-        match first {
-            "embeddings" => Route::Embeddings,
-            "chat" => Route::ChatCompletions,
-            "completions" => Route::Completions,
-            "responses" => Route::Responses,
-            "models" => Route::Models,
-            "files" | "uploads" => Route::Files,
-            _ => Route::Other,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Route::Embeddings => "embeddings",
-            Route::ChatCompletions => "chat_completions",
-            Route::Completions => "completions",
-            Route::Responses => "responses",
-            Route::Models => "models",
-            Route::Files => "files",
-            Route::Other => "other",
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn routes_are_classified_for_openai_and_azure_paths() {
-        assert_eq!(Route::of("/v1/embeddings"), Route::Embeddings);
-        assert_eq!(
-            Route::of("/openai/deployments/my-emb/embeddings"),
-            Route::Embeddings
-        );
-        assert_eq!(Route::of("/v1/chat/completions"), Route::ChatCompletions);
-        assert_eq!(
-            Route::of("/v1/models/text-embedding-3-small"),
-            Route::Models
-        );
-        assert_eq!(Route::of("/v1/files/file-abc/content"), Route::Files);
-        assert_eq!(Route::of("/anything/else"), Route::Other);
-        assert_eq!(Route::of("/"), Route::Other);
-    }
 
     /// Every metric registered is exposed, named with the `embedcar_` prefix (or a standard
     /// process_* one), and documented in the README's metrics table, which lists no metric that

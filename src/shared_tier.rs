@@ -33,7 +33,8 @@ use redis::{aio::ConnectionManager, IntoConnectionInfo, Script};
 use tokio::time::Instant;
 
 use crate::{
-    config::RedisConfig, embeddings::cache::Embedded, metrics::Metrics, rate_gate::CredentialId,
+    config::RedisConfig, embeddings::cache::Embedded, metrics::Metrics,
+    upstream::credential::CredentialId,
 };
 
 /// Errors in a row after which the tier stops asking Redis. An error comes back at once and

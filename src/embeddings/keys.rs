@@ -7,11 +7,11 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap, HeaderName};
-use sha2::{Digest, Sha256};
+use http::{HeaderMap, HeaderName};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::request::Input;
+use crate::upstream::credential::credential_fingerprint;
 
 /// Headers the key covers on their own (credential, tenant) or that never reach the upstream.
 const SEPARATELY_KEYED: [&str; 5] = [
@@ -22,7 +22,6 @@ const SEPARATELY_KEYED: [&str; 5] = [
     "host",
 ];
 
-const API_KEY: HeaderName = HeaderName::from_static("api-key");
 const ORGANIZATION: HeaderName = HeaderName::from_static("openai-organization");
 const PROJECT: HeaderName = HeaderName::from_static("openai-project");
 
@@ -124,26 +123,6 @@ impl BatchKey {
     pub fn credential(&self) -> &[u8; 32] {
         &self.0.credential
     }
-
-    pub fn model(&self) -> Option<&str> {
-        self.0.model.as_deref()
-    }
-}
-
-/// SHA-256 over both credential headers, each with its name, so `Authorization: X` and
-/// `api-key: X` differ. A request with neither gets the fingerprint of nothing: all
-/// unauthenticated callers share one tenant, as they share one upstream answer (a 401).
-pub fn credential_fingerprint(headers: &HeaderMap) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for name in [header::AUTHORIZATION, API_KEY] {
-        for v in headers.get_all(&name) {
-            h.update(name.as_str().as_bytes());
-            h.update([0]);
-            h.update(v.as_bytes());
-            h.update([0]);
-        }
-    }
-    h.finalize().into()
 }
 
 fn header_signature(headers: &HeaderMap, ignored: &IgnoredHeaders) -> u128 {

@@ -8,10 +8,10 @@
 //! (`batch`), wait for them within the deadline, and render the reply in the caller's own format
 //! and order (`render`).
 
-pub mod batch;
-pub mod cache;
-pub mod float_text;
-pub mod keys;
+pub(crate) mod batch;
+pub(crate) mod cache;
+pub(crate) mod float_text;
+pub(crate) mod keys;
 pub mod render;
 pub mod request;
 pub mod tokens;
@@ -30,15 +30,16 @@ use self::{
     tokens::Tokenizer,
 };
 use crate::{
-    body::{self, BodyBounds, ProxyBody},
     config::Config,
-    errors::ProxyError,
-    limits::time_budget,
-    metrics::{Metrics, Route, TokenSource},
-    outbound,
-    proxy::{strip_hop_by_hop, Proxy},
-    rate_gate::CredentialId,
-    upstream::Upstream,
+    http::{
+        body::{self, BodyBounds, ProxyBody},
+        errors::ProxyError,
+        route::Route,
+    },
+    metrics::{Metrics, TokenSource},
+    passthrough::{strip_hop_by_hop, Proxy},
+    resilience::limits::time_budget,
+    upstream::{credential::CredentialId, outbound, Upstream},
 };
 
 /// Response header: how many of the caller's inputs were answered from the cache.
@@ -160,14 +161,14 @@ impl Engine {
                     .await
                     .map_err(|e| match e {
                         body::CollectError::Refused(r) => ProxyError::from(r),
-                        body::CollectError::Body(e) => crate::proxy::read_error(&*e),
+                        body::CollectError::Body(e) => crate::passthrough::read_error(&*e),
                     })?;
                 (bytes, Some(reservation))
             }
             None => (
                 body.collect()
                     .await
-                    .map_err(|e| crate::proxy::read_error(&*e))?
+                    .map_err(|e| crate::passthrough::read_error(&*e))?
                     .to_bytes(),
                 None,
             ),
@@ -394,7 +395,7 @@ impl Engine {
                         .inc();
                     return Err(ProxyError::DeadlineExceeded(budget));
                 }
-                // Counted and logged by `ReportFailures` (stack.rs), by its x-embedcar-error.
+                // Counted and logged by `ReportFailures` (`src/http/stack.rs`), by its x-embedcar-error.
                 Ok(Ok(Err(failure))) => return Ok(failure.to_response()),
                 Ok(Ok(Ok(embedded))) => answers[position] = Some(embedded),
             }

@@ -8,7 +8,7 @@
 use serde::{de, Deserialize, Deserializer};
 use serde_json::{value::RawValue, Value};
 
-use crate::errors::ProxyError;
+use crate::http::errors::ProxyError;
 
 /// One input: text, or the token ids of a text. Serializes back to the API's own form.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]

@@ -11,7 +11,10 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::{server::accept_with_backoff, status::Status, AppState};
+use crate::{
+    server::{accept_with_backoff, status::Status},
+    AppState,
+};
 
 /// Ends a task when dropped, so the status sampler stops with the listener however `serve` ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -101,7 +104,7 @@ fn handle(state: &AppState, status: &Status, req: Request<Incoming>) -> Response
         }
         "/" => {
             let mut r = Response::new(Full::new(Bytes::from_static(
-                crate::status::PAGE.as_bytes(),
+                crate::server::status::PAGE.as_bytes(),
             )));
             let h = r.headers_mut();
             h.insert(

@@ -13,11 +13,9 @@ use http::{Method, Request, Response};
 use tower::Service;
 
 use crate::{
-    body::ProxyBody,
     embeddings::{EmbeddingsPath, Engine},
-    errors::ProxyError,
-    metrics::Route,
-    proxy::Proxy,
+    http::{body::ProxyBody, errors::ProxyError, route::Route},
+    passthrough::Proxy,
 };
 
 #[derive(Clone)]

@@ -13,8 +13,8 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use crate::{
-    body::{BoxError, ProxyBody},
-    durations::Human,
+    config::durations::Human,
+    http::body::{BoxError, ProxyBody},
 };
 
 /// Response header naming the embedcar error code, so that a caller (or an operator reading a
@@ -249,13 +249,13 @@ pub struct Attempts(pub u32);
 
 /// A body embedcar could not hold: 503 while other bodies fill the budget, 413 when the body
 /// alone could never fit in it.
-impl From<crate::body::Refused> for ProxyError {
-    fn from(refused: crate::body::Refused) -> Self {
+impl From<crate::http::body::Refused> for ProxyError {
+    fn from(refused: crate::http::body::Refused) -> Self {
         match refused {
-            crate::body::Refused::Full => ProxyError::BuffersFull {
-                retry_after: crate::body::BUFFERS_FULL_RETRY_AFTER,
+            crate::http::body::Refused::Full => ProxyError::BuffersFull {
+                retry_after: crate::http::body::BUFFERS_FULL_RETRY_AFTER,
             },
-            crate::body::Refused::TooLarge { capacity } => {
+            crate::http::body::Refused::TooLarge { capacity } => {
                 ProxyError::BodyTooLarge { limit: capacity }
             }
         }
@@ -264,11 +264,13 @@ impl From<crate::body::Refused> for ProxyError {
 
 /// A coded body that is not what its label says is the caller's mistake (400); one that
 /// inflates past the body limit is too large (413), like a plain body of that size.
-impl From<crate::body::DecodeError> for ProxyError {
-    fn from(e: crate::body::DecodeError) -> Self {
+impl From<crate::http::body::DecodeError> for ProxyError {
+    fn from(e: crate::http::body::DecodeError) -> Self {
         match e {
-            crate::body::DecodeError::TooLarge { limit } => ProxyError::BodyTooLarge { limit },
-            invalid @ crate::body::DecodeError::Invalid(_) => ProxyError::InvalidRequest {
+            crate::http::body::DecodeError::TooLarge { limit } => {
+                ProxyError::BodyTooLarge { limit }
+            }
+            invalid @ crate::http::body::DecodeError::Invalid(_) => ProxyError::InvalidRequest {
                 message: invalid.to_string(),
                 param: None,
             },

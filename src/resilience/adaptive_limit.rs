@@ -58,8 +58,6 @@ pub const MIN_QUEUEING_DELAY: Duration = Duration::from_millis(5);
 /// The longest a call taking the last free place waits to gather the tail of a burst, and how
 /// long before any baseline is known.
 pub const MAX_LAST_PLACE_GATHER: Duration = Duration::from_millis(100);
-/// How long that is before any call has been judged (nothing known of the upstream yet).
-pub const FIRST_LAST_PLACE_GATHER: Duration = Duration::from_millis(20);
 /// After the first sign of congestion the limit probes one higher only after this many round
 /// trips at the limit with latency holding.
 pub const PROBE_ROUNDS: u32 = 5;
@@ -226,7 +224,7 @@ impl AdaptiveLimit {
 
     /// When the place just taken was the last free one: how long its call may gather more
     /// inputs before it leaves (a twentieth of the last judged baseline, at most
-    /// [`MAX_LAST_PLACE_GATHER`]; [`FIRST_LAST_PLACE_GATHER`] when no baseline is known yet).
+    /// [`MAX_LAST_PLACE_GATHER`], which is also the gather while no baseline is known yet).
     /// `None` while places are left.
     pub fn last_place_gather(&self) -> Option<Duration> {
         if self.inner.places.available_permits() > 0 {

@@ -6,12 +6,14 @@ use std::sync::Arc;
 use tower::ServiceBuilder;
 
 use crate::{
-    layers::{
-        CatchPanic, CatchPanicLayer, LogThrottle, RecordMetrics, RecordMetricsLayer,
-        ReportFailures, ReportFailuresLayer, RequestBody, RequestBodyLayer, RequestContext,
-        RequestContextLayer, FAILURE_LOG_INTERVAL,
+    http::{
+        layers::{
+            CatchPanic, CatchPanicLayer, LogThrottle, RecordMetrics, RecordMetricsLayer,
+            ReportFailures, ReportFailuresLayer, RequestBody, RequestBodyLayer, RequestContext,
+            RequestContextLayer, FAILURE_LOG_INTERVAL,
+        },
+        router::Router,
     },
-    router::Router,
     AppState,
 };
 

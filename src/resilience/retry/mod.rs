@@ -2,140 +2,30 @@
 //! wait (the server's own word first, else exponential backoff with jitter), and a budget so a
 //! failing upstream is not hammered.
 //!
-//! Also the reading of OpenAI's rate-limit headers, which the rate gates use to close for every
-//! caller at once when the upstream says a credential is out of budget.
+//! The loop and its tower layer are here; beside them, what the loop reads: the upstream's word
+//! on when to come back (`headers`, which the rate gates also read to close for every caller at
+//! once when the upstream says a credential is out of budget), the wait between attempts
+//! (`backoff`) and the budget shared by every call (`budget`).
 
-use std::{
-    sync::Arc,
-    task::Poll,
-    time::{Duration, SystemTime},
-};
+mod backoff;
+mod budget;
+mod headers;
 
-use http::{HeaderMap, HeaderName, StatusCode};
+use std::{sync::Arc, task::Poll, time::Duration};
+
+use http::{HeaderMap, StatusCode};
 use tokio::time::Instant;
-use tower::{
-    retry::budget::{Budget, TpsBudget},
-    Layer, Service, ServiceExt,
-};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    adaptive_limit::Signal,
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Call, Layered, Placed, Reply},
+    resilience::adaptive_limit::Signal,
+    upstream::outbound::{Attempt, BoxFuture, Call, Layered, Placed, Reply},
 };
 
-/// What the upstream said about a credential's remaining budget, from one reply's headers.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RateLimitHeaders {
-    pub remaining_requests: Option<u64>,
-    pub remaining_tokens: Option<u64>,
-    pub reset_requests: Option<Duration>,
-    pub reset_tokens: Option<Duration>,
-    /// `retry-after-ms`, else `retry-after` (seconds or an HTTP date).
-    pub retry_after: Option<Duration>,
-}
-
-/// Names made at compile time: a lookup by `&str` parses the name first, and every upstream
-/// reply is read for all six.
-const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
-const REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
-const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
-const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
-const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
-
-impl RateLimitHeaders {
-    pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
-        let text = |name: HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
-        let number = |name: HeaderName| text(name).and_then(|v| v.parse::<u64>().ok());
-        let retry_after = text(RETRY_AFTER_MS)
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|ms| ms.is_finite() && *ms >= 0.0)
-            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-            .or_else(|| text(http::header::RETRY_AFTER).and_then(parse_retry_after));
-        RateLimitHeaders {
-            remaining_requests: number(REMAINING_REQUESTS),
-            remaining_tokens: number(REMAINING_TOKENS),
-            reset_requests: text(RESET_REQUESTS).and_then(parse_go_duration),
-            reset_tokens: text(RESET_TOKENS).and_then(parse_go_duration),
-            retry_after,
-        }
-    }
-
-    /// How long this credential's gate should stay shut, if the reply says it should: the
-    /// server's Retry-After on a 429, else the reset of whichever budget is at zero.
-    pub fn closed_for(&self, status: StatusCode) -> Option<Duration> {
-        let exhausted = [
-            (self.remaining_requests, self.reset_requests),
-            (self.remaining_tokens, self.reset_tokens),
-        ]
-        .into_iter()
-        .filter(|(remaining, _)| *remaining == Some(0))
-        .filter_map(|(_, reset)| reset)
-        .max();
-        if status == StatusCode::TOO_MANY_REQUESTS {
-            self.retry_after
-                .or(exhausted)
-                .or_else(|| self.reset_requests.max(self.reset_tokens))
-        } else {
-            exhausted
-        }
-    }
-}
-
-/// `Retry-After`: delay-seconds (integer, and leniently a decimal) or an HTTP date.
-pub fn parse_retry_after(v: &str) -> Option<Duration> {
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
-    }
-    let at = httpdate::parse_http_date(v).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
-}
-
-/// Go's `time.Duration` text, which OpenAI uses for `x-ratelimit-reset-*`: `1s`, `6m0s`,
-/// `12ms`, `1h2m3.5s`, `250us`, `0s`.
-pub fn parse_go_duration(v: &str) -> Option<Duration> {
-    let mut rest = v.trim();
-    if rest == "0" {
-        return Some(Duration::ZERO);
-    }
-    let mut total = 0f64;
-    let mut any = false;
-    while !rest.is_empty() {
-        let number_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if number_len == 0 {
-            return None;
-        }
-        let number: f64 = rest[..number_len].parse().ok()?;
-        rest = &rest[number_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let seconds_per_unit = match &rest[..unit_len] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" | "μs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += number * seconds_per_unit;
-        any = true;
-    }
-    (any && total.is_finite()).then(|| Duration::from_secs_f64(total))
-}
+pub use self::headers::RateLimitHeaders;
+use self::{backoff::Backoff, budget::RetryBudget, headers::RETRY_AFTER_MS};
 
 /// Why an attempt failed, as far as retrying is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -197,183 +87,9 @@ impl RetryReason {
     }
 }
 
-/// Backoff settings.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    pub base: Duration,
-    pub max: Duration,
-    /// Cap on a server-requested delay: a `retry-after: 3600` is not waited out inside one request.
-    pub max_server_delay: Duration,
-}
-
-impl Backoff {
-    /// The wait before retry number `retry` (1 for the first retry): the server's requested
-    /// delay when it gave one (capped), else `base · 2^(retry-1)` capped at `max`, with "equal
-    /// jitter" (half fixed, half random) so that synchronized callers spread out without any of
-    /// them retrying immediately.
-    pub fn delay(&self, retry: u32, server: Option<Duration>) -> Duration {
-        if let Some(d) = server {
-            return d.min(self.max_server_delay);
-        }
-        let exp = self
-            .base
-            .saturating_mul(
-                1u32.checked_shl(retry.saturating_sub(1))
-                    .unwrap_or(u32::MAX),
-            )
-            .min(self.max);
-        let half = exp / 2;
-        half + half.mul_f64(jitter_fraction())
-    }
-}
-
-/// A pseudo-random fraction in [0, 1), from a per-thread xorshift seeded by the clock: jitter
-/// needs spread, not cryptographic quality.
-fn jitter_fraction() -> f64 {
-    use std::cell::Cell;
-    thread_local! {
-        static STATE: Cell<u64> = Cell::new(
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0x9E37_79B9_7F4A_7C15)
-                | 1,
-        );
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        (x >> 11) as f64 / (1u64 << 53) as f64
-    })
-}
-
-/// A retry budget shared by every upstream call: retries may add at most `ratio` of the recent
-/// request rate, plus `min_per_sec` so that a quiet proxy can still retry. When the upstream
-/// fails as a whole, the budget runs out and failures go back to the callers instead of
-/// multiplying. (tower's token-bucket budget, as in Linkerd and Finagle.)
-pub struct RetryBudget {
-    inner: TpsBudget,
-}
-
-impl RetryBudget {
-    pub fn new(ttl: Duration, min_per_sec: u32, ratio: f32) -> RetryBudget {
-        RetryBudget {
-            inner: TpsBudget::new(ttl, min_per_sec, ratio),
-        }
-    }
-
-    /// Record a first attempt (it earns retry credit).
-    pub fn deposit(&self) {
-        self.inner.deposit();
-    }
-
-    /// Take credit for one retry, if there is any.
-    pub fn withdraw(&self) -> bool {
-        self.inner.withdraw()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
-
-    #[test]
-    fn go_durations_as_openai_sends_them() {
-        let ms = Duration::from_millis;
-        assert_eq!(parse_go_duration("1s"), Some(ms(1000)));
-        assert_eq!(parse_go_duration("6m0s"), Some(ms(360_000)));
-        assert_eq!(parse_go_duration("12ms"), Some(ms(12)));
-        assert_eq!(parse_go_duration("1h2m3.5s"), Some(ms(3_723_500)));
-        assert_eq!(parse_go_duration("250us"), Some(Duration::from_micros(250)));
-        assert_eq!(parse_go_duration("0s"), Some(Duration::ZERO));
-        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
-        for bad in ["", "s", "1x", "1.2.3s", "-1s", "soon"] {
-            assert_eq!(parse_go_duration(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn retry_after_in_seconds_milliseconds_and_http_dates() {
-        let h = RateLimitHeaders::parse(&headers(&[("retry-after", "2")]));
-        assert_eq!(h.retry_after, Some(Duration::from_secs(2)));
-        let h = RateLimitHeaders::parse(&headers(&[
-            ("retry-after", "2"),
-            ("retry-after-ms", "1500"),
-        ]));
-        assert_eq!(h.retry_after, Some(Duration::from_millis(1500)));
-        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
-        let d = parse_retry_after(&soon).unwrap();
-        assert!(
-            d > Duration::from_secs(28) && d <= Duration::from_secs(30),
-            "{d:?}"
-        );
-        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(30));
-        assert_eq!(parse_retry_after(&past), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after("later"), None);
-    }
-
-    #[test]
-    fn the_gate_closes_on_429_or_an_exhausted_budget() {
-        let limited = RateLimitHeaders::parse(&headers(&[
-            ("x-ratelimit-remaining-requests", "0"),
-            ("x-ratelimit-reset-requests", "1s"),
-            ("x-ratelimit-remaining-tokens", "5000"),
-            ("x-ratelimit-reset-tokens", "6m0s"),
-        ]));
-        assert_eq!(
-            limited.closed_for(StatusCode::OK),
-            Some(Duration::from_secs(1))
-        );
-        let fine = RateLimitHeaders::parse(&headers(&[("x-ratelimit-remaining-requests", "10")]));
-        assert_eq!(fine.closed_for(StatusCode::OK), None);
-        let only_reset = RateLimitHeaders::parse(&headers(&[("x-ratelimit-reset-tokens", "3s")]));
-        assert_eq!(
-            only_reset.closed_for(StatusCode::TOO_MANY_REQUESTS),
-            Some(Duration::from_secs(3))
-        );
-        let told = RateLimitHeaders::parse(&headers(&[("retry-after-ms", "20")]));
-        assert_eq!(
-            told.closed_for(StatusCode::TOO_MANY_REQUESTS),
-            Some(Duration::from_millis(20))
-        );
-    }
-
-    #[test]
-    fn backoff_grows_is_jittered_capped_and_defers_to_the_server() {
-        let b = Backoff {
-            base: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            max_server_delay: Duration::from_secs(10),
-        };
-        for retry in 1..=10u32 {
-            let exp =
-                (Duration::from_millis(100) * 2u32.pow(retry - 1)).min(Duration::from_secs(2));
-            let d = b.delay(retry, None);
-            assert!(d >= exp / 2 && d <= exp, "retry {retry}: {d:?} vs {exp:?}");
-        }
-        let spread: std::collections::HashSet<_> = (0..20).map(|_| b.delay(3, None)).collect();
-        assert!(spread.len() > 1, "jitter spreads retries");
-        assert_eq!(
-            b.delay(1, Some(Duration::from_secs(3))),
-            Duration::from_secs(3)
-        );
-        assert_eq!(
-            b.delay(1, Some(Duration::from_secs(600))),
-            Duration::from_secs(10)
-        );
-    }
 
     #[test]
     fn only_transient_statuses_are_retried() {
@@ -383,24 +99,6 @@ mod tests {
         for s in [200, 400, 401, 403, 404, 413, 422, 501] {
             assert!(RetryReason::of_status(StatusCode::from_u16(s).unwrap()).is_none());
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_budget_allows_a_share_of_recent_requests_plus_a_floor() {
-        let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.2);
-        // No traffic: only the floor (min_per_sec over the ttl).
-        let floor = (0..100).take_while(|_| budget.withdraw()).count();
-        assert!((5..=10).contains(&floor), "floor {floor}");
-        // 100 requests earn about 20 more retries.
-        for _ in 0..100 {
-            budget.deposit();
-        }
-        let earned = (0..100).take_while(|_| budget.withdraw()).count();
-        assert!((15..=25).contains(&earned), "earned {earned}");
-        assert!(!budget.withdraw(), "spent");
-        // Credit returns with time.
-        tokio::time::sleep(Duration::from_secs(11)).await;
-        assert!(budget.withdraw());
     }
 }
 
@@ -426,7 +124,7 @@ pub enum Verdict {
 pub enum Health {
     Good,
     /// Connection errors, the upstream's own timeouts, broken exchanges, 5xx.
-    Bad(crate::breaker::Failure),
+    Bad(crate::resilience::breaker::Failure),
     /// Answers about the request, not the upstream (4xx, 429 included), and attempts abandoned
     /// because their callers' deadlines passed.
     Neutral,
@@ -463,7 +161,7 @@ impl<T> Tried<T> {
             Verdict::Final
         };
         let health = if status.is_server_error() {
-            Health::Bad(crate::breaker::Failure::Upstream)
+            Health::Bad(crate::resilience::breaker::Failure::Upstream)
         } else if status.is_success() {
             Health::Good
         } else {
@@ -508,8 +206,8 @@ impl<T> Tried<T> {
     /// breaker's business, not the learnt limit's.
     pub fn broken(value: T, reason: RetryReason) -> Tried<T> {
         let failure = match reason {
-            RetryReason::Connect => crate::breaker::Failure::Connect,
-            _ => crate::breaker::Failure::Upstream,
+            RetryReason::Connect => crate::resilience::breaker::Failure::Connect,
+            _ => crate::resilience::breaker::Failure::Upstream,
         };
         Tried {
             value,
@@ -750,7 +448,7 @@ where
 /// its headers as the upstream sent them.
 pub fn mark_final(headers: &mut HeaderMap) {
     headers.insert("x-should-retry", http::HeaderValue::from_static("false"));
-    if headers.contains_key(crate::errors::ERROR_HEADER) {
+    if headers.contains_key(crate::http::errors::ERROR_HEADER) {
         headers.remove(http::header::RETRY_AFTER);
         headers.remove(RETRY_AFTER_MS);
     }
@@ -761,7 +459,7 @@ mod loop_tests {
     //! The retry loop inside the whole outbound stack, over an exchange that answers what each
     //! test says: the gate, the breaker and the places are the real ones.
     use super::*;
-    use crate::outbound::{self, Kind, Parts};
+    use crate::upstream::outbound::{self, Kind, Parts};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     impl Reply for u16 {
@@ -794,7 +492,7 @@ mod loop_tests {
         }
     }
 
-    const KEY: crate::rate_gate::CredentialId = [7; 32];
+    const KEY: crate::upstream::credential::CredentialId = [7; 32];
 
     /// One call down the stack; attempt `n` is answered `answer(n)`.
     async fn run(
@@ -1059,7 +757,7 @@ mod loop_tests {
             Some(Attempt {
                 request: n,
                 kind,
-                route: crate::metrics::Route::Other,
+                route: crate::http::route::Route::Other,
                 credential: KEY,
                 tokens: 1,
                 deadline,

@@ -34,11 +34,13 @@ use tokio::time::Instant;
 
 use crate::{
     config::BreakerConfig,
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, Layered},
-    rate_gate::CredentialId,
-    retry::{Health, Tried},
+    resilience::retry::{Health, Tried},
+    upstream::{
+        credential::CredentialId,
+        outbound::{Attempt, Layered},
+    },
 };
 
 /// Buckets of the failure-rate window: the window slides in steps of a tenth.

@@ -49,7 +49,7 @@ pub struct BodyTooLarge {
 
 /// No frame arrived within the idle timeout.
 #[derive(Debug, thiserror::Error)]
-#[error("body stalled: no data for {}", crate::durations::Human(*.0))]
+#[error("body stalled: no data for {}", crate::config::durations::Human(*.0))]
 pub struct BodyIdleTimeout(pub Duration);
 
 pin_project! {
@@ -376,6 +376,7 @@ impl BufferBudget {
     }
 
     /// Bytes reserved now.
+    #[cfg(test)]
     pub fn used(&self) -> u64 {
         self.used.load(std::sync::atomic::Ordering::Relaxed)
     }

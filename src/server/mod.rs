@@ -1,5 +1,13 @@
 //! The accept loop: a cap on open connections, a deadline for a silent client's first bytes,
 //! HTTP/1.1 and cleartext HTTP/2 on one port, and a graceful drain.
+//!
+//! This folder is where a request enters and where an operator looks in: the traffic listener
+//! (here), the admin listener (`admin`: health, readiness, metrics) and the status page it serves
+//! (`status`, `status.html`). Each accepted connection is handed to the inbound stack in
+//! `crate::http`; nothing here knows about routes or the upstream.
+
+pub mod admin;
+pub mod status;
 
 use std::{
     cell::RefCell,
@@ -31,9 +39,11 @@ use tokio::{
 use tower::{util::Oneshot, Service, ServiceExt as _};
 
 use crate::{
-    body::{Guarded, ProxyBody},
+    http::{
+        body::{Guarded, ProxyBody},
+        stack::HttpService,
+    },
     metrics::Metrics,
-    stack::HttpService,
 };
 
 /// How long to back off when accept fails (out of file descriptors, typically) before trying

@@ -4,6 +4,13 @@
 //! (`--config PATH`), environment variables `EMBEDCAR_<SECTION>__<KEY>` (e.g.
 //! `EMBEDCAR_UPSTREAM__CONNECT_TIMEOUT=3s`), then command-line flags. Every struct denies unknown
 //! fields so that a typo is an error naming the key instead of a silently ignored setting.
+//!
+//! This folder sits under everything else: every part of the flow reads its settings from here
+//! and nothing here depends on the flow. Durations as the config writes them (`90s`) and as
+//! messages show them (`4.5s`) are in `durations`.
+
+pub(crate) mod base_url;
+pub mod durations;
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
@@ -78,12 +85,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub max_connections: usize,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub header_read_timeout: Duration,
     pub max_body_bytes: u64,
     /// Request bytes held in memory at once, over all requests.
     pub max_buffered_request_bytes: u64,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub shutdown_grace: Duration,
     /// Async worker threads; 0 = one per CPU the process may use (its affinity / cgroup share).
     pub worker_threads: usize,
@@ -94,13 +101,13 @@ pub struct ServerConfig {
 pub struct UpstreamConfig {
     /// Base URL: scheme, host, optional port and optional path prefix.
     pub url: String,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub connect_timeout: Duration,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub first_byte_timeout: Duration,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub body_idle_timeout: Duration,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub pool_idle_timeout: Duration,
     pub pool_max_idle_per_host: usize,
 }
@@ -114,7 +121,7 @@ pub struct LimitsConfig {
     /// Learn how many embeddings calls the upstream takes at once (from latency and overload
     /// answers) instead of sending up to `max_concurrency`.
     pub adaptive_concurrency: bool,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub max_wait: Duration,
     /// The embeddings engine's deadline, shortened by the client's own
     /// `x-stainless-read-timeout` / `x-stainless-timeout` hint: embeddings get their vectors
@@ -122,7 +129,7 @@ pub struct LimitsConfig {
     /// the upstream's answer as long as `upstream.first_byte_timeout` and the client's hint
     /// allow (a completion may take minutes); for them this bounds only embedcar's own waits
     /// (gate, slot, the start of a retry).
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub request_timeout: Duration,
     /// Per upstream credential; 0 = no limit.
     pub requests_per_minute: u32,
@@ -140,12 +147,12 @@ pub struct LimitsConfig {
 pub struct RetryConfig {
     /// Attempts per call, the first included; 1 = no retries.
     pub max_attempts: u32,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub base_backoff: Duration,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub max_backoff: Duration,
     /// Cap on a delay the upstream asks for (Retry-After, retry-after-ms, rate-limit resets).
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub max_server_delay: Duration,
     /// Retries may add this share of the recent request rate...
     #[serde(serialize_with = "f32_as_written")]
@@ -160,7 +167,7 @@ pub struct RetryConfig {
 }
 
 /// The upstream circuit breaker: it opens only when the upstream looks down (see
-/// `src/breaker.rs` for why it is this reluctant).
+/// `src/resilience/breaker.rs` for why it is this reluctant).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct BreakerConfig {
@@ -170,12 +177,12 @@ pub struct BreakerConfig {
     pub failure_rate: f64,
     /// Calls in the window before the rate counts.
     pub min_calls: u32,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub window: Duration,
     /// Connection failures in a row (for everyone) that open it for everyone.
     pub connect_failures: u32,
     /// How long it stays open before a probe.
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub cooldown: Duration,
 }
 
@@ -243,7 +250,7 @@ pub struct CredentialsConfig {
     /// Header the key is sent in: `authorization` (`Bearer KEY`, OpenAI) or `api-key` (Azure).
     pub header: CredentialHeader,
     /// How often `api_key_file` is read for a rotated key; 0 = read once at start only.
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub reload_interval: Duration,
 }
 
@@ -281,7 +288,7 @@ pub struct EmbeddingsConfig {
     /// oversized input cannot fail a merged call.
     pub max_input_tokens: u64,
     /// Extra wait before sending a batch, to gather more inputs. 0: idle traffic sees no delay.
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub linger: Duration,
     /// Split a request over the per-call input or token cap into several calls (else it passes
     /// through for the upstream to judge).
@@ -307,7 +314,7 @@ pub struct CacheConfig {
     pub enabled: bool,
     /// Bound on the vectors held, in bytes (4 per dimension plus a small overhead per entry).
     pub max_bytes: u64,
-    #[serde(with = "crate::durations::serde")]
+    #[serde(with = "crate::config::durations::serde")]
     pub ttl: Duration,
     /// Let callers with different credentials, organizations or projects share entries. Off:
     /// tenants never see each other's cache.
@@ -580,7 +587,7 @@ impl Config {
 
     /// Checks that go beyond types: values that parse but cannot work.
     pub fn check(&self) -> Result<(), ConfigError> {
-        crate::upstream::BaseUrl::parse(&self.upstream.url)
+        base_url::BaseUrl::parse(&self.upstream.url)
             .map_err(|e| ConfigError(format!("upstream.url: {e}")))?;
         let positive = [
             ("server.max_connections", self.server.max_connections),
@@ -669,7 +676,7 @@ impl Config {
     /// `check-config`.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
-        let base = crate::upstream::BaseUrl::mask_userinfo(&self.upstream.url);
+        let base = base_url::BaseUrl::mask_userinfo(&self.upstream.url);
         if base.trim_end_matches('/').ends_with("/v1") {
             out.push(format!(
                 "upstream.url ({base}) ends in /v1, and request paths keep their /v1: /v1/embeddings would go to {}/v1/embeddings; you probably want the URL without /v1",
@@ -710,11 +717,11 @@ impl Config {
     /// ever named by variable or file, and a URL's userinfo is masked.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
-        shown.upstream.url = crate::upstream::BaseUrl::mask_userinfo(&shown.upstream.url);
+        shown.upstream.url = base_url::BaseUrl::mask_userinfo(&shown.upstream.url);
         shown.redis.url = shown
             .redis
             .url
-            .map(|u| crate::upstream::BaseUrl::mask_userinfo(&u));
+            .map(|u| base_url::BaseUrl::mask_userinfo(&u));
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

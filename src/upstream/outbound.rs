@@ -26,19 +26,24 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder};
 
 use crate::{
-    adaptive_limit::AdaptiveLimit,
-    breaker::{BreakerLayer, CircuitBreaker},
-    errors::ProxyError,
-    limits::{Capacity, ConcurrencyLimit, PlaceLayer, Places, Slot},
-    metrics::{Metrics, Route},
-    rate_gate::{CredentialId, GateLayer, RateGates},
-    retry::{Finished, RetryLayer, RetryReason, RetryState, Tried, Verdict},
-    Config,
+    config::Config,
+    http::{errors::ProxyError, route::Route},
+    metrics::Metrics,
+    resilience::{
+        adaptive_limit::AdaptiveLimit,
+        breaker::{BreakerLayer, CircuitBreaker},
+        limits::{Capacity, ConcurrencyLimit, PlaceLayer, Places, Slot},
+        rate_gate::{GateLayer, RateGates},
+        retry::{Finished, RetryLayer, RetryReason, RetryState, Tried, Verdict},
+    },
+    upstream::credential::CredentialId,
 };
 
 /// The stack an exchange `L` runs under.
-pub type Outbound<L> = crate::retry::Retry<
-    crate::rate_gate::Gate<crate::breaker::Breaker<crate::limits::Place<AttemptTimeout<L>>>>,
+pub type Outbound<L> = crate::resilience::retry::Retry<
+    crate::resilience::rate_gate::Gate<
+        crate::resilience::breaker::Breaker<crate::resilience::limits::Place<AttemptTimeout<L>>>,
+    >,
 >;
 
 /// What the layers share, made once at start.

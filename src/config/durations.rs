@@ -55,7 +55,7 @@ pub fn exact(d: Duration) -> String {
     unreachable!("every duration is a whole number of nanoseconds")
 }
 
-/// `#[serde(with = "crate::durations::serde")]`: reads `"30s"`, `"1m 30s"`, `"250ms"` (humantime),
+/// `#[serde(with = "crate::config::durations::serde")]`: reads `"30s"`, `"1m 30s"`, `"250ms"` (humantime),
 /// writes [`exact`].
 pub mod serde {
     use std::time::Duration;

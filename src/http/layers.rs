@@ -23,9 +23,12 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 
 use crate::{
-    body::{BodyBounds, BufferBudget, Guarded, IdleTimeout, Limited, ProxyBody},
-    errors::{self, Attempts, Blame, Detail, ProxyError},
-    metrics::{MethodLabel, Metrics, Route},
+    http::{
+        body::{BodyBounds, BufferBudget, Guarded, IdleTimeout, Limited, ProxyBody},
+        errors::{self, Attempts, Blame, Detail, ProxyError},
+        route::Route,
+    },
+    metrics::{MethodLabel, Metrics},
 };
 
 /// Status for a request whose caller went away before it was answered (nginx's 499).
@@ -591,7 +594,7 @@ mod tests {
     use tower::{service_fn, ServiceExt as _};
 
     fn ok_with(headers: &[(&'static str, &'static str)]) -> Response<ProxyBody> {
-        let mut r = Response::new(crate::body::full("ok"));
+        let mut r = Response::new(crate::http::body::full("ok"));
         for (k, v) in headers {
             r.headers_mut().insert(*k, HeaderValue::from_static(v));
         }

@@ -35,16 +35,18 @@ use tokio::time::Instant;
 use http::StatusCode;
 
 use crate::{
-    adaptive_limit::Signal,
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Layered},
-    retry::{RateLimitHeaders, Tried},
+    resilience::{
+        adaptive_limit::Signal,
+        retry::{RateLimitHeaders, Tried},
+    },
     shared_tier::{GateAnswer, GateLimits, SharedTier},
+    upstream::{
+        credential::CredentialId,
+        outbound::{Attempt, BoxFuture, Layered},
+    },
 };
-
-/// A credential's identity at the gates (the SHA-256 fingerprint the batch keys use).
-pub type CredentialId = [u8; 32];
 
 /// governor's clock on tokio's time, so that gates follow tokio's paused clock in tests and
 /// share one notion of "now" with the deadlines they are weighed against.

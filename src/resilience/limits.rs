@@ -26,11 +26,13 @@ use tokio::{
 };
 
 use crate::{
-    adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
-    errors::ProxyError,
+    http::errors::ProxyError,
     metrics::Metrics,
-    outbound::{Attempt, BoxFuture, Kind, Layered, Placed},
-    retry::Tried,
+    resilience::{
+        adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
+        retry::Tried,
+    },
+    upstream::outbound::{Attempt, BoxFuture, Kind, Layered, Placed},
 };
 
 /// Retry-After suggested to a caller shed for lack of a slot: soon, since slots turn over fast.

@@ -25,11 +25,7 @@ use prometheus::core::Collector;
 use serde_json::{json, Map, Value};
 use tokio::time::{Instant, MissedTickBehavior};
 
-use crate::{
-    metrics::{Metrics, Route},
-    upstream::BaseUrl,
-    AppState,
-};
+use crate::{config::base_url::BaseUrl, http::route::Route, metrics::Metrics, AppState};
 
 /// The page itself, embedded so the binary is all an air-gapped cluster needs.
 pub const PAGE: &str = include_str!("status.html");

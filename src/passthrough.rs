@@ -16,17 +16,24 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use crate::{
-    body::{
-        find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
-        ProxyBody,
+    http::{
+        body::{
+            find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
+            ProxyBody,
+        },
+        errors::{Attempts, ProxyError},
+        route::Route,
     },
-    embeddings::keys::credential_fingerprint,
-    errors::{Attempts, ProxyError},
-    limits::time_budget,
-    metrics::{Metrics, Route},
-    outbound::{self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply},
-    retry::{mark_final, RetryReason, Tried},
-    upstream::Upstream,
+    metrics::Metrics,
+    resilience::{
+        limits::time_budget,
+        retry::{mark_final, RetryReason, Tried},
+    },
+    upstream::{
+        credential::credential_fingerprint,
+        outbound::{self, Attempt, BoxFuture, Call, HeadArrived, Kind, Outbound, Placed, Reply},
+        Upstream,
+    },
 };
 use tower::Service;
 
@@ -158,9 +165,9 @@ impl Proxy {
         let upstream = self.upstream.clone();
         let attempts = move |_| {
             let body = match (&kept, streamed.take()) {
-                (Some(bytes), _) => crate::body::full(bytes.clone()),
+                (Some(bytes), _) => crate::http::body::full(bytes.clone()),
                 (None, Some(body)) => body,
-                (None, None) => crate::body::empty(),
+                (None, None) => crate::http::body::empty(),
             };
             let mut head = clone_parts(&parts);
             // Per attempt: a retry after a key rotation goes with the new key.
