@@ -19,7 +19,7 @@ use crate::{
     http::{
         body::{
             find_cause, BodyBounds, BodyIdleTimeout, BodyTooLarge, BoxError, Guarded, IdleTimeout,
-            ProxyBody,
+            ProxyBody, Reservation,
         },
         errors::{Attempts, ProxyError},
         route::Route,
@@ -27,7 +27,7 @@ use crate::{
     metrics::Metrics,
     resilience::{
         limits::time_budget,
-        retry::{mark_final, RetryReason, Tried},
+        retry::{mark_final, Finished, RetryReason, Tried},
     },
     upstream::{
         credential::credential_fingerprint,
@@ -119,7 +119,55 @@ impl Proxy {
             hint => now.checked_add(hint),
         };
         let idempotent = req.method().is_idempotent();
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
+        let parts = self.upstream_head(parts)?;
+        let (body, reservation) = self.keep_if_small(&parts, body).await?;
+        let retryable = matches!(body, Outgoing::Kept(_));
+        // A held key is one tenant whichever key is in use now (see `HeldCredential::id`).
+        let credential = match &self.upstream.credential {
+            Some(held) => held.id(),
+            None => credential_fingerprint(&parts.headers),
+        };
+        let upstream = self.upstream.clone();
+        let mut body = body;
+        let attempts = move |_| {
+            let mut head = clone_parts(&parts);
+            // Per attempt: a retry after a key rotation goes with the new key.
+            if let Some(held) = &upstream.credential {
+                held.apply(&mut head.headers);
+            }
+            Some(Attempt {
+                request: Request::from_parts(head, body.next()),
+                kind: Kind::PassThrough { idempotent },
+                route,
+                credential,
+                tokens: 0,
+                deadline,
+                answer_by,
+                live: None,
+                places: None,
+                head: HeadArrived::default(),
+            })
+        };
+        let call = Call {
+            attempts: Box::new(attempts),
+            deadline,
+            retryable,
+            max_attempts: Some(self.max_attempts),
+            callers: 1,
+            live: None,
+        };
+        let finished = outbound::send(&self.outbound, call).await?;
+        drop(reservation);
+        Ok(self.answer(finished))
+    }
+
+    /// The request head as the upstream gets it: its URI, HTTP/1.1, no hop-by-hop headers and
+    /// no `Host` (the client sets it from the upstream URI).
+    fn upstream_head(
+        &self,
+        mut parts: http::request::Parts,
+    ) -> Result<http::request::Parts, ProxyError> {
         parts.uri = self
             .upstream
             .base
@@ -132,74 +180,41 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         strip_upgrade(&mut parts.headers);
-        // The client sets Host (or :authority) from the upstream URI.
         parts.headers.remove(header::HOST);
+        Ok(parts)
+    }
 
+    /// Keeps a body of known, small length (for retries) while the budget of buffered request
+    /// bytes has room for it, held until the response head, as the bytes are; any other body
+    /// streams, with one attempt.
+    async fn keep_if_small(
+        &self,
+        parts: &http::request::Parts,
+        body: ProxyBody,
+    ) -> Result<(Outgoing, Option<Reservation>), ProxyError> {
         let kept = body
             .size_hint()
             .exact()
             .filter(|n| *n <= self.settings.max_buffered_body);
-        // Kept only while the budget of buffered request bytes has room for it (held until the
-        // response head, as the bytes are); otherwise it streams, with one attempt.
         let reservation = kept.and_then(|n| match parts.extensions.get::<BodyBounds>() {
             Some(bounds) => bounds.budget.reserve(n).ok().map(Some),
             None => Some(None),
         });
-        let (mut streamed, kept) = match &reservation {
-            Some(_) => {
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| read_error(&*e))?
-                    .to_bytes();
-                (None, Some(bytes))
-            }
-            None => (Some(body), None),
-        };
-        let retryable = kept.is_some();
-        // A held key is one tenant whichever key is in use now (see `HeldCredential::id`).
-        let credential = match &self.upstream.credential {
-            Some(held) => held.id(),
-            None => credential_fingerprint(&parts.headers),
-        };
-        let upstream = self.upstream.clone();
-        let attempts = move |_| {
-            let body = match (&kept, streamed.take()) {
-                (Some(bytes), _) => crate::http::body::full(bytes.clone()),
-                (None, Some(body)) => body,
-                (None, None) => crate::http::body::empty(),
-            };
-            let mut head = clone_parts(&parts);
-            // Per attempt: a retry after a key rotation goes with the new key.
-            if let Some(held) = &upstream.credential {
-                held.apply(&mut head.headers);
-            }
-            Some(Attempt {
-                request: Request::from_parts(head, body),
-                kind: Kind::PassThrough { idempotent },
-                route,
-                credential,
-                tokens: 0,
-                deadline,
-                answer_by,
-                live: None,
-                places: None,
-                head: HeadArrived::default(),
-            })
-        };
-        let finished = outbound::send(
-            &self.outbound,
-            Call {
-                attempts: Box::new(attempts),
-                deadline,
-                retryable,
-                max_attempts: Some(self.max_attempts),
-                callers: 1,
-                live: None,
-            },
-        )
-        .await?;
-        drop(reservation);
+        if reservation.is_none() {
+            return Ok((Outgoing::Streamed(Some(body)), None));
+        }
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| read_error(&*e))?
+            .to_bytes();
+        Ok((Outgoing::Kept(bytes), reservation.flatten()))
+    }
+
+    /// The caller's response: the upstream's, streaming on with its slot and the body's idle
+    /// timeout, or embedcar's error; with the attempts made, and `x-should-retry: false` when
+    /// embedcar gave up on a retryable failure.
+    fn answer(&self, finished: Finished<Placed<Sent>>) -> Response<ProxyBody> {
         let Placed { value, slot } = finished.value;
         let attempts = Attempts(finished.attempts);
         let gave_up = finished.gave_up && self.settings.should_retry_header;
@@ -212,7 +227,7 @@ impl Proxy {
                     mark_final(r.headers_mut());
                 }
                 r.extensions_mut().insert(attempts);
-                return Ok(r);
+                return r;
             }
         };
         response.extensions_mut().insert(attempts);
@@ -222,7 +237,7 @@ impl Proxy {
         }
         *response.version_mut() = Version::HTTP_11;
         let metrics = self.metrics.clone();
-        Ok(response.map(|incoming| {
+        response.map(|incoming| {
             let watched = IdleTimeout::new(incoming, self.settings.body_idle_timeout).map_err(
                 move |e: BoxError| {
                     if e.is::<BodyIdleTimeout>() {
@@ -235,7 +250,24 @@ impl Proxy {
                 },
             );
             Guarded::new(watched, slot).boxed_unsync()
-        }))
+        })
+    }
+}
+
+/// The request body as attempts send it.
+enum Outgoing {
+    /// Kept whole: each attempt sends a copy (a reference count, not the bytes).
+    Kept(bytes::Bytes),
+    /// Streamed: the first attempt takes it, and there is no other.
+    Streamed(Option<ProxyBody>),
+}
+
+impl Outgoing {
+    fn next(&mut self) -> ProxyBody {
+        match self {
+            Outgoing::Kept(bytes) => crate::http::body::full(bytes.clone()),
+            Outgoing::Streamed(body) => body.take().unwrap_or_else(crate::http::body::empty),
+        }
     }
 }
 
