@@ -18,15 +18,13 @@ use bytes::Bytes;
 use embedcar::{
     body::ProxyBody, config::UpstreamEncoding, embeddings::EmbeddingsPath, Config, Handle,
 };
+use fake_openai::{
+    billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
+    EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use serde_json::{json, Value};
-use support::{
-    fake_upstream::{
-        billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
-        EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
-    },
-    harness::*,
-};
+use support::harness::*;
 use tokio::task::JoinHandle;
 
 /// An OpenAI embedding model: the fake bills it with cl100k, as OpenAI does.

@@ -27,17 +27,15 @@ use std::{
 
 use bytes::Bytes;
 use embedcar::{body::ProxyBody, Config, Handle};
+use fake_openai::{
+    billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
+    EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
+};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::{json, Value};
-use support::{
-    fake_upstream::{
-        billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
-        EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
-    },
-    harness::*,
-};
+use support::harness::*;
 use tokio::task::JoinHandle;
 
 /// An OpenAI embedding model: embedcar counts its tokens exactly, and the fake bills the same.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use embedcar::{body::ProxyBody, Config};
+use fake_openai::FakeUpstream;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -13,8 +14,6 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use serde_json::Value;
-
-use super::fake_upstream::FakeUpstream;
 
 /// A config for a test: both listeners on free ports, the given upstream, quiet logs.
 pub fn config_for(upstream_url: &str) -> Config {

@@ -6,9 +6,10 @@
 //! hangs, drops the connection or streams. A real HTTP server on `127.0.0.1:0` gives us all of
 //! that, speaks HTTP/1.1 and h2c like the real thing, and is fast enough to benchmark against.
 //!
-//! This file is self-contained (it does not depend on the embedcar library) so that it can be
-//! included both by integration tests (`tests/support/mod.rs`) and by the stand-alone binary in
-//! `examples/fake_upstream.rs`, which separate processes (a Python test, a load generator) drive.
+//! The crate does not depend on embedcar: embedcar's integration tests and benchmarks use it as
+//! a library, and its binary (`src/main.rs`, `cargo run -p fake-openai -- --port 0`) is the
+//! same fake as a process, which separate processes (a Python test, a load generator, the quick
+//! start) drive.
 //!
 //! # What it serves
 //!
