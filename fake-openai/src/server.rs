@@ -215,8 +215,6 @@ impl FakeUpstream {
         self.shared.body_bytes.load(Ordering::SeqCst)
     }
 
-    /// Embeddings requests answered with real embeddings (2xx). Errors, forced statuses,
-    /// malformed replies, hangs and drops do not count.
     /// Embeddings calls refused (429) for want of capacity.
     pub fn over_capacity_refused(&self) -> usize {
         self.shared.over_capacity_refused.load(Ordering::SeqCst)
@@ -227,6 +225,8 @@ impl FakeUpstream {
         self.shared.over_capacity_queued.load(Ordering::SeqCst)
     }
 
+    /// Embeddings requests answered with real embeddings (2xx). Errors, forced statuses,
+    /// malformed replies, hangs and drops do not count.
     pub fn embedding_calls(&self) -> usize {
         self.shared.embedding_calls.load(Ordering::SeqCst)
     }
