@@ -3,4 +3,5 @@
 //! OpenAI upstream they run against is the `fake-openai` crate (fake-openai/).
 #![allow(dead_code)]
 
+pub mod client;
 pub mod harness;
