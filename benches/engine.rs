@@ -65,10 +65,6 @@
 //! a run hung, a reply carried a wrong vector, more than 1% errors); a missed target is
 //! reported, not failed.
 
-#[allow(dead_code)]
-#[path = "../tests/support/fake_upstream.rs"]
-mod fake_upstream;
-
 mod support;
 use support::*;
 
@@ -82,7 +78,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use embedcar::embeddings::render::{render_reply, write_base64, write_floats};
 use embedcar::embeddings::request::Encoding;
-use fake_upstream::{Behavior, EmbeddingInput, FakeOptions, FakeUpstream};
+use fake_openai::{Behavior, EmbeddingInput, FakeOptions, FakeUpstream};
 use hdrhistogram::Histogram;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use http::{HeaderValue, Request, StatusCode};
@@ -473,9 +469,9 @@ fn check_reply(body: &[u8], input: &str, dims: usize) -> Result<(), String> {
     if data.len() != 1 || data[0]["index"] != 0 {
         return Err(format!("{} items in data", data.len()));
     }
-    let got = fake_upstream::decode_embedding(&data[0]["embedding"])
+    let got = fake_openai::decode_embedding(&data[0]["embedding"])
         .ok_or("embedding is not base64 float32")?;
-    let want = fake_upstream::expected_embedding(&EmbeddingInput::Text(input.to_string()), dims);
+    let want = fake_openai::expected_embedding(&EmbeddingInput::Text(input.to_string()), dims);
     if got != want {
         return Err(format!("wrong vector for {input:?}"));
     }

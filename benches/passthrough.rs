@@ -60,10 +60,6 @@
 //! It exits non-zero only when the measurement itself broke (embedcar did not start or died,
 //! more than 1% errors in a run); a missed target is reported, not failed.
 
-#[allow(dead_code)]
-#[path = "../tests/support/fake_upstream.rs"]
-mod fake_upstream;
-
 mod support;
 use support::*;
 
@@ -1466,10 +1462,10 @@ fn main() -> ExitCode {
 }
 
 async fn bench(s: Settings, pinned: bool) -> Result<ExitCode, String> {
-    let fake = fake_upstream::FakeUpstream::start_with(fake_upstream::FakeOptions {
+    let fake = fake_openai::FakeUpstream::start_with(fake_openai::FakeOptions {
         // The log of requests would grow without bound and slow the fake down.
         record_requests: false,
-        ..fake_upstream::FakeOptions::default()
+        ..fake_openai::FakeOptions::default()
     })
     .await;
     let upstream = fake.url();

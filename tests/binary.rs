@@ -8,9 +8,10 @@ use std::{
     time::Duration,
 };
 
+use fake_openai::FakeUpstream;
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
-use support::{fake_upstream::FakeUpstream, harness::*};
+use support::harness::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_embedcar");
 

@@ -14,20 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use embedcar::{
-    body::ProxyBody, config::UpstreamEncoding, embeddings::EmbeddingsPath, Config, Handle,
+use embedcar::{config::UpstreamEncoding, embeddings::EmbeddingsPath, Config, Handle};
+use fake_openai::{
+    billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
+    EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
 };
-use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use http::{HeaderValue, Request, StatusCode};
 use serde_json::{json, Value};
-use support::{
-    fake_upstream::{
-        billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
-        EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
-    },
-    harness::*,
-};
-use tokio::task::JoinHandle;
+use support::{client::*, harness::*};
 
 /// An OpenAI embedding model: the fake bills it with cl100k, as OpenAI does.
 const MODEL: &str = "text-embedding-3-small";
@@ -47,93 +41,8 @@ const INPUTS: &str = "embedcar_embeddings_inputs_total";
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A reply read whole, so that it can cross task boundaries and be looked at twice.
-#[derive(Debug, Clone)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body[..self.body.len().min(500)])
-            )
-        })
-    }
-
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    /// One of embedcar's `x-embedcar-*` counters.
-    fn count(&self, name: &str) -> usize {
-        self.header(name)
-            .unwrap_or_else(|| panic!("no {name} header: {:?}", self.headers))
-            .parse()
-            .unwrap()
-    }
-
-    fn prompt_tokens(&self) -> u64 {
-        let v = self.json();
-        assert_eq!(
-            v["usage"]["prompt_tokens"], v["usage"]["total_tokens"],
-            "{}",
-            v["usage"]
-        );
-        v["usage"]["prompt_tokens"].as_u64().expect("usage")
-    }
-}
-
-async fn call(client: &TestClient, req: Request<ProxyBody>) -> Reply {
-    let r = send(client, req).await;
-    let status = r.status();
-    let headers = r.headers().clone();
-    Reply {
-        status,
-        headers,
-        body: body_bytes(r).await,
-    }
-}
-
-/// Sends each request on its own task, all at once.
-fn spawn_all(client: &TestClient, reqs: Vec<Request<ProxyBody>>) -> Vec<JoinHandle<Reply>> {
-    reqs.into_iter()
-        .map(|req| {
-            let client = client.clone();
-            tokio::spawn(async move { call(&client, req).await })
-        })
-        .collect()
-}
-
-async fn join_all(pending: Vec<JoinHandle<Reply>>) -> Vec<Reply> {
-    let mut out = Vec::with_capacity(pending.len());
-    for p in pending {
-        out.push(p.await.expect("caller task"));
-    }
-    out
-}
-
-async fn call_all(client: &TestClient, reqs: Vec<Request<ProxyBody>>) -> Vec<Reply> {
-    join_all(spawn_all(client, reqs)).await
-}
-
 fn embeddings_url(base: &str) -> String {
     format!("{base}/v1/embeddings")
-}
-
-/// `post_json` (which sends `Bearer sk-test`) with headers added or replaced.
-fn with_headers(mut req: Request<ProxyBody>, headers: &[(&str, &str)]) -> Request<ProxyBody> {
-    for (name, value) in headers {
-        req.headers_mut().insert(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    req
 }
 
 fn text(s: impl Into<String>) -> EmbeddingInput {
@@ -209,29 +118,6 @@ fn config(upstream: &FakeUpstream, slots: usize) -> Config {
     let mut c = config_for(&upstream.url());
     c.limits.max_concurrency = slots;
     c
-}
-
-/// The value of a metric series now (0 when it has not appeared yet).
-async fn metric(proxy: &Handle, series: &str) -> f64 {
-    let (status, text) = admin_text(proxy, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    metric_value(&text, series).unwrap_or(0.0)
-}
-
-/// Waits until a metric series reaches `want`.
-async fn wait_metric(proxy: &Handle, series: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = metric(proxy, series).await;
-        if now == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} stayed at {now}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,14 +6,12 @@ mod support;
 use std::{io::Write, time::Duration};
 
 use bytes::Bytes;
+use fake_openai::{
+    decode_embedding, expected_embedding, EmbeddingInput, FakeOptions, FakeUpstream,
+};
 use http::{Request, StatusCode};
 use serde_json::{json, Value};
-use support::{
-    fake_upstream::{
-        decode_embedding, expected_embedding, EmbeddingInput, FakeOptions, FakeUpstream,
-    },
-    harness::*,
-};
+use support::harness::*;
 
 // ---------------------------------------------------------------------------------------------
 // Content-Encoding on embeddings requests

@@ -14,12 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use fake_openai::{Behavior, FakeUpstream, Rule};
 use http::StatusCode;
 use serde_json::json;
-use support::{
-    fake_upstream::{Behavior, FakeUpstream, Rule},
-    harness::*,
-};
+use support::harness::*;
 
 /// Short, so the test takes seconds; the default is 2 s.
 const RELOAD_INTERVAL: Duration = Duration::from_millis(100);

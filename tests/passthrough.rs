@@ -7,14 +7,12 @@ mod support;
 use std::{convert::Infallible, time::Duration};
 
 use bytes::Bytes;
+use fake_openai::{Behavior, FakeOptions, FakeUpstream};
 use http::{Method, Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use serde_json::json;
-use support::{
-    fake_upstream::{Behavior, FakeOptions, FakeUpstream},
-    harness::*,
-};
+use support::harness::*;
 
 #[tokio::test]
 async fn methods_paths_queries_headers_and_bodies_arrive_unchanged() {

@@ -19,6 +19,9 @@ use embedcar::{
     embeddings::request::{parse, EmbeddingsRequest, Encoding, Input, Parsed},
     errors::ProxyError,
 };
+use fake_openai::{
+    decode_embedding, expected_embedding, EmbeddingInput, FakeOptions, FakeUpstream,
+};
 use futures_util::FutureExt;
 use http::{header, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -32,12 +35,7 @@ use serde::{
     Deserialize, Deserializer,
 };
 use serde_json::{json, value::RawValue, Map, Number, Value};
-use support::{
-    fake_upstream::{
-        decode_embedding, expected_embedding, EmbeddingInput, FakeOptions, FakeUpstream,
-    },
-    harness::{body_bytes, client, config_for, start_proxy, TestClient},
-};
+use support::harness::{body_bytes, client, config_for, start_proxy, TestClient};
 
 const KNOWN: [&str; 5] = ["input", "model", "encoding_format", "dimensions", "user"];
 /// The seed used unless PROPTEST_RNG_SEED gives another.

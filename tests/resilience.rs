@@ -27,17 +27,15 @@ use std::{
 
 use bytes::Bytes;
 use embedcar::{body::ProxyBody, Config, Handle};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, StatusCode};
+use fake_openai::{
+    billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
+    EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
+};
+use http::{Request, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
-use serde_json::{json, Value};
-use support::{
-    fake_upstream::{
-        billed_tokens, decode_embedding, expected_embedding, parse_embedding_input, Behavior,
-        EmbeddingInput, FakeOptions, FakeUpstream, Recorded, Rule,
-    },
-    harness::*,
-};
+use serde_json::json;
+use support::{client::*, harness::*};
 use tokio::task::JoinHandle;
 
 /// An OpenAI embedding model: embedcar counts its tokens exactly, and the fake bills the same.
@@ -76,104 +74,6 @@ fn ratelimit_exhausted(kind: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A reply read whole, with how long the caller waited for it.
-#[derive(Debug, Clone)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    took: Duration,
-    /// When the caller sent it.
-    sent: Instant,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "not JSON ({e}): {}",
-                String::from_utf8_lossy(&self.body[..self.body.len().min(500)])
-            )
-        })
-    }
-
-    /// The `code` of an error reply in OpenAI's shape.
-    fn code(&self) -> String {
-        let v = self.json();
-        let e = &v["error"];
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
-        assert!(e["type"].is_string(), "{v}");
-        assert!(e.get("param").is_some(), "{v}");
-        e["code"].as_str().unwrap_or_default().to_string()
-    }
-
-    /// Asserts an error embedcar made itself: `status`, OpenAI's shape, `code`.
-    fn assert_own_error(&self, status: StatusCode, code: &str) {
-        assert_eq!(
-            self.status,
-            status,
-            "{}",
-            String::from_utf8_lossy(&self.body)
-        );
-        assert_eq!(self.code(), code);
-        assert_eq!(self.header("x-embedcar-error"), Some(code));
-    }
-
-    /// Retry-After in whole seconds, if present.
-    fn retry_after(&self) -> Option<u64> {
-        self.header("retry-after").map(|v| {
-            v.parse()
-                .unwrap_or_else(|_| panic!("Retry-After is not whole seconds: {v}"))
-        })
-    }
-
-    fn should_retry(&self) -> Option<&str> {
-        self.header("x-should-retry")
-    }
-}
-
-async fn call(client: &TestClient, req: Request<ProxyBody>) -> Reply {
-    let sent = Instant::now();
-    let r = send(client, req).await;
-    let status = r.status();
-    let headers = r.headers().clone();
-    let body = body_bytes(r).await;
-    Reply {
-        status,
-        headers,
-        body,
-        took: sent.elapsed(),
-        sent,
-    }
-}
-
-fn spawn_call(client: &TestClient, req: Request<ProxyBody>) -> JoinHandle<Reply> {
-    let client = client.clone();
-    tokio::spawn(async move { call(&client, req).await })
-}
-
-async fn join_all(pending: Vec<JoinHandle<Reply>>) -> Vec<Reply> {
-    let mut out = Vec::with_capacity(pending.len());
-    for p in pending {
-        out.push(p.await.expect("caller task"));
-    }
-    out
-}
-
-fn with_headers(mut req: Request<ProxyBody>, headers: &[(&str, &str)]) -> Request<ProxyBody> {
-    for (name, value) in headers {
-        req.headers_mut().insert(
-            HeaderName::from_bytes(name.as_bytes()).unwrap(),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    req
-}
 
 /// One single-input embeddings request with credential `key`, asking for float vectors.
 fn embedding(proxy: &Handle, key: &str, input: &str) -> Request<ProxyBody> {
@@ -242,17 +142,6 @@ async fn start(config: Config) -> Handle {
     start_proxy(config).await
 }
 
-async fn metrics_text(proxy: &Handle) -> String {
-    let (status, text) = admin_text(proxy, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    text
-}
-
-/// A metric series now (0 when it has not appeared yet).
-async fn metric(proxy: &Handle, series: &str) -> f64 {
-    metric_value(&metrics_text(proxy).await, series).unwrap_or(0.0)
-}
-
 /// The sum of every series of a labelled metric, e.g. all `embedcar_retries_total{..}`.
 async fn metric_sum(proxy: &Handle, name: &str) -> f64 {
     let prefix = format!("{name}{{");
@@ -262,19 +151,6 @@ async fn metric_sum(proxy: &Handle, name: &str) -> f64 {
         .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Waits (real time) until a metric series satisfies `ok`.
-async fn wait_metric(proxy: &Handle, series: &str, ok: impl Fn(f64) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = metric(proxy, series).await;
-        if ok(now) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{series} stayed at {now}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Opens `n` keep-alive connections to embedcar before a test's callers need them, so that `n`
@@ -306,7 +182,7 @@ async fn warm_connections(client: &TestClient, proxy: &Handle, n: usize) {
             spawn_call(client, req)
         })
         .collect();
-    wait_metric(proxy, REQUESTS_IN_FLIGHT, |m| m >= before + n as f64).await;
+    wait_metric_until(proxy, REQUESTS_IN_FLIGHT, |m| m >= before + n as f64).await;
     release.send(true).unwrap();
     for r in join_all(pending).await {
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -679,7 +555,7 @@ async fn upstream_down_for_good(down: Down) {
     assert!(refused > 0, "the breaker never answered");
     assert!(metric(&proxy, &transitions("open")).await >= 1.0);
     // Once every attempt is over the breaker rests open (a probe may have failed meanwhile).
-    wait_metric(&proxy, BREAKER_STATE, |s| s == 1.0).await;
+    wait_metric_until(&proxy, BREAKER_STATE, |s| s == 1.0).await;
 
     // Back: the upstream answers again, slowly enough that a burst would overlap the probe.
     let probe_time = Duration::from_millis(250);
@@ -746,7 +622,7 @@ async fn upstream_down_for_good(down: Down) {
         1,
         "while the probe is out, nothing else reaches the recovering upstream"
     );
-    wait_metric(&proxy, BREAKER_STATE, |s| s == 0.0).await;
+    wait_metric_until(&proxy, BREAKER_STATE, |s| s == 0.0).await;
     let closed_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(800)).await;
     stop.store(true, Ordering::SeqCst);
@@ -1081,7 +957,7 @@ async fn a_merged_call_never_exceeds_the_tokens_per_minute_budget() {
     let pending: Vec<_> = (0..40)
         .map(|i| spawn_call(&client, embedding(&proxy, "sk-test", &input(i))))
         .collect();
-    wait_metric(&proxy, QUEUE_DEPTH, |d| d == 40.0).await;
+    wait_metric_until(&proxy, QUEUE_DEPTH, |d| d == 40.0).await;
     held.release().await;
     join_all(pending).await;
     let tokens: u64 = upstream
@@ -1157,7 +1033,7 @@ async fn one_429_with_retry_after_stops_all_dispatch_for_that_credential_then_tr
         &client,
         embedding(&proxy, "sk-a", "a: the one that meets the 429"),
     );
-    wait_metric(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
+    wait_metric_until(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
     let limited_at = arrivals.wait_for("sk-a", 1).await[0];
 
     // For the next 0.8 s, callers of both credentials keep coming.
@@ -1226,7 +1102,7 @@ async fn a_caller_whose_deadline_comes_before_the_gate_reopens_gets_429_at_once(
         Rule::once(Behavior::openai_error(429).with_header("retry-after", "3")).on_path("/v1/"),
     );
     let first = spawn_call(&client, pass_through(&proxy, "sk-a"));
-    wait_metric(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
+    wait_metric_until(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
 
     // 2 s: before the gate reopens (3 s), long enough that being told at once and waiting the
     // deadline out cannot be mistaken for each other on a loaded machine.
@@ -1265,10 +1141,10 @@ async fn a_hopeless_caller_arriving_while_the_lane_waits_at_the_gate_gets_429_at
     let proxy = start(config(&upstream.url())).await;
     let client = client();
     let first = spawn_call(&client, embedding(&proxy, "sk-a", "meets the 429"));
-    wait_metric(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
+    wait_metric_until(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
     // A patient caller: the lane's dispatcher starts and waits at the gate.
     let patient = spawn_call(&client, embedding(&proxy, "sk-a", "patient"));
-    wait_metric(&proxy, QUEUE_DEPTH, |d| d == 1.0).await;
+    wait_metric_until(&proxy, QUEUE_DEPTH, |d| d == 1.0).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     let r = call(
         &client,
@@ -1341,13 +1217,13 @@ async fn a_call_waiting_out_a_retry_delay_does_not_hold_an_upstream_slot() {
     upstream.push_rule(Rule::once(limited).on_path("/embeddings"));
 
     let a = spawn_call(&client, pass_through(&proxy, "sk-a"));
-    wait_metric(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
+    wait_metric_until(&proxy, GATE_CLOSURES, |n| n == 1.0).await;
     let b_pass_through = call(&client, pass_through(&proxy, "sk-b")).await;
     let b_pass_through_first = !a.is_finished();
     assert_eq!(a.await.unwrap().status, StatusCode::OK);
 
     let a = spawn_call(&client, embedding(&proxy, "sk-a", "a"));
-    wait_metric(&proxy, GATE_CLOSURES, |n| n == 2.0).await;
+    wait_metric_until(&proxy, GATE_CLOSURES, |n| n == 2.0).await;
     let b_engine = call(&client, embedding(&proxy, "sk-b", "b")).await;
     let b_engine_first = !a.is_finished();
     assert_vector(&a.await.unwrap(), "a");
@@ -1647,7 +1523,7 @@ async fn backoff_spreads_retries_exponentially_with_jitter() {
     assert_eq!(t.len(), 4);
     // base·2^(n-1) capped at 300 ms, half of it fixed and half random: at least the fixed half
     // (a timer never fires early). The ranges themselves are checked by the unit test of
-    // `Backoff::delay` in src/retry.rs, where a loaded machine cannot stretch them.
+    // `Backoff::delay` in src/resilience/retry/backoff.rs, where a loaded machine cannot stretch them.
     for (n, lo) in [50, 100, 150].into_iter().enumerate() {
         let gap = t[n + 1].duration_since(t[n]);
         assert!(
@@ -1816,7 +1692,7 @@ async fn beyond_max_queued_inputs_embeddings_callers_are_shed_at_once() {
     let queued: Vec<_> = (0..10)
         .map(|i| spawn_call(&client, embedding(&proxy, "sk-test", &input(i))))
         .collect();
-    wait_metric(&proxy, QUEUE_DEPTH, |d| d == 10.0).await;
+    wait_metric_until(&proxy, QUEUE_DEPTH, |d| d == 10.0).await;
 
     let two = json!({"model": MODEL, "input": ["over 1", "over 2"]});
     for req in [
@@ -1861,7 +1737,7 @@ async fn beyond_max_waiting_requests_pass_through_callers_are_shed_at_once() {
     let waiting: Vec<_> = (0..2)
         .map(|_| spawn_call(&client, pass_through(&proxy, "sk-test")))
         .collect();
-    wait_metric(&proxy, REQUESTS_IN_FLIGHT, |n| n == 3.0).await;
+    wait_metric_until(&proxy, REQUESTS_IN_FLIGHT, |n| n == 3.0).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     let r = call(&client, pass_through(&proxy, "sk-test")).await;

@@ -14,16 +14,14 @@ use std::{
 };
 
 use embedcar::{body::ProxyBody, Config, Handle};
+use fake_openai::{
+    decode_embedding, expected_embedding, Behavior, EmbeddingInput, FakeOptions, FakeUpstream,
+    FaultMix, OverCapacity, Rule,
+};
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::{
-    fake_upstream::{
-        decode_embedding, expected_embedding, Behavior, EmbeddingInput, FakeOptions, FakeUpstream,
-        FaultMix, OverCapacity, Rule,
-    },
-    harness::*,
-};
+use support::harness::*;
 
 const MODEL: &str = "text-embedding-3-small";
 const DIMS: usize = 8;

@@ -22,14 +22,12 @@ use embedcar::{
     shared_tier::{GateAnswer, GateLimits, SharedTier},
     Config,
 };
+use fake_openai::{Behavior, FakeUpstream, Rule};
 use http::{Request, StatusCode};
 use serde_json::{json, Value};
-use support::{
-    fake_upstream::{Behavior, FakeUpstream, Rule},
-    harness::{
-        admin_text, body_json, client, config_for, metric_value, send, start_proxy, wait_ready,
-        TestClient,
-    },
+use support::harness::{
+    admin_text, body_json, client, config_for, metric_value, send, start_proxy, wait_ready,
+    TestClient,
 };
 
 const MODEL: &str = "text-embedding-3-small";

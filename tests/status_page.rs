@@ -4,9 +4,10 @@
 
 mod support;
 
+use fake_openai::FakeUpstream;
 use http::{Request, StatusCode};
 use serde_json::{json, Value};
-use support::{fake_upstream::FakeUpstream, harness::*};
+use support::harness::*;
 
 /// Every `src=` / `href=` value in `html`, quoted or not.
 fn link_targets(html: &str) -> Vec<String> {

@@ -1,7 +1,7 @@
 // The real official `openai` Node client pointed at embedcar by base URL, exactly as an
 // application would be, gets what it gets from the upstream directly.
 //
-// Both processes are real: `target/debug/examples/fake_upstream` and `target/debug/embedcar`,
+// Both processes are real: `target/debug/fake-openai` and `target/debug/embedcar`,
 // built by `scripts/test` before this runs (EMBEDCAR_BIN / FAKE_UPSTREAM_BIN override them).
 // Run with `node --test` in tests/node after `npm ci`.
 
@@ -17,7 +17,7 @@ import OpenAI from 'openai';
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
 const EMBEDCAR_BIN = process.env.EMBEDCAR_BIN ?? path.join(ROOT, 'target/debug/embedcar');
 const FAKE_BIN =
-  process.env.FAKE_UPSTREAM_BIN ?? path.join(ROOT, 'target/debug/examples/fake_upstream');
+  process.env.FAKE_UPSTREAM_BIN ?? path.join(ROOT, 'target/debug/fake-openai');
 const STARTUP_TIMEOUT_MS = 30_000;
 
 const MODEL = 'text-embedding-3-small';

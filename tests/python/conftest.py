@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 EMBEDCAR_BIN = os.environ.get("EMBEDCAR_BIN", str(ROOT / "target/debug/embedcar"))
-FAKE_BIN = os.environ.get("FAKE_UPSTREAM_BIN", str(ROOT / "target/debug/examples/fake_upstream"))
+FAKE_BIN = os.environ.get("FAKE_UPSTREAM_BIN", str(ROOT / "target/debug/fake-openai"))
 STARTUP_TIMEOUT_S = 30
 # embedcar reads every EMBEDCAR_* variable as configuration and refuses unknown keys, so the
 # one that steers these tests is kept out of the children's environment. (Test switches of our

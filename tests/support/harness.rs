@@ -1,10 +1,11 @@
 //! What an end-to-end test needs besides the fake upstream: an embedcar on port 0 in front of
 //! it, a plain HTTP client, and readers for replies.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use embedcar::{body::ProxyBody, Config};
+use fake_openai::FakeUpstream;
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -13,8 +14,6 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 use serde_json::Value;
-
-use super::fake_upstream::FakeUpstream;
 
 /// A config for a test: both listeners on free ports, the given upstream, quiet logs.
 pub fn config_for(upstream_url: &str) -> Config {
@@ -123,6 +122,54 @@ pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// embedcar's `/metrics` text (asserting a 200).
+pub async fn metrics_text(handle: &embedcar::Handle) -> String {
+    let (status, text) = admin_text(handle, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    text
+}
+
+/// The value of a metric series now (0 when it has not appeared yet).
+pub async fn metric(handle: &embedcar::Handle, series: &str) -> f64 {
+    metric_value(&metrics_text(handle).await, series).unwrap_or(0.0)
+}
+
+/// Waits (real time, up to 10 s) until a metric series reaches `want`.
+pub async fn wait_metric(handle: &embedcar::Handle, series: &str, want: f64) {
+    wait_for_metric(
+        handle,
+        series,
+        |now| now == want,
+        &format!(", expected {want}"),
+    )
+    .await
+}
+
+/// Waits (real time, up to 10 s) until a metric series satisfies `ok`.
+pub async fn wait_metric_until(handle: &embedcar::Handle, series: &str, ok: impl Fn(f64) -> bool) {
+    wait_for_metric(handle, series, ok, "").await
+}
+
+async fn wait_for_metric(
+    handle: &embedcar::Handle,
+    series: &str,
+    ok: impl Fn(f64) -> bool,
+    expected: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric(handle, series).await;
+        if ok(now) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} stayed at {now}{expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Every upstream slot held by a streamed chat reply that the fake keeps open, so that what is

@@ -1,8 +1,6 @@
-//! Self-test of the fake OpenAI upstream in `tests/support/fake_upstream.rs`. The proxy's tests
-//! trust the fake's answers and counters, so the fake itself is checked here, talking to it
-//! directly (hyper's client, or a raw socket where the exact bytes and timing matter).
-
-mod support;
+//! Self-test of the fake OpenAI upstream (this crate). embedcar's tests trust the fake's answers
+//! and counters, so the fake itself is checked here, talking to it directly (hyper's client, or a
+//! raw socket where the exact bytes and timing matter).
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use support::fake_upstream::*;
+use fake_openai::*;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

@@ -1,8 +1,9 @@
 //! The fake OpenAI upstream as a stand-alone process, for tests and benchmarks that are not Rust
-//! integration tests (a Python client test, a load generator, a compose demo).
+//! integration tests (a Python client test, a load generator, a compose demo) and for the quick
+//! start.
 //!
 //! ```text
-//! cargo run --example fake_upstream -- [--host 127.0.0.1] [--port 0] [--dims 8]
+//! cargo run -p fake-openai -- [--host 127.0.0.1] [--port 0] [--dims 8]
 //!     [--max-connections N] [--delay-ms N] [--stream-chunks N] [--stream-interval-ms N]
 //!     [--capacity N] [--over-capacity queue|refuse] [--faults 429=0.2,503=0.1,...]
 //! ```
@@ -15,19 +16,15 @@
 //! in a script) would exit at once.
 //!
 //! Per-request steering works through the `x-fake-*` headers; counters are at
-//! `GET /__fake/stats` (see `tests/support/fake_upstream.rs`). Requests are not recorded here:
-//! nobody could read the log, and a long benchmark would grow it without bound.
-
-#[allow(dead_code)]
-#[path = "../tests/support/fake_upstream.rs"]
-mod fake_upstream;
+//! `GET /__fake/stats` (see the library's documentation, `src/lib.rs`). Requests are not
+//! recorded here: nobody could read the log, and a long benchmark would grow it without bound.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use clap::Parser;
-use fake_upstream::{Behavior, FakeOptions, FakeUpstream, FaultMix, OverCapacity};
+use fake_openai::{Behavior, FakeOptions, FakeUpstream, FaultMix, OverCapacity};
 
 #[derive(Parser, Debug)]
 #[command(about = "A fake OpenAI upstream (embeddings, chat, models, echo) for embedcar tests")]
@@ -86,10 +83,7 @@ async fn main() {
     let fake = match FakeUpstream::bind(SocketAddr::new(args.host, args.port), opts).await {
         Ok(f) => f,
         Err(e) => {
-            eprintln!(
-                "fake_upstream: cannot bind {}:{}: {e}",
-                args.host, args.port
-            );
+            eprintln!("fake-openai: cannot bind {}:{}: {e}", args.host, args.port);
             std::process::exit(1);
         }
     };
