@@ -26,27 +26,43 @@ const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-re
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 impl RateLimitHeaders {
+    /// One pass over the headers (every upstream reply is read here, and a reply has a dozen
+    /// headers at most, where six hashed lookups cost more); the first value of a name counts,
+    /// as `HeaderMap::get` would give it.
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
-        let text = |name: HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
-        let number = |name: HeaderName| text(name).and_then(|v| v.parse::<u64>().ok());
-        let retry_after = text(RETRY_AFTER_MS)
+        let mut found: [Option<Option<&str>>; 6] = [None; 6];
+        for (name, value) in headers {
+            let Some(slot) = Self::NAMES.iter().position(|n| n == name) else {
+                continue;
+            };
+            found[slot].get_or_insert_with(|| value.to_str().ok().map(str::trim));
+        }
+        let [retry_after_ms, retry_after, remaining_requests, remaining_tokens, reset_requests, reset_tokens] =
+            found.map(Option::flatten);
+        let number = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok());
+        let retry_after = retry_after_ms
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|ms| ms.is_finite() && *ms >= 0.0)
             .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-            .or_else(|| text(http::header::RETRY_AFTER).and_then(parse_retry_after));
+            .or_else(|| retry_after.and_then(parse_retry_after));
         RateLimitHeaders {
-            remaining_requests: number(REMAINING_REQUESTS),
-            remaining_tokens: number(REMAINING_TOKENS),
-            reset_requests: text(RESET_REQUESTS).and_then(parse_go_duration),
-            reset_tokens: text(RESET_TOKENS).and_then(parse_go_duration),
+            remaining_requests: number(remaining_requests),
+            remaining_tokens: number(remaining_tokens),
+            reset_requests: reset_requests.and_then(parse_go_duration),
+            reset_tokens: reset_tokens.and_then(parse_go_duration),
             retry_after,
         }
     }
+
+    /// The headers `parse` reads, in the order of its slots.
+    const NAMES: [HeaderName; 6] = [
+        RETRY_AFTER_MS,
+        http::header::RETRY_AFTER,
+        REMAINING_REQUESTS,
+        REMAINING_TOKENS,
+        RESET_REQUESTS,
+        RESET_TOKENS,
+    ];
 
     /// How long this credential's gate should stay shut, if the reply says it should: the
     /// server's Retry-After on a 429, else the reset of whichever budget is at zero.
@@ -144,6 +160,37 @@ mod tests {
         for bad in ["", "s", "1x", "1.2.3s", "-1s", "soon"] {
             assert_eq!(parse_go_duration(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn the_first_value_of_a_repeated_header_counts_and_other_headers_are_ignored() {
+        let mut h = headers(&[
+            ("content-type", "application/json"),
+            ("x-request-id", "req_1"),
+        ]);
+        h.append(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static(" 0 "),
+        );
+        h.append(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from_static("7"),
+        );
+        h.append(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("1m0s"),
+        );
+        h.append("retry-after", HeaderValue::from_static("3"));
+        h.append("retry-after", HeaderValue::from_static("9"));
+        let parsed = RateLimitHeaders::parse(&h);
+        assert_eq!(parsed.remaining_requests, Some(0));
+        assert_eq!(parsed.remaining_tokens, None);
+        assert_eq!(parsed.reset_requests, Some(Duration::from_secs(60)));
+        assert_eq!(parsed.retry_after, Some(Duration::from_secs(3)));
+        assert_eq!(
+            parsed.closed_for(StatusCode::OK),
+            Some(Duration::from_secs(60))
+        );
     }
 
     #[test]
