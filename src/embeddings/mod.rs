@@ -292,7 +292,7 @@ impl Engine {
         let scope = key.cache_scope(self.share_cache);
         let tokenizer = Tokenizer::for_model(model_key.as_deref());
         let count = request.inputs.len();
-        self.metrics.embeddings_inputs.inc_by(count as u64);
+        self.metrics.embeddings.inputs.inc_by(count as u64);
 
         // Cache first; every miss is counted and checked before anything is queued, so a
         // refused request leaves nothing behind.
@@ -332,7 +332,7 @@ impl Engine {
         }
         let hits = answers.iter().filter(|a| a.is_some()).count();
         if hits > 0 {
-            self.metrics.embeddings_cache_hits.inc_by(hits as u64);
+            self.metrics.embeddings.cache_hits.inc_by(hits as u64);
             let cached_tokens = answers.iter().flatten().map(|e| e.tokens).sum();
             self.metrics.count_tokens(TokenSource::Cache, cached_tokens);
         }
@@ -369,13 +369,14 @@ impl Engine {
         }
         let coalesced = waiting.iter().filter(|(_, t)| t.joined).count();
         if coalesced > 0 {
-            self.metrics.embeddings_coalesced.inc_by(coalesced as u64);
+            self.metrics.embeddings.coalesced.inc_by(coalesced as u64);
         }
 
         for (position, ticket) in waiting {
             match tokio::time::timeout_at(deadline, ticket.rx).await {
                 Err(_) => {
                     self.metrics
+                        .requests
                         .deadline_expired
                         .with_label_values(&["embeddings"])
                         .inc();
@@ -390,6 +391,7 @@ impl Engine {
                 // caller's own timer would have a moment later.
                 Ok(Ok(Err(_))) if Instant::now() >= deadline => {
                     self.metrics
+                        .requests
                         .deadline_expired
                         .with_label_values(&["embeddings"])
                         .inc();

@@ -177,7 +177,7 @@ impl AdaptiveLimit {
     pub fn new(max: usize, metrics: Arc<Metrics>) -> AdaptiveLimit {
         let max = max.max(MIN_LIMIT);
         let limit = INITIAL_LIMIT.clamp(MIN_LIMIT, max);
-        metrics.adaptive_limit.set(limit as i64);
+        metrics.resilience.adaptive_limit.set(limit as i64);
         AdaptiveLimit {
             inner: Arc::new(Inner {
                 places: Semaphore::new(limit),
@@ -289,13 +289,18 @@ impl Place {
         if let Some(d) = decision {
             inner
                 .metrics
+                .resilience
                 .adaptive_decisions
                 .with_label_values(&[d.label()])
                 .inc();
-            inner.metrics.adaptive_limit.set(s.limit as i64);
+            inner.metrics.resilience.adaptive_limit.set(s.limit as i64);
         }
         if let Some(e) = s.last_expected {
-            inner.metrics.adaptive_baseline.set(e.as_secs_f64());
+            inner
+                .metrics
+                .resilience
+                .adaptive_baseline
+                .set(e.as_secs_f64());
         }
         s.release(&inner.places);
         self.finished = true;
@@ -689,7 +694,7 @@ mod tests {
             |_| 10,
         )
         .await;
-        let m = &limit.inner.metrics.adaptive_decisions;
+        let m = &limit.inner.metrics.resilience.adaptive_decisions;
         let counts: Vec<_> = Decision::ALL
             .iter()
             .map(|d| (d.label(), m.with_label_values(&[d.label()]).get()))
@@ -729,6 +734,7 @@ mod tests {
         let decreases = limit
             .inner
             .metrics
+            .resilience
             .adaptive_decisions
             .with_label_values(&[Decision::DecreaseLatency.label()])
             .get();

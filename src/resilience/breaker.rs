@@ -178,7 +178,7 @@ impl Drop for Pass {
 
 impl CircuitBreaker {
     pub fn new(settings: &BreakerConfig, metrics: Arc<Metrics>) -> Self {
-        metrics.breaker_state.set(0);
+        metrics.resilience.breaker_state.set(0);
         CircuitBreaker {
             circuits: Mutex::new(Circuits {
                 connect_failures: 0,
@@ -382,9 +382,13 @@ impl CircuitBreaker {
     fn publish(&self, c: &Circuits) {
         let unreachable = c.unreachable != State::Closed;
         self.metrics
+            .resilience
             .breaker_state
             .set(i64::from(unreachable || c.open > 0));
-        self.metrics.breaker_open_credentials.set(c.open as i64);
+        self.metrics
+            .resilience
+            .breaker_open_credentials
+            .set(c.open as i64);
     }
 
     /// The upstream was reached: no run of connect failures, and a probe for everyone succeeded.
@@ -424,6 +428,7 @@ impl CircuitBreaker {
         let (label, _) = to.label();
         tracing::warn!(to = label, "upstream circuit breaker");
         self.metrics
+            .resilience
             .breaker_transitions
             .with_label_values(&[label])
             .inc();

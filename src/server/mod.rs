@@ -133,7 +133,7 @@ pub async fn serve(
                 let slot = loop {
                     if connections.closing_idle() == 0 {
                         if connections.reclaim_oldest_idle() {
-                            metrics.connections_reclaimed.inc();
+                            metrics.requests.connections_reclaimed.inc();
                             tracing::debug!(%peer, "at max_connections: closing the oldest idle connection for a new client");
                             at_cap_log.reclaimed(settings.max_connections);
                         } else {
@@ -156,8 +156,8 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        metrics.connections.inc();
-        metrics.open_connections.inc();
+        metrics.requests.connections.inc();
+        metrics.requests.open_connections.inc();
 
         let (id, conn) = connections.register();
         let header_read_timeout = settings.header_read_timeout;
@@ -207,7 +207,7 @@ pub async fn serve(
                 None => tracing::debug!(%peer, "closing a connection that sent nothing yet"),
             }
             connections.remove(id);
-            metrics.open_connections.dec();
+            metrics.requests.open_connections.dec();
             drop(slot);
             drop(drain);
         });

@@ -149,7 +149,7 @@ impl Batcher {
     ) -> Result<Vec<Ticket>, ProxyError> {
         if let Some(until) = self.ctx.gates.shut_until(key.credential()) {
             if until > deadline {
-                self.ctx.metrics.gate_rejections.inc();
+                self.ctx.metrics.resilience.gate_rejections.inc();
                 return Err(ProxyError::RateLimited {
                     retry_after: until.saturating_duration_since(Instant::now()),
                 });
@@ -241,7 +241,7 @@ impl Ctx {
             })
             .is_ok();
         if reserved {
-            self.metrics.embeddings_queue_depth.add(n as i64);
+            self.metrics.embeddings.queue_depth.add(n as i64);
         }
         reserved
     }
@@ -250,13 +250,13 @@ impl Ctx {
     /// now, so the bound is not checked.
     pub(super) fn readmit(&self, n: usize) {
         self.queued.fetch_add(n, Ordering::AcqRel);
-        self.metrics.embeddings_queue_depth.add(n as i64);
+        self.metrics.embeddings.queue_depth.add(n as i64);
     }
 
     pub(super) fn release(&self, n: usize) {
         if n > 0 {
             self.queued.fetch_sub(n, Ordering::AcqRel);
-            self.metrics.embeddings_queue_depth.sub(n as i64);
+            self.metrics.embeddings.queue_depth.sub(n as i64);
         }
     }
 }
