@@ -289,31 +289,6 @@ fn register_all(registry: &Registry, collectors: Collectors) {
     }
 }
 
-impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let m = Metrics {
-            requests: RequestMetrics::register(&registry),
-            upstream: UpstreamMetrics::register(&registry),
-            embeddings: EngineMetrics::register(&registry),
-            cache: CacheMetrics::register(&registry),
-            resilience: ResilienceMetrics::register(&registry),
-            redis: RedisMetrics::register(&registry),
-            registry,
-        };
-        // The standard process_* metrics (resident and virtual memory, CPU seconds, open and max
-        // fds, start time), read from /proc/self at each scrape. Unprefixed, by the Prometheus
-        // client convention, so dashboards and alerts written for any process work unchanged.
-        #[cfg(target_os = "linux")]
-        m.registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
-            .expect("process metric names are unique");
-        m
-    }
-}
-
 impl RequestMetrics {
     fn register(registry: &Registry) -> Self {
         let m = RequestMetrics {
@@ -664,6 +639,30 @@ impl RedisMetrics {
 }
 
 impl Metrics {
+    /// A fresh registry with every component's families, and the process_* ones, in it.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests: RequestMetrics::register(&registry),
+            upstream: UpstreamMetrics::register(&registry),
+            embeddings: EngineMetrics::register(&registry),
+            cache: CacheMetrics::register(&registry),
+            resilience: ResilienceMetrics::register(&registry),
+            redis: RedisMetrics::register(&registry),
+            registry,
+        };
+        // The standard process_* metrics (resident and virtual memory, CPU seconds, open and max
+        // fds, start time), read from /proc/self at each scrape. Unprefixed, by the Prometheus
+        // client convention, so dashboards and alerts written for any process work unchanged.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metric names are unique");
+        m
+    }
+
     /// An error reply embedcar made itself, by its code: shed, or an error by reason. A code
     /// embedcar does not know (a chained embedcar upstream's newer one) counts as `other`.
     pub fn count_own_error(&self, code: &str) {
