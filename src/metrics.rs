@@ -1,4 +1,5 @@
-//! The one struct that holds every metric, registered once in its own registry (not the global
+//! Every metric, in one struct per component (requests, upstream, embeddings engine, cache,
+//! resilience, shared tier), each registering its own families in one registry (not the global
 //! default one, so that tests can run many proxies in one process).
 //!
 //! Labels are bounded: routes come from a fixed list of API endpoints, statuses are numbers, and
@@ -8,8 +9,8 @@ use std::{sync::OnceLock, time::Duration};
 
 use http::{Method, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    core::Collector, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 
 use crate::http::route::Route;
@@ -25,23 +26,33 @@ const WAIT_BUCKETS: &[f64] = &[
     0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Every metric embedcar exports, one struct per component, each registered in `registry` by
+/// its own `register`; the helpers below (`record_request`, `observe_upstream`, ...) keep the
+/// per-request paths cheap.
 pub struct Metrics {
     registry: Registry,
+    /// Inbound requests and connections, and what embedcar refused or failed itself.
+    pub requests: RequestMetrics,
+    /// Exchanges with the upstream.
+    pub upstream: UpstreamMetrics,
+    /// The embeddings engine: inputs, coalescing, batches and tokens.
+    pub embeddings: EngineMetrics,
+    /// The vector cache's size.
+    pub cache: CacheMetrics,
+    /// Retries, rate gates, the circuit breaker and the concurrency limits.
+    pub resilience: ResilienceMetrics,
+    /// The shared tier's (Redis) commands, fallback, L2 cache and replicas.
+    pub redis: RedisMetrics,
+}
+
+/// Inbound requests and connections, and the errors embedcar answered itself.
+pub struct RequestMetrics {
     /// Requests answered, by route, method and status.
-    pub requests: IntCounterVec,
+    pub answered: IntCounterVec,
     /// Time from request head to the end of the response body, by route and method.
-    pub request_duration: HistogramVec,
+    pub duration: HistogramVec,
     /// Requests being handled now.
-    pub requests_in_flight: IntGauge,
-    /// Upstream exchanges by route and outcome (a status code, or `connect_error`, `timeout`,
-    /// `io_error`, `abandoned`).
-    pub upstream_requests: IntCounterVec,
-    /// Time to the upstream's response headers, by route.
-    pub upstream_duration: HistogramVec,
-    /// Upstream exchanges holding a concurrency slot now.
-    pub upstream_in_flight: IntGauge,
-    /// Time spent waiting for a concurrency slot.
-    pub concurrency_wait: Histogram,
+    pub in_flight: IntGauge,
     /// Requests embedcar refused to protect itself or the upstream, by reason (error code).
     pub shed: IntCounterVec,
     /// Other errors embedcar answered itself (the caller's, the upstream's, a deadline's), by
@@ -55,28 +66,58 @@ pub struct Metrics {
     /// Idle keep-alive connections closed at `server.max_connections` to admit new clients.
     pub connections_reclaimed: IntCounter,
     /// Request body bytes held in memory now, against `server.max_buffered_request_bytes`.
-    pub request_buffer_bytes: IntGauge,
+    pub buffer_bytes: IntGauge,
+    /// Children of the per-request metrics above, looked up once and kept (see [`Children`]).
+    answered_by: Children<IntCounter>,
+    duration_by: Children<Histogram>,
+}
 
+/// Exchanges with the upstream.
+pub struct UpstreamMetrics {
+    /// Upstream exchanges by route and outcome (a status code, or `connect_error`, `timeout`,
+    /// `io_error`, `abandoned`).
+    pub requests: IntCounterVec,
+    /// Time to the upstream's response headers, by route.
+    pub duration: HistogramVec,
+    /// Upstream exchanges holding a concurrency slot now.
+    pub in_flight: IntGauge,
+    /// Replies that said a credential's budget is spent (`x-ratelimit-remaining-*` 0), by kind.
+    pub ratelimit_exhausted: IntCounterVec,
+    /// Children of the per-exchange metrics above, looked up once and kept (see [`Children`]).
+    requests_by: Children<IntCounter>,
+    duration_by: Children<Histogram>,
+}
+
+/// The embeddings engine.
+pub struct EngineMetrics {
     /// Embeddings inputs received, answered from the cache, joined to an identical input in
     /// flight, dropped unsent because nobody waited any more.
-    pub embeddings_inputs: IntCounter,
-    pub embeddings_cache_hits: IntCounter,
-    pub embeddings_coalesced: IntCounter,
-    pub embeddings_abandoned: IntCounter,
+    pub inputs: IntCounter,
+    pub cache_hits: IntCounter,
+    pub coalesced: IntCounter,
+    pub abandoned: IntCounter,
     /// Inputs waiting for an upstream call now.
-    pub embeddings_queue_depth: IntGauge,
+    pub queue_depth: IntGauge,
     /// Inputs per upstream embeddings call.
-    pub embeddings_batch_inputs: Histogram,
+    pub batch_inputs: Histogram,
     /// Merged calls split to isolate an input the upstream refused.
-    pub embeddings_isolation_splits: IntCounter,
+    pub isolation_splits: IntCounter,
     /// Tokens of the inputs answered, by source (`upstream`: billed; `cache`: saved).
-    pub embeddings_tokens: IntCounterVec,
-    /// The vector cache's entries and bytes (as charged against `cache.max_bytes`), read from
-    /// the cache when scraped (see [`Metrics::observe_cache`]) rather than kept up to date on
-    /// every insert and eviction.
-    pub cache_entries: IntGauge,
-    pub cache_bytes: IntGauge,
+    pub tokens: IntCounterVec,
+    /// Children of `tokens`, looked up once and kept (see [`Children`]).
+    tokens_by: Children<IntCounter>,
+}
 
+/// The vector cache's entries and bytes (as charged against `cache.max_bytes`), read from the
+/// cache when scraped (see [`Metrics::observe_cache`]) rather than kept up to date on every
+/// insert and eviction.
+pub struct CacheMetrics {
+    pub entries: IntGauge,
+    pub bytes: IntGauge,
+}
+
+/// Retries, rate gates, the circuit breaker, the concurrency slots and the adaptive limit.
+pub struct ResilienceMetrics {
     /// Upstream attempts repeated, by reason; retries refused by the budget.
     pub retries: IntCounterVec,
     pub retry_budget_exhausted: IntCounter,
@@ -89,25 +130,32 @@ pub struct Metrics {
     /// credential's calls nearly all fail), else 0; transitions by the state entered.
     pub breaker_state: IntGauge,
     pub breaker_transitions: IntCounterVec,
-    /// The upstream's `x-ratelimit-remaining-{requests,tokens}`, as last seen.
-    /// Replies that said a credential's budget is spent (remaining 0), by kind.
-    pub upstream_ratelimit_exhausted: IntCounterVec,
     /// Credentials whose circuit is open now.
     pub breaker_open_credentials: IntGauge,
+    /// Time spent waiting for a concurrency slot.
+    pub concurrency_wait: Histogram,
     /// The adaptive limit on embeddings calls in flight upstream.
     pub adaptive_limit: IntGauge,
     /// The size-adjusted latency baseline the last judged call was compared with.
     pub adaptive_baseline: prometheus::Gauge,
     pub adaptive_decisions: IntCounterVec,
-    /// The shared tier's (Redis) commands, fallback, L2 cache and replicas.
-    pub redis: crate::shared_tier::SharedTierMetrics,
+}
 
-    /// Children of the per-request metrics above, looked up once and kept (see [`Children`]).
-    requests_by: Children<IntCounter>,
-    request_duration_by: Children<Histogram>,
-    upstream_requests_by: Children<IntCounter>,
-    upstream_duration_by: Children<Histogram>,
-    embeddings_tokens_by: Children<IntCounter>,
+/// The shared tier's own metrics (see `crate::shared_tier`).
+pub struct RedisMetrics {
+    /// Latency of Redis commands that answered, by operation.
+    pub command_seconds: HistogramVec,
+    /// Commands that failed, by operation and kind (`error`, `timeout`).
+    pub errors: IntCounterVec,
+    /// Commands not sent because the tier's breaker is open.
+    pub skipped: IntCounter,
+    /// 1 while the tier does without Redis (local gates, L1 only), else 0.
+    pub fallback: IntGauge,
+    /// L1 misses answered by the shared cache, and not.
+    pub l2_hits: IntCounter,
+    pub l2_misses: IntCounter,
+    /// Replicas heard from within `REPLICA_TTL`, this one included, as last counted.
+    pub replicas: IntGauge,
 }
 
 /// The children of a labelled metric, looked up on first use and kept, by a dense number for
@@ -192,9 +240,6 @@ impl MethodLabel {
     }
 }
 
-/// How many metric families embedcar registers of its own (besides the process_* ones).
-const OWN_FAMILIES: usize = 36;
-
 /// The kinds of `embedcar_deadline_expired_total`.
 pub const DEADLINE_KINDS: [&str; 3] = ["first_byte", "body_idle", "embeddings"];
 
@@ -203,340 +248,409 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
 ];
 
-impl Metrics {
-    pub fn new() -> Self {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
+/// Buckets of a Redis command's latency, in seconds: a same-zone round trip is well under a
+/// millisecond; the top is the command timeout's range.
+const COMMAND_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+/// A component's metric families, as registered (and counted by the registry test).
+type Collectors = Vec<Box<dyn Collector>>;
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("valid metric")
+}
+
+fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric")
+}
+
+/// Registers a component's families in the one registry; a name used twice is a bug.
+fn register_all(registry: &Registry, collectors: Collectors) {
+    for c in collectors {
+        registry.register(c).expect("metric names are unique");
+    }
+}
+
+impl RequestMetrics {
+    fn register(registry: &Registry) -> Self {
+        let m = RequestMetrics {
+            answered: counter_vec(
                 "embedcar_requests_total",
                 "Requests answered, by route, method and status.",
+                &["route", "method", "status"],
             ),
-            &["route", "method", "status"],
-        )
-        .expect("valid metric");
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
+            duration: histogram_vec(
                 "embedcar_request_duration_seconds",
                 "Time from request head to the end of the response body.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route", "method"],
-        )
-        .expect("valid metric");
-        let requests_in_flight =
-            IntGauge::new("embedcar_requests_in_flight", "Requests being handled now.")
-                .expect("valid metric");
-        let upstream_requests = IntCounterVec::new(
-            Opts::new(
-                "embedcar_upstream_requests_total",
-                "Upstream exchanges by route and outcome (status code, connect_error, timeout, io_error, abandoned).",
+                LATENCY_BUCKETS,
+                &["route", "method"],
             ),
-            &["route", "status"],
-        )
-        .expect("valid metric");
-        let upstream_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "embedcar_upstream_duration_seconds",
-                "Time to the upstream's response headers.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .expect("valid metric");
-        let upstream_in_flight = IntGauge::new(
-            "embedcar_upstream_in_flight",
-            "Upstream exchanges holding a concurrency slot now.",
-        )
-        .expect("valid metric");
-        let concurrency_wait = Histogram::with_opts(
-            HistogramOpts::new(
-                "embedcar_concurrency_wait_seconds",
-                "Time spent waiting for an upstream concurrency slot.",
-            )
-            .buckets(WAIT_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        let shed = IntCounterVec::new(
-            Opts::new(
+            in_flight: gauge("embedcar_requests_in_flight", "Requests being handled now."),
+            shed: counter_vec(
                 "embedcar_shed_requests_total",
                 "Requests embedcar refused to protect itself or the upstream (overloaded, queue or buffers full, rate gate, open circuit, shutting down), by reason.",
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        let errors = IntCounterVec::new(
-            Opts::new(
+            errors: counter_vec(
                 "embedcar_errors_total",
                 "Errors embedcar answered itself other than shedding, by reason: the caller's (invalid_request, request_too_large, request_body_timeout), the upstream's or a deadline's (upstream_unreachable, upstream_timeout, upstream_invalid_reply, deadline_exceeded), its own (internal_error).",
+                &["reason"],
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
+            deadline_expired: counter_vec(
+                "embedcar_deadline_expired_total",
+                "Deadlines that expired, by kind (first_byte, body_idle, embeddings).",
+                &["kind"],
+            ),
+            open_connections: gauge("embedcar_open_connections", "Client connections open now."),
+            connections: counter("embedcar_connections_total", "Client connections accepted."),
+            connections_reclaimed: counter(
+                "embedcar_connections_reclaimed_total",
+                "Idle keep-alive client connections closed at server.max_connections to admit new ones.",
+            ),
+            buffer_bytes: gauge(
+                "embedcar_request_buffer_bytes",
+                "Request body bytes held in memory now (bodies read whole), against server.max_buffered_request_bytes.",
+            ),
+            answered_by: Children::new(Route::COUNT * METHOD_LABELS.len() * STATUS_LABELS.len()),
+            duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
+        };
         // Every known label value from the start, so an alert's rate() sees 0, not "no data".
         for (code, blame) in crate::http::errors::CODES {
             match blame {
-                crate::http::errors::Blame::Shed => shed.with_label_values(&[code]),
-                _ => errors.with_label_values(&[code]),
+                crate::http::errors::Blame::Shed => m.shed.with_label_values(&[code]),
+                _ => m.errors.with_label_values(&[code]),
             };
         }
-        let deadline_expired = IntCounterVec::new(
-            Opts::new(
-                "embedcar_deadline_expired_total",
-                "Deadlines that expired, by kind (first_byte, body_idle, embeddings).",
-            ),
-            &["kind"],
-        )
-        .expect("valid metric");
         for kind in DEADLINE_KINDS {
-            deadline_expired.with_label_values(&[kind]);
+            m.deadline_expired.with_label_values(&[kind]);
         }
-        let open_connections =
-            IntGauge::new("embedcar_open_connections", "Client connections open now.")
-                .expect("valid metric");
-        let connections =
-            IntCounter::new("embedcar_connections_total", "Client connections accepted.")
-                .expect("valid metric");
+        register_all(registry, m.collectors());
+        m
+    }
 
-        let connections_reclaimed = IntCounter::new(
-            "embedcar_connections_reclaimed_total",
-            "Idle keep-alive client connections closed at server.max_connections to admit new ones.",
-        )
-        .expect("valid metric");
-        let request_buffer_bytes = IntGauge::new(
-            "embedcar_request_buffer_bytes",
-            "Request body bytes held in memory now (bodies read whole), against server.max_buffered_request_bytes.",
-        )
-        .expect("valid metric");
+    fn collectors(&self) -> Collectors {
+        vec![
+            Box::new(self.answered.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.in_flight.clone()),
+            Box::new(self.shed.clone()),
+            Box::new(self.errors.clone()),
+            Box::new(self.deadline_expired.clone()),
+            Box::new(self.open_connections.clone()),
+            Box::new(self.connections.clone()),
+            Box::new(self.buffer_bytes.clone()),
+            Box::new(self.connections_reclaimed.clone()),
+        ]
+    }
+}
 
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        let embeddings_inputs = counter(
-            "embedcar_embeddings_inputs_total",
-            "Embeddings inputs received.",
-        );
-        let embeddings_cache_hits = counter(
-            "embedcar_embeddings_cache_hits_total",
-            "Embeddings inputs answered from the cache.",
-        );
-        let embeddings_coalesced = counter(
-            "embedcar_embeddings_coalesced_total",
-            "Embeddings inputs joined to an identical input already queued or in flight.",
-        );
-        let embeddings_abandoned = counter(
-            "embedcar_embeddings_abandoned_inputs_total",
-            "Embeddings inputs dropped unsent because every caller waiting for them left.",
-        );
-        let embeddings_isolation_splits = counter(
-            "embedcar_embeddings_isolation_splits_total",
-            "Merged embeddings calls split to isolate an input the upstream refused.",
-        );
-        let embeddings_queue_depth = IntGauge::new(
-            "embedcar_embeddings_queue_depth",
-            "Embeddings inputs waiting for an upstream call.",
-        )
-        .expect("valid metric");
-        let embeddings_batch_inputs = Histogram::with_opts(
-            HistogramOpts::new(
-                "embedcar_embeddings_batch_inputs",
-                "Inputs per upstream embeddings call.",
-            )
-            .buckets(BATCH_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        let embeddings_tokens = IntCounterVec::new(
-            Opts::new(
-                "embedcar_embeddings_tokens_total",
-                "Tokens of the embeddings inputs answered, by source (upstream, cache).",
+impl UpstreamMetrics {
+    fn register(registry: &Registry) -> Self {
+        let m = UpstreamMetrics {
+            requests: counter_vec(
+                "embedcar_upstream_requests_total",
+                "Upstream exchanges by route and outcome (status code, connect_error, timeout, io_error, abandoned).",
+                &["route", "status"],
             ),
-            &["source"],
-        )
-        .expect("valid metric");
-        for source in [TokenSource::Upstream, TokenSource::Cache] {
-            embeddings_tokens.with_label_values(&[source.as_str()]);
-        }
-
-        let cache_entries = IntGauge::new(
-            "embedcar_cache_entries",
-            "Vectors held in the embeddings cache.",
-        )
-        .expect("valid metric");
-        let cache_bytes = IntGauge::new(
-            "embedcar_cache_bytes",
-            "Bytes held in the embeddings cache, as charged against cache.max_bytes.",
-        )
-        .expect("valid metric");
-
-        let retries = IntCounterVec::new(
-            Opts::new(
-                "embedcar_retries_total",
-                "Upstream attempts repeated, by reason (status code, connect_error, timeout, io_error).",
+            duration: histogram_vec(
+                "embedcar_upstream_duration_seconds",
+                "Time to the upstream's response headers.",
+                LATENCY_BUCKETS,
+                &["route"],
             ),
-            &["reason"],
-        )
-        .expect("valid metric");
-        for reason in crate::resilience::retry::RetryReason::LABELS {
-            retries.with_label_values(&[reason]);
-        }
-        let retry_budget_exhausted = counter(
-            "embedcar_retry_budget_exhausted_total",
-            "Retries not made because the retry budget was spent.",
-        );
-        let gate_wait = Histogram::with_opts(
-            HistogramOpts::new(
-                "embedcar_rate_gate_wait_seconds",
-                "Time spent waiting at a rate gate.",
-            )
-            .buckets(WAIT_BUCKETS.to_vec()),
-        )
-        .expect("valid metric");
-        let gate_closures = counter(
-            "embedcar_rate_gate_closures_total",
-            "Rate gates shut by the upstream's 429 or rate-limit headers.",
-        );
-        let gate_rejections = counter(
-            "embedcar_rate_gate_rejections_total",
-            "Requests refused with 429 because the gate would not open before their deadline.",
-        );
-        let breaker_state = IntGauge::new(
-            "embedcar_circuit_breaker_state",
-            "Upstream circuit breaker: 1 while it refuses anyone's calls (the upstream cannot be reached, or a credential's calls nearly all fail), else 0.",
-        )
-        .expect("valid metric");
-        let breaker_transitions = IntCounterVec::new(
-            Opts::new(
-                "embedcar_circuit_breaker_transitions_total",
-                "Circuit breaker transitions, by the state entered.",
+            in_flight: gauge(
+                "embedcar_upstream_in_flight",
+                "Upstream exchanges holding a concurrency slot now.",
             ),
-            &["state"],
-        )
-        .expect("valid metric");
-        for state in crate::resilience::breaker::STATE_LABELS {
-            breaker_transitions.with_label_values(&[state]);
-        }
-        let upstream_ratelimit_exhausted = IntCounterVec::new(
-            Opts::new(
+            ratelimit_exhausted: counter_vec(
                 "embedcar_upstream_ratelimit_exhausted_total",
                 "Upstream replies whose x-ratelimit-remaining-{requests,tokens} was 0, by kind.",
+                &["kind"],
             ),
-            &["kind"],
-        )
-        .expect("valid metric");
+            requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
+            duration_by: Children::new(Route::COUNT),
+        };
         for kind in ["requests", "tokens"] {
-            upstream_ratelimit_exhausted.with_label_values(&[kind]);
+            m.ratelimit_exhausted.with_label_values(&[kind]);
         }
-        let breaker_open_credentials = IntGauge::new(
-            "embedcar_circuit_breaker_open_credentials",
-            "Credentials whose upstream calls the circuit breaker refuses now.",
-        )
-        .expect("valid metric");
+        register_all(registry, m.collectors());
+        m
+    }
 
-        let adaptive_limit = IntGauge::new(
-            "embedcar_upstream_concurrency_limit",
-            "The adaptive limit on embeddings calls in flight upstream (limits.max_concurrency is its ceiling).",
-        )
-        .expect("valid metric");
-        let adaptive_baseline = prometheus::Gauge::new(
-            "embedcar_upstream_latency_baseline_seconds",
-            "What an unqueued call of the last judged call's size takes, as the adaptive limit estimates it.",
-        )
-        .expect("valid metric");
-        let adaptive_decisions = IntCounterVec::new(
-            Opts::new(
+    fn collectors(&self) -> Collectors {
+        vec![
+            Box::new(self.requests.clone()),
+            Box::new(self.duration.clone()),
+            Box::new(self.in_flight.clone()),
+            Box::new(self.ratelimit_exhausted.clone()),
+        ]
+    }
+}
+
+impl EngineMetrics {
+    fn register(registry: &Registry) -> Self {
+        let m = EngineMetrics {
+            inputs: counter(
+                "embedcar_embeddings_inputs_total",
+                "Embeddings inputs received.",
+            ),
+            cache_hits: counter(
+                "embedcar_embeddings_cache_hits_total",
+                "Embeddings inputs answered from the cache.",
+            ),
+            coalesced: counter(
+                "embedcar_embeddings_coalesced_total",
+                "Embeddings inputs joined to an identical input already queued or in flight.",
+            ),
+            abandoned: counter(
+                "embedcar_embeddings_abandoned_inputs_total",
+                "Embeddings inputs dropped unsent because every caller waiting for them left.",
+            ),
+            queue_depth: gauge(
+                "embedcar_embeddings_queue_depth",
+                "Embeddings inputs waiting for an upstream call.",
+            ),
+            batch_inputs: histogram(
+                "embedcar_embeddings_batch_inputs",
+                "Inputs per upstream embeddings call.",
+                BATCH_BUCKETS,
+            ),
+            isolation_splits: counter(
+                "embedcar_embeddings_isolation_splits_total",
+                "Merged embeddings calls split to isolate an input the upstream refused.",
+            ),
+            tokens: counter_vec(
+                "embedcar_embeddings_tokens_total",
+                "Tokens of the embeddings inputs answered, by source (upstream, cache).",
+                &["source"],
+            ),
+            tokens_by: Children::new(TokenSource::COUNT),
+        };
+        for source in [TokenSource::Upstream, TokenSource::Cache] {
+            m.tokens.with_label_values(&[source.as_str()]);
+        }
+        register_all(registry, m.collectors());
+        m
+    }
+
+    fn collectors(&self) -> Collectors {
+        vec![
+            Box::new(self.inputs.clone()),
+            Box::new(self.cache_hits.clone()),
+            Box::new(self.coalesced.clone()),
+            Box::new(self.abandoned.clone()),
+            Box::new(self.queue_depth.clone()),
+            Box::new(self.batch_inputs.clone()),
+            Box::new(self.isolation_splits.clone()),
+            Box::new(self.tokens.clone()),
+        ]
+    }
+}
+
+impl CacheMetrics {
+    fn register(registry: &Registry) -> Self {
+        let m = CacheMetrics {
+            entries: gauge(
+                "embedcar_cache_entries",
+                "Vectors held in the embeddings cache.",
+            ),
+            bytes: gauge(
+                "embedcar_cache_bytes",
+                "Bytes held in the embeddings cache, as charged against cache.max_bytes.",
+            ),
+        };
+        register_all(registry, m.collectors());
+        m
+    }
+
+    fn collectors(&self) -> Collectors {
+        vec![Box::new(self.entries.clone()), Box::new(self.bytes.clone())]
+    }
+}
+
+impl ResilienceMetrics {
+    fn register(registry: &Registry) -> Self {
+        let m = ResilienceMetrics {
+            retries: counter_vec(
+                "embedcar_retries_total",
+                "Upstream attempts repeated, by reason (status code, connect_error, timeout, io_error).",
+                &["reason"],
+            ),
+            retry_budget_exhausted: counter(
+                "embedcar_retry_budget_exhausted_total",
+                "Retries not made because the retry budget was spent.",
+            ),
+            gate_wait: histogram(
+                "embedcar_rate_gate_wait_seconds",
+                "Time spent waiting at a rate gate.",
+                WAIT_BUCKETS,
+            ),
+            gate_closures: counter(
+                "embedcar_rate_gate_closures_total",
+                "Rate gates shut by the upstream's 429 or rate-limit headers.",
+            ),
+            gate_rejections: counter(
+                "embedcar_rate_gate_rejections_total",
+                "Requests refused with 429 because the gate would not open before their deadline.",
+            ),
+            breaker_state: gauge(
+                "embedcar_circuit_breaker_state",
+                "Upstream circuit breaker: 1 while it refuses anyone's calls (the upstream cannot be reached, or a credential's calls nearly all fail), else 0.",
+            ),
+            breaker_transitions: counter_vec(
+                "embedcar_circuit_breaker_transitions_total",
+                "Circuit breaker transitions, by the state entered.",
+                &["state"],
+            ),
+            breaker_open_credentials: gauge(
+                "embedcar_circuit_breaker_open_credentials",
+                "Credentials whose upstream calls the circuit breaker refuses now.",
+            ),
+            concurrency_wait: histogram(
+                "embedcar_concurrency_wait_seconds",
+                "Time spent waiting for an upstream concurrency slot.",
+                WAIT_BUCKETS,
+            ),
+            adaptive_limit: gauge(
+                "embedcar_upstream_concurrency_limit",
+                "The adaptive limit on embeddings calls in flight upstream (limits.max_concurrency is its ceiling).",
+            ),
+            adaptive_baseline: prometheus::Gauge::new(
+                "embedcar_upstream_latency_baseline_seconds",
+                "What an unqueued call of the last judged call's size takes, as the adaptive limit estimates it.",
+            )
+            .expect("valid metric"),
+            adaptive_decisions: counter_vec(
                 "embedcar_upstream_concurrency_decisions_total",
                 "Changes of the adaptive concurrency limit, by decision.",
+                &["decision"],
             ),
-            &["decision"],
-        )
-        .expect("valid metric");
-        for d in crate::resilience::adaptive_limit::Decision::ALL {
-            adaptive_decisions.with_label_values(&[d.label()]);
-        }
-
-        let m = Metrics {
-            registry,
-            requests,
-            request_duration,
-            requests_in_flight,
-            upstream_requests,
-            upstream_duration,
-            upstream_in_flight,
-            concurrency_wait,
-            shed,
-            errors,
-            deadline_expired,
-            open_connections,
-            connections,
-            connections_reclaimed,
-            request_buffer_bytes,
-            embeddings_inputs,
-            embeddings_cache_hits,
-            embeddings_coalesced,
-            embeddings_abandoned,
-            embeddings_queue_depth,
-            embeddings_batch_inputs,
-            embeddings_isolation_splits,
-            embeddings_tokens,
-            cache_entries,
-            cache_bytes,
-            retries,
-            retry_budget_exhausted,
-            gate_wait,
-            gate_closures,
-            gate_rejections,
-            breaker_state,
-            breaker_transitions,
-            upstream_ratelimit_exhausted,
-            breaker_open_credentials,
-            adaptive_limit,
-            adaptive_baseline,
-            adaptive_decisions,
-            redis: crate::shared_tier::SharedTierMetrics::new(),
-            requests_by: Children::new(Route::COUNT * METHOD_LABELS.len() * STATUS_LABELS.len()),
-            request_duration_by: Children::new(Route::COUNT * METHOD_LABELS.len()),
-            upstream_requests_by: Children::new(Route::COUNT * STATUS_LABELS.len()),
-            upstream_duration_by: Children::new(Route::COUNT),
-            embeddings_tokens_by: Children::new(TokenSource::COUNT),
         };
-        let collectors: [Box<dyn prometheus::core::Collector>; OWN_FAMILIES] = [
-            Box::new(m.requests.clone()),
-            Box::new(m.request_duration.clone()),
-            Box::new(m.requests_in_flight.clone()),
-            Box::new(m.upstream_requests.clone()),
-            Box::new(m.upstream_duration.clone()),
-            Box::new(m.upstream_in_flight.clone()),
-            Box::new(m.concurrency_wait.clone()),
-            Box::new(m.shed.clone()),
-            Box::new(m.errors.clone()),
-            Box::new(m.deadline_expired.clone()),
-            Box::new(m.open_connections.clone()),
-            Box::new(m.connections.clone()),
-            Box::new(m.request_buffer_bytes.clone()),
-            Box::new(m.connections_reclaimed.clone()),
-            Box::new(m.embeddings_inputs.clone()),
-            Box::new(m.embeddings_cache_hits.clone()),
-            Box::new(m.embeddings_coalesced.clone()),
-            Box::new(m.embeddings_abandoned.clone()),
-            Box::new(m.embeddings_queue_depth.clone()),
-            Box::new(m.embeddings_batch_inputs.clone()),
-            Box::new(m.embeddings_isolation_splits.clone()),
-            Box::new(m.embeddings_tokens.clone()),
-            Box::new(m.cache_entries.clone()),
-            Box::new(m.cache_bytes.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.retry_budget_exhausted.clone()),
-            Box::new(m.gate_wait.clone()),
-            Box::new(m.gate_closures.clone()),
-            Box::new(m.gate_rejections.clone()),
-            Box::new(m.breaker_state.clone()),
-            Box::new(m.breaker_transitions.clone()),
-            Box::new(m.upstream_ratelimit_exhausted.clone()),
-            Box::new(m.breaker_open_credentials.clone()),
-            Box::new(m.adaptive_limit.clone()),
-            Box::new(m.adaptive_baseline.clone()),
-            Box::new(m.adaptive_decisions.clone()),
-        ];
-        for c in collectors.into_iter().chain(m.redis.collectors()) {
-            m.registry.register(c).expect("metric names are unique");
+        m.precreate_labels();
+        register_all(registry, m.collectors());
+        m
+    }
+
+    /// Every retry reason, breaker state and limit decision at 0 from the start, so an alert's
+    /// rate() sees 0, not "no data".
+    fn precreate_labels(&self) {
+        for reason in crate::resilience::retry::RetryReason::LABELS {
+            self.retries.with_label_values(&[reason]);
         }
+        for state in crate::resilience::breaker::STATE_LABELS {
+            self.breaker_transitions.with_label_values(&[state]);
+        }
+        for d in crate::resilience::adaptive_limit::Decision::ALL {
+            self.adaptive_decisions.with_label_values(&[d.label()]);
+        }
+    }
+
+    fn collectors(&self) -> Collectors {
+        vec![
+            Box::new(self.retries.clone()),
+            Box::new(self.retry_budget_exhausted.clone()),
+            Box::new(self.gate_wait.clone()),
+            Box::new(self.gate_closures.clone()),
+            Box::new(self.gate_rejections.clone()),
+            Box::new(self.breaker_state.clone()),
+            Box::new(self.breaker_transitions.clone()),
+            Box::new(self.breaker_open_credentials.clone()),
+            Box::new(self.concurrency_wait.clone()),
+            Box::new(self.adaptive_limit.clone()),
+            Box::new(self.adaptive_baseline.clone()),
+            Box::new(self.adaptive_decisions.clone()),
+        ]
+    }
+}
+
+impl RedisMetrics {
+    fn register(registry: &Registry) -> Self {
+        let m = RedisMetrics {
+            command_seconds: histogram_vec(
+                "embedcar_redis_command_seconds",
+                "Latency of Redis commands that answered, by operation.",
+                COMMAND_BUCKETS,
+                &["op"],
+            ),
+            errors: counter_vec(
+                "embedcar_redis_errors_total",
+                "Redis commands that failed, by operation and kind (error, timeout).",
+                &["op", "kind"],
+            ),
+            skipped: counter(
+                "embedcar_redis_skipped_total",
+                "Redis commands not sent because the shared tier's breaker is open.",
+            ),
+            fallback: gauge(
+                "embedcar_redis_fallback",
+                "1 while the shared tier does without Redis (local gates with a divided budget, in-process cache only), else 0.",
+            ),
+            l2_hits: counter(
+                "embedcar_redis_cache_hits_total",
+                "In-process cache misses answered by the shared (Redis) cache.",
+            ),
+            l2_misses: counter(
+                "embedcar_redis_cache_misses_total",
+                "In-process cache misses the shared (Redis) cache did not have (or could not be asked for).",
+            ),
+            replicas: gauge(
+                "embedcar_redis_replicas",
+                "Replicas of embedcar heard from through Redis recently, this one included (0: never counted).",
+            ),
+        };
+        for op in crate::shared_tier::Op::ALL {
+            for kind in ["error", "timeout"] {
+                m.errors.with_label_values(&[op.label(), kind]);
+            }
+        }
+        register_all(registry, m.collectors());
+        m
+    }
+
+    fn collectors(&self) -> Collectors {
+        vec![
+            Box::new(self.command_seconds.clone()),
+            Box::new(self.errors.clone()),
+            Box::new(self.skipped.clone()),
+            Box::new(self.fallback.clone()),
+            Box::new(self.l2_hits.clone()),
+            Box::new(self.l2_misses.clone()),
+            Box::new(self.replicas.clone()),
+        ]
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every component's families, and the process_* ones, in it.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = Metrics {
+            requests: RequestMetrics::register(&registry),
+            upstream: UpstreamMetrics::register(&registry),
+            embeddings: EngineMetrics::register(&registry),
+            cache: CacheMetrics::register(&registry),
+            resilience: ResilienceMetrics::register(&registry),
+            redis: RedisMetrics::register(&registry),
+            registry,
+        };
         // The standard process_* metrics (resident and virtual memory, CPU seconds, open and max
         // fds, start time), read from /proc/self at each scrape. Unprefixed, by the Prometheus
         // client convention, so dashboards and alerts written for any process work unchanged.
@@ -553,9 +667,11 @@ impl Metrics {
     /// embedcar does not know (a chained embedcar upstream's newer one) counts as `other`.
     pub fn count_own_error(&self, code: &str) {
         match crate::http::errors::known_code(code) {
-            Some((code, crate::http::errors::Blame::Shed)) => self.shed.with_label_values(&[code]),
-            Some((code, _)) => self.errors.with_label_values(&[code]),
-            None => self.errors.with_label_values(&["other"]),
+            Some((code, crate::http::errors::Blame::Shed)) => {
+                self.requests.shed.with_label_values(&[code])
+            }
+            Some((code, _)) => self.requests.errors.with_label_values(&[code]),
+            None => self.requests.errors.with_label_values(&["other"]),
         }
         .inc();
     }
@@ -578,9 +694,11 @@ impl Metrics {
     /// Sets the cache gauges from the cache's own counts (`VectorCache::usage`), just before
     /// a scrape: the cache already keeps them, so the request path pays nothing for the metric.
     pub fn observe_cache(&self, entries: u64, bytes: u64) {
-        self.cache_entries
+        self.cache
+            .entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
-        self.cache_bytes
+        self.cache
+            .bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
@@ -594,11 +712,12 @@ impl Metrics {
         elapsed: Duration,
     ) {
         let (r, m, st) = (route as usize, method.0 as usize, status_index(status));
-        self.requests_by
+        self.requests
+            .answered_by
             .get(
                 (r * METHOD_LABELS.len() + m) * STATUS_LABELS.len() + st,
                 || {
-                    self.requests.with_label_values(&[
+                    self.requests.answered.with_label_values(&[
                         route.as_str(),
                         method.as_str(),
                         STATUS_LABELS[st],
@@ -606,9 +725,11 @@ impl Metrics {
                 },
             )
             .inc();
-        self.request_duration_by
+        self.requests
+            .duration_by
             .get(r * METHOD_LABELS.len() + m, || {
-                self.request_duration
+                self.requests
+                    .duration
                     .with_label_values(&[route.as_str(), method.as_str()])
             })
             .observe(elapsed.as_secs_f64());
@@ -617,9 +738,11 @@ impl Metrics {
     /// An upstream exchange that got a response head.
     pub fn observe_upstream_status(&self, route: Route, status: StatusCode, elapsed: Duration) {
         let (r, st) = (route as usize, status_index(status.as_u16()));
-        self.upstream_requests_by
+        self.upstream
+            .requests_by
             .get(r * STATUS_LABELS.len() + st, || {
-                self.upstream_requests
+                self.upstream
+                    .requests
                     .with_label_values(&[route.as_str(), STATUS_LABELS[st]])
             })
             .inc();
@@ -629,7 +752,8 @@ impl Metrics {
     /// An upstream exchange that failed without a response (`outcome`: `timeout`,
     /// `connect_error`, ...): rare, so looked up each time.
     pub fn observe_upstream(&self, route: Route, outcome: &str, elapsed: Duration) {
-        self.upstream_requests
+        self.upstream
+            .requests
             .with_label_values(&[route.as_str(), outcome])
             .inc();
         self.observe_upstream_duration(route, elapsed);
@@ -639,22 +763,24 @@ impl Metrics {
     /// status page reads it without creating the series (which would put an empty one in
     /// /metrics for a route that never had traffic).
     pub fn upstream_duration_of(&self, route: Route) -> Option<&Histogram> {
-        self.upstream_duration_by.slots[route as usize].get()
+        self.upstream.duration_by.slots[route as usize].get()
     }
 
     fn observe_upstream_duration(&self, route: Route, elapsed: Duration) {
-        self.upstream_duration_by
+        self.upstream
+            .duration_by
             .get(route as usize, || {
-                self.upstream_duration.with_label_values(&[route.as_str()])
+                self.upstream.duration.with_label_values(&[route.as_str()])
             })
             .observe(elapsed.as_secs_f64());
     }
 
     /// Tokens of embeddings inputs answered, by where the answer came from.
     pub fn count_tokens(&self, source: TokenSource, tokens: u64) {
-        self.embeddings_tokens_by
+        self.embeddings
+            .tokens_by
             .get(source as usize, || {
-                self.embeddings_tokens.with_label_values(&[source.as_str()])
+                self.embeddings.tokens.with_label_values(&[source.as_str()])
             })
             .inc_by(tokens);
     }
@@ -717,7 +843,17 @@ mod tests {
             .collect();
         assert_eq!(
             own.len(),
-            OWN_FAMILIES + m.redis.collectors().len(),
+            [
+                m.requests.collectors(),
+                m.upstream.collectors(),
+                m.embeddings.collectors(),
+                m.cache.collectors(),
+                m.resilience.collectors(),
+                m.redis.collectors(),
+            ]
+            .iter()
+            .map(Vec::len)
+            .sum::<usize>(),
             "every collector registered shows: {own:?}"
         );
         for name in &own {

@@ -242,6 +242,7 @@ impl Proxy {
                 move |e: BoxError| {
                     if e.is::<BodyIdleTimeout>() {
                         metrics
+                            .requests
                             .deadline_expired
                             .with_label_values(&["body_idle"])
                             .inc();

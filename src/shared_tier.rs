@@ -28,7 +28,6 @@ use std::{
     time::Duration,
 };
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 use redis::{aio::ConnectionManager, IntoConnectionInfo, Script};
 use tokio::time::Instant;
 
@@ -54,11 +53,6 @@ pub const REPLICA_TTL: Duration = Duration::from_secs(10);
 const RECONNECT_ATTEMPTS: usize = 2;
 /// Layout version of an L2 value, its first byte: a replica of another version reads a miss.
 const VALUE_VERSION: u8 = 1;
-/// Buckets of a Redis command's latency, in seconds: a same-zone round trip is well under a
-/// millisecond; the top is the command timeout's range.
-const COMMAND_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-];
 
 /// GCRA over requests and tokens plus the upstream's closure, atomically: "go" (both buckets
 /// updated) or "wait this long" (nothing spent). The arithmetic is governor's, which the local
@@ -142,23 +136,6 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return redis.call('ZCARD', KEYS[1])
 ";
 
-/// The tier's own metrics, registered with the others (see `Metrics::new`).
-pub struct SharedTierMetrics {
-    /// Latency of Redis commands that answered, by operation.
-    pub command_seconds: HistogramVec,
-    /// Commands that failed, by operation and kind (`error`, `timeout`).
-    pub errors: IntCounterVec,
-    /// Commands not sent because the tier's breaker is open.
-    pub skipped: IntCounter,
-    /// 1 while the tier does without Redis (local gates, L1 only), else 0.
-    pub fallback: IntGauge,
-    /// L1 misses answered by the shared cache, and not.
-    pub l2_hits: IntCounter,
-    pub l2_misses: IntCounter,
-    /// Replicas heard from within `REPLICA_TTL`, this one included, as last counted.
-    pub replicas: IntGauge,
-}
-
 /// The operations, as their metric label.
 #[derive(Clone, Copy)]
 pub enum Op {
@@ -170,8 +147,8 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 5] = [Op::Gate, Op::Shut, Op::Fetch, Op::Store, Op::Heartbeat];
-    fn label(self) -> &'static str {
+    pub(crate) const ALL: [Op; 5] = [Op::Gate, Op::Shut, Op::Fetch, Op::Store, Op::Heartbeat];
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Op::Gate => "gate",
             Op::Shut => "shut",
@@ -179,77 +156,6 @@ impl Op {
             Op::Store => "store",
             Op::Heartbeat => "heartbeat",
         }
-    }
-}
-
-impl SharedTierMetrics {
-    pub fn new() -> Self {
-        let command_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "embedcar_redis_command_seconds",
-                "Latency of Redis commands that answered, by operation.",
-            )
-            .buckets(COMMAND_BUCKETS.to_vec()),
-            &["op"],
-        )
-        .expect("valid metric");
-        let errors = IntCounterVec::new(
-            Opts::new(
-                "embedcar_redis_errors_total",
-                "Redis commands that failed, by operation and kind (error, timeout).",
-            ),
-            &["op", "kind"],
-        )
-        .expect("valid metric");
-        for op in Op::ALL {
-            for kind in ["error", "timeout"] {
-                errors.with_label_values(&[op.label(), kind]);
-            }
-        }
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        SharedTierMetrics {
-            command_seconds,
-            errors,
-            skipped: counter(
-                "embedcar_redis_skipped_total",
-                "Redis commands not sent because the shared tier's breaker is open.",
-            ),
-            fallback: gauge(
-                "embedcar_redis_fallback",
-                "1 while the shared tier does without Redis (local gates with a divided budget, in-process cache only), else 0.",
-            ),
-            l2_hits: counter(
-                "embedcar_redis_cache_hits_total",
-                "In-process cache misses answered by the shared (Redis) cache.",
-            ),
-            l2_misses: counter(
-                "embedcar_redis_cache_misses_total",
-                "In-process cache misses the shared (Redis) cache did not have (or could not be asked for).",
-            ),
-            replicas: gauge(
-                "embedcar_redis_replicas",
-                "Replicas of embedcar heard from through Redis recently, this one included (0: never counted).",
-            ),
-        }
-    }
-
-    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
-        vec![
-            Box::new(self.command_seconds.clone()),
-            Box::new(self.errors.clone()),
-            Box::new(self.skipped.clone()),
-            Box::new(self.fallback.clone()),
-            Box::new(self.l2_hits.clone()),
-            Box::new(self.l2_misses.clone()),
-            Box::new(self.replicas.clone()),
-        ]
-    }
-}
-
-impl Default for SharedTierMetrics {
-    fn default() -> Self {
-        Self::new()
     }
 }
 

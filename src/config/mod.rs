@@ -589,6 +589,37 @@ impl Config {
     pub fn check(&self) -> Result<(), ConfigError> {
         base_url::BaseUrl::parse(&self.upstream.url)
             .map_err(|e| ConfigError(format!("upstream.url: {e}")))?;
+        self.check_nonzero()?;
+        self.check_retry_and_breaker()?;
+        if self.server.max_buffered_request_bytes == 0 {
+            return Err(ConfigError(
+                "server.max_buffered_request_bytes: must be at least 1".into(),
+            ));
+        }
+        if self.server.max_body_bytes == 0 {
+            return Err(ConfigError(
+                "server.max_body_bytes: must be at least 1".into(),
+            ));
+        }
+        if self.credentials.api_key_env.is_some() && self.credentials.api_key_file.is_some() {
+            return Err(ConfigError(
+                "credentials: set api_key_env or api_key_file, not both".into(),
+            ));
+        }
+        self.check_redis()?;
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            return Err(ConfigError(
+                "server.admin_listen: must differ from server.listen".into(),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| ConfigError(format!("log.level: {e}")))?;
+        Ok(())
+    }
+
+    /// Sizes and timeouts where 0 would refuse everything or never wait: must be at least 1,
+    /// or longer than 0s.
+    fn check_nonzero(&self) -> Result<(), ConfigError> {
         let positive = [
             ("server.max_connections", self.server.max_connections),
             ("limits.max_concurrency", self.limits.max_concurrency),
@@ -630,6 +661,11 @@ impl Config {
                 return Err(ConfigError(format!("{key}: must be longer than 0s")));
             }
         }
+        Ok(())
+    }
+
+    /// The retry and breaker settings' ranges.
+    fn check_retry_and_breaker(&self) -> Result<(), ConfigError> {
         if self.retry.max_attempts == 0 {
             return Err(ConfigError("retry.max_attempts: must be at least 1".into()));
         }
@@ -646,29 +682,6 @@ impl Config {
         if self.breaker.window.is_zero() {
             return Err(ConfigError("breaker.window: must be longer than 0s".into()));
         }
-        if self.server.max_buffered_request_bytes == 0 {
-            return Err(ConfigError(
-                "server.max_buffered_request_bytes: must be at least 1".into(),
-            ));
-        }
-        if self.server.max_body_bytes == 0 {
-            return Err(ConfigError(
-                "server.max_body_bytes: must be at least 1".into(),
-            ));
-        }
-        if self.credentials.api_key_env.is_some() && self.credentials.api_key_file.is_some() {
-            return Err(ConfigError(
-                "credentials: set api_key_env or api_key_file, not both".into(),
-            ));
-        }
-        self.check_redis()?;
-        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
-            return Err(ConfigError(
-                "server.admin_listen: must differ from server.listen".into(),
-            ));
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| ConfigError(format!("log.level: {e}")))?;
         Ok(())
     }
 

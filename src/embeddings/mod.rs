@@ -292,13 +292,53 @@ impl Engine {
         let scope = key.cache_scope(self.share_cache);
         let tokenizer = Tokenizer::for_model(model_key.as_deref());
         let count = request.inputs.len();
-        self.metrics.embeddings_inputs.inc_by(count as u64);
+        self.metrics.embeddings.inputs.inc_by(count as u64);
 
         // Cache first; every miss is counted and checked before anything is queued, so a
         // refused request leaves nothing behind.
-        let mut answers: Vec<Option<Arc<Embedded>>> = Vec::with_capacity(count);
+        let (mut answers, unsized_misses) = self.look_up(scope, request.inputs).await;
+        let misses = self.size_and_check(tokenizer, unsized_misses).await?;
+        let hits = self.count_hits(&answers);
+
+        let template = || Template {
+            target: target.to_string(),
+            headers: shared_headers(&parts.headers, &self.ignored),
+            model: request.model.clone(),
+            dimensions: request.dimensions,
+            user: request.user.clone(),
+            tokenizer,
+            cache_scope: scope,
+            credential: *key.credential(),
+        };
+        let waiting = self.queue(&key, &template, &parts.headers, misses, deadline)?;
+        let coalesced = waiting.iter().filter(|(_, t)| t.joined).count();
+        if coalesced > 0 {
+            self.metrics.embeddings.coalesced.inc_by(coalesced as u64);
+        }
+
+        if let Some(failure) = self
+            .wait_for(waiting, &mut answers, deadline, budget)
+            .await?
+        {
+            return Ok(failure);
+        }
+        let answers: Vec<Arc<Embedded>> = answers.into_iter().flatten().collect();
+        Ok(reply(&answers, request.encoding, [count, hits, coalesced]))
+    }
+
+    /// Looks every input up in the cache, in process then (one round trip for all of L1's
+    /// misses) in the shared tier: the answers found by position, and the misses to send.
+    async fn look_up(
+        &self,
+        scope: u128,
+        inputs: Vec<request::Input>,
+    ) -> (
+        Vec<Option<Arc<Embedded>>>,
+        Vec<(usize, u128, request::Input)>,
+    ) {
+        let mut answers: Vec<Option<Arc<Embedded>>> = Vec::with_capacity(inputs.len());
         let mut unsized_misses: Vec<(usize, u128, request::Input)> = Vec::new();
-        for (position, input) in request.inputs.into_iter().enumerate() {
+        for (position, input) in inputs.into_iter().enumerate() {
             let hash = input_hash(&input);
             if let Some(hit) = self.cache.get(&(scope, hash)) {
                 answers.push(Some(hit));
@@ -322,6 +362,17 @@ impl Engine {
                 });
             }
         }
+        (answers, unsized_misses)
+    }
+
+    /// Counts the misses' tokens and refuses the request if one input is over the model's
+    /// limit, before anything is queued; the misses come back grouped by [`InputKind`], as
+    /// text and token ids never share a call.
+    async fn size_and_check(
+        &self,
+        tokenizer: Tokenizer,
+        unsized_misses: Vec<(usize, u128, request::Input)>,
+    ) -> Result<[Vec<(usize, Miss)>; 2], ProxyError> {
         let sized = size_misses(tokenizer, unsized_misses).await?;
         let mut misses: [Vec<(usize, Miss)>; 2] = [Vec::new(), Vec::new()];
         for (position, miss, exact) in sized {
@@ -330,18 +381,35 @@ impl Engine {
             }
             misses[InputKind::of(&miss.input) as usize].push((position, miss));
         }
+        Ok(misses)
+    }
+
+    /// Counts the cache's answers and the tokens they saved; returns how many there were.
+    fn count_hits(&self, answers: &[Option<Arc<Embedded>>]) -> usize {
         let hits = answers.iter().filter(|a| a.is_some()).count();
         if hits > 0 {
-            self.metrics.embeddings_cache_hits.inc_by(hits as u64);
+            self.metrics.embeddings.cache_hits.inc_by(hits as u64);
             let cached_tokens = answers.iter().flatten().map(|e| e.tokens).sum();
             self.metrics.count_tokens(TokenSource::Cache, cached_tokens);
         }
+        hits
+    }
 
+    /// Hands each kind's misses to the batcher, which merges them into upstream calls (or
+    /// joins identical inputs already in flight): a ticket per miss, by position.
+    fn queue(
+        &self,
+        key: &BatchKey,
+        template: &impl Fn() -> Template,
+        headers: &HeaderMap,
+        misses: [Vec<(usize, Miss)>; 2],
+        deadline: Instant,
+    ) -> Result<Vec<(usize, Ticket)>, ProxyError> {
         // The caller's own headers are picked out only when something goes upstream; the
         // shared ones only when a lane has to be made (`template`).
         let caller = Arc::new(Caller {
             own_headers: if misses.iter().any(|g| !g.is_empty()) {
-                own_headers(&parts.headers, &self.ignored)
+                own_headers(headers, &self.ignored)
             } else {
                 HeaderMap::new()
             },
@@ -352,30 +420,28 @@ impl Engine {
                 continue;
             }
             let (positions, group): (Vec<usize>, Vec<Miss>) = group.into_iter().unzip();
-            let template = || Template {
-                target: target.to_string(),
-                headers: shared_headers(&parts.headers, &self.ignored),
-                model: request.model.clone(),
-                dimensions: request.dimensions,
-                user: request.user.clone(),
-                tokenizer,
-                cache_scope: scope,
-                credential: *key.credential(),
-            };
             let tickets =
                 self.batcher
                     .submit(key.clone(), kind, template, &caller, group, deadline)?;
             waiting.extend(positions.into_iter().zip(tickets));
         }
-        let coalesced = waiting.iter().filter(|(_, t)| t.joined).count();
-        if coalesced > 0 {
-            self.metrics.embeddings_coalesced.inc_by(coalesced as u64);
-        }
+        Ok(waiting)
+    }
 
+    /// Waits for every queued input's answer until the deadline, filling `answers`; `Some`
+    /// is an upstream failure to answer the caller with instead.
+    async fn wait_for(
+        &self,
+        waiting: Vec<(usize, Ticket)>,
+        answers: &mut [Option<Arc<Embedded>>],
+        deadline: Instant,
+        budget: std::time::Duration,
+    ) -> Result<Option<Response<ProxyBody>>, ProxyError> {
         for (position, ticket) in waiting {
             match tokio::time::timeout_at(deadline, ticket.rx).await {
                 Err(_) => {
                     self.metrics
+                        .requests
                         .deadline_expired
                         .with_label_values(&["embeddings"])
                         .inc();
@@ -390,40 +456,49 @@ impl Engine {
                 // caller's own timer would have a moment later.
                 Ok(Ok(Err(_))) if Instant::now() >= deadline => {
                     self.metrics
+                        .requests
                         .deadline_expired
                         .with_label_values(&["embeddings"])
                         .inc();
                     return Err(ProxyError::DeadlineExceeded(budget));
                 }
                 // Counted and logged by `ReportFailures` (`src/http/stack.rs`), by its x-embedcar-error.
-                Ok(Ok(Err(failure))) => return Ok(failure.to_response()),
+                Ok(Ok(Err(failure))) => return Ok(Some(failure.to_response())),
                 Ok(Ok(Ok(embedded))) => answers[position] = Some(embedded),
             }
         }
-
-        let answers: Vec<Arc<Embedded>> = answers.into_iter().flatten().collect();
-        let model = answers
-            .first()
-            .map(|e| e.model.clone())
-            .unwrap_or_else(|| "".into());
-        let prompt_tokens = answers.iter().map(|e| e.tokens).sum();
-        let body = render::render_reply(
-            answers.iter().map(|e| &*e.vector),
-            request.encoding,
-            &model,
-            prompt_tokens,
-        );
-        let mut response = Response::new(body::full(body));
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(INPUTS_HEADER, count_value(count));
-        headers.insert(CACHE_HITS_HEADER, count_value(hits));
-        headers.insert(COALESCED_HEADER, count_value(coalesced));
-        Ok(response)
+        Ok(None)
     }
+}
+
+/// The caller's reply, rendered from every input's vector in order, with the counts of
+/// `[inputs, cache hits, coalesced]` in embedcar's headers.
+fn reply(
+    answers: &[Arc<Embedded>],
+    encoding: request::Encoding,
+    [count, hits, coalesced]: [usize; 3],
+) -> Response<ProxyBody> {
+    let model = answers
+        .first()
+        .map(|e| e.model.clone())
+        .unwrap_or_else(|| "".into());
+    let prompt_tokens = answers.iter().map(|e| e.tokens).sum();
+    let body = render::render_reply(
+        answers.iter().map(|e| &*e.vector),
+        encoding,
+        &model,
+        prompt_tokens,
+    );
+    let mut response = Response::new(body::full(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(INPUTS_HEADER, count_value(count));
+    headers.insert(CACHE_HITS_HEADER, count_value(hits));
+    headers.insert(COALESCED_HEADER, count_value(coalesced));
+    response
 }
 
 /// The model that decides the tokenizer and the batch key. On Azure the deployment is the

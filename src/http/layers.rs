@@ -280,7 +280,7 @@ impl Drop for RequestRecord {
         let status = self.status.unwrap_or(CLIENT_CLOSED);
         self.metrics
             .record_request(self.route, self.method, status, self.started.elapsed());
-        self.metrics.requests_in_flight.dec();
+        self.metrics.requests.in_flight.dec();
     }
 }
 
@@ -300,7 +300,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let route = Route::of(req.uri().path());
         req.extensions_mut().insert(route);
-        self.metrics.requests_in_flight.inc();
+        self.metrics.requests.in_flight.inc();
         let record = RequestRecord {
             metrics: self.metrics.clone(),
             route,
@@ -532,7 +532,7 @@ pub struct RequestBodyLayer {
 impl RequestBodyLayer {
     /// `max_buffered`: request bytes held in memory at once, over all requests.
     pub fn new(max_bytes: u64, max_buffered: u64, idle: Duration, metrics: Arc<Metrics>) -> Self {
-        let budget = BufferBudget::new(max_buffered, metrics.request_buffer_bytes.clone());
+        let budget = BufferBudget::new(max_buffered, metrics.requests.buffer_bytes.clone());
         Self {
             max_bytes,
             idle,

@@ -177,7 +177,7 @@ impl AdaptiveLimit {
     pub fn new(max: usize, metrics: Arc<Metrics>) -> AdaptiveLimit {
         let max = max.max(MIN_LIMIT);
         let limit = INITIAL_LIMIT.clamp(MIN_LIMIT, max);
-        metrics.adaptive_limit.set(limit as i64);
+        metrics.resilience.adaptive_limit.set(limit as i64);
         AdaptiveLimit {
             inner: Arc::new(Inner {
                 places: Semaphore::new(limit),
@@ -289,13 +289,18 @@ impl Place {
         if let Some(d) = decision {
             inner
                 .metrics
+                .resilience
                 .adaptive_decisions
                 .with_label_values(&[d.label()])
                 .inc();
-            inner.metrics.adaptive_limit.set(s.limit as i64);
+            inner.metrics.resilience.adaptive_limit.set(s.limit as i64);
         }
         if let Some(e) = s.last_expected {
-            inner.metrics.adaptive_baseline.set(e.as_secs_f64());
+            inner
+                .metrics
+                .resilience
+                .adaptive_baseline
+                .set(e.as_secs_f64());
         }
         s.release(&inner.places);
         self.finished = true;
@@ -375,55 +380,75 @@ impl State {
                     None
                 }
             }
-            Signal::Answered => {
-                let expected = self.expected(tokens);
-                self.last_expected = expected.or(Some(elapsed));
-                let was_queued = expected.is_some_and(|e| queued(e, elapsed));
-                // A queued call's latency is no baseline: recorded, it would make its size
-                // look slow for good. A call that ran alone was queued behind none of ours, so
-                // it counts whatever it took (this also heals a size misjudged from too few
-                // others: the limit falls until calls run alone, and they teach the baseline).
-                if !was_queued || place.in_flight_at_start <= 1 {
-                    self.record(tokens, elapsed);
-                }
-                // A call that ran alone queued behind none of ours: whatever slowed it (the
-                // upstream's other clients), fewer calls of ours would not help.
-                if was_queued {
-                    return if fresh && place.in_flight_at_start >= 2 {
-                        let target = self.queued_target(place);
-                        self.decrease(places, target, Decision::DecreaseLatency)
-                    } else {
-                        None
-                    };
-                }
-                if !place.limited
-                    || place.increase_epoch != self.increase_epoch
-                    || self.limit >= max
-                {
-                    return None;
-                }
-                // One calm round trip at the limit (each increase starts a new round).
-                self.calm_rounds += 1;
-                let decision = if !self.congested {
-                    Decision::IncreaseStartup
-                } else if self.calm_rounds >= PROBE_ROUNDS {
-                    Decision::IncreaseProbe
-                } else {
-                    // Counted once per round: the next call of this round must not count again.
-                    self.increase_epoch += 1;
-                    return None;
-                };
-                self.limit += 1;
-                if self.debt > 0 {
-                    self.debt -= 1;
-                } else {
-                    places.add_permits(1);
-                }
-                self.calm_rounds = 0;
-                self.increase_epoch += 1;
-                Some(decision)
-            }
+            Signal::Answered => self.on_answered(place, fresh, tokens, elapsed, max, places),
         }
+    }
+
+    /// An answered call: its latency teaches the baseline unless it queued; a queued one lowers
+    /// the limit, a calm one may raise it.
+    fn on_answered(
+        &mut self,
+        place: &Place,
+        fresh: bool,
+        tokens: u64,
+        elapsed: Duration,
+        max: usize,
+        places: &Semaphore,
+    ) -> Option<Decision> {
+        let expected = self.expected(tokens);
+        self.last_expected = expected.or(Some(elapsed));
+        let was_queued = expected.is_some_and(|e| queued(e, elapsed));
+        // A queued call's latency is no baseline: recorded, it would make its size
+        // look slow for good. A call that ran alone was queued behind none of ours, so
+        // it counts whatever it took (this also heals a size misjudged from too few
+        // others: the limit falls until calls run alone, and they teach the baseline).
+        if !was_queued || place.in_flight_at_start <= 1 {
+            self.record(tokens, elapsed);
+        }
+        // A call that ran alone queued behind none of ours: whatever slowed it (the
+        // upstream's other clients), fewer calls of ours would not help.
+        if was_queued {
+            return if fresh && place.in_flight_at_start >= 2 {
+                let target = self.queued_target(place);
+                self.decrease(places, target, Decision::DecreaseLatency)
+            } else {
+                None
+            };
+        }
+        self.maybe_increase(place, max, places)
+    }
+
+    /// A calm call that ran at the limit: raises it, at once while starting up, else after
+    /// `PROBE_ROUNDS` calm round trips (each increase starts a new round).
+    fn maybe_increase(
+        &mut self,
+        place: &Place,
+        max: usize,
+        places: &Semaphore,
+    ) -> Option<Decision> {
+        if !place.limited || place.increase_epoch != self.increase_epoch || self.limit >= max {
+            return None;
+        }
+        // One calm round trip at the limit (each increase starts a new round).
+        self.calm_rounds += 1;
+        let decision = if !self.congested {
+            Decision::IncreaseStartup
+        } else if self.calm_rounds >= PROBE_ROUNDS {
+            Decision::IncreaseProbe
+        } else {
+            // Counted once per round: the next call of this round must not count again.
+            self.increase_epoch += 1;
+            return None;
+        };
+        self.limit += 1;
+        if self.debt > 0 {
+            self.debt -= 1;
+        } else {
+            places.add_permits(1);
+        }
+        self.calm_rounds = 0;
+        self.increase_epoch += 1;
+        Some(decision)
     }
 
     /// The limit a queued or refused call asks for: below the calls in flight when it started
@@ -689,7 +714,7 @@ mod tests {
             |_| 10,
         )
         .await;
-        let m = &limit.inner.metrics.adaptive_decisions;
+        let m = &limit.inner.metrics.resilience.adaptive_decisions;
         let counts: Vec<_> = Decision::ALL
             .iter()
             .map(|d| (d.label(), m.with_label_values(&[d.label()]).get()))
@@ -729,6 +754,7 @@ mod tests {
         let decreases = limit
             .inner
             .metrics
+            .resilience
             .adaptive_decisions
             .with_label_values(&[Decision::DecreaseLatency.label()])
             .get();

@@ -178,7 +178,7 @@ impl Drop for Pass {
 
 impl CircuitBreaker {
     pub fn new(settings: &BreakerConfig, metrics: Arc<Metrics>) -> Self {
-        metrics.breaker_state.set(0);
+        metrics.resilience.breaker_state.set(0);
         CircuitBreaker {
             circuits: Mutex::new(Circuits {
                 connect_failures: 0,
@@ -283,8 +283,48 @@ impl CircuitBreaker {
         let step = self.step(now);
         let mut guard = self.lock();
         let c = &mut *guard;
-        // The upstream-wide connect circuit: only connection failures count here.
         let cannot_connect = failure == Some(Failure::Connect);
+        self.judge_connect(c, now, global_probe, cannot_connect);
+        // A connection that could not be made says nothing about this credential's calls; a
+        // credential's probe that could not connect leaves the probe to the next caller.
+        if cannot_connect {
+            if probe {
+                if let Some(circuit) = c.by_credential.get_mut(credential) {
+                    if let State::HalfOpen { probing: true } = circuit.state {
+                        circuit.state = State::HalfOpen { probing: false };
+                    }
+                }
+            }
+            self.publish(c);
+            return;
+        }
+        let Some(circuit) = c.by_credential.get_mut(credential) else {
+            self.publish(c);
+            return;
+        };
+        let failed = failure.is_some();
+        let before = circuit.state;
+
+        self.judge_credential(circuit, now, step, probe, failed);
+        let was_open = before != State::Closed;
+        let is_open = circuit.state != State::Closed;
+        match (was_open, is_open) {
+            (false, true) => c.open += 1,
+            (true, false) => c.open -= 1,
+            _ => {}
+        }
+        self.publish(c);
+    }
+
+    /// The upstream-wide connect circuit: only connection failures count here (a probe for
+    /// everyone closes or reopens it; a run of them in a row opens it).
+    fn judge_connect(
+        &self,
+        c: &mut Circuits,
+        now: Instant,
+        global_probe: bool,
+        cannot_connect: bool,
+    ) {
         match (c.unreachable, cannot_connect) {
             (State::HalfOpen { .. }, true) if global_probe => {
                 let until = now + self.settings.cooldown;
@@ -310,26 +350,19 @@ impl CircuitBreaker {
             (State::Closed, false) => c.connect_failures = 0,
             _ => {}
         }
-        // A connection that could not be made says nothing about this credential's calls; a
-        // credential's probe that could not connect leaves the probe to the next caller.
-        if cannot_connect {
-            if probe {
-                if let Some(circuit) = c.by_credential.get_mut(credential) {
-                    if let State::HalfOpen { probing: true } = circuit.state {
-                        circuit.state = State::HalfOpen { probing: false };
-                    }
-                }
-            }
-            self.publish(c);
-            return;
-        }
-        let Some(circuit) = c.by_credential.get_mut(credential) else {
-            self.publish(c);
-            return;
-        };
-        let failed = failure.is_some();
-        let before = circuit.state;
+    }
 
+    /// A credential's own circuit: its probe closes or reopens it; while closed, the result is
+    /// counted in the sliding window, which opens it when the share of recent calls that failed
+    /// reaches `failure_rate` (over at least `min_calls`).
+    fn judge_credential(
+        &self,
+        circuit: &mut Circuit,
+        now: Instant,
+        step: u64,
+        probe: bool,
+        failed: bool,
+    ) {
         match (circuit.state, failed) {
             (State::HalfOpen { .. }, false) if probe => {
                 circuit.buckets = [Bucket::default(); BUCKETS];
@@ -368,23 +401,19 @@ impl CircuitBreaker {
             // reopens nor closes what has moved on.
             _ => {}
         }
-        let was_open = before != State::Closed;
-        let is_open = circuit.state != State::Closed;
-        match (was_open, is_open) {
-            (false, true) => c.open += 1,
-            (true, false) => c.open -= 1,
-            _ => {}
-        }
-        self.publish(c);
     }
 
     /// The gauges: open for anyone (1) or closed (0), and how many credentials are refused.
     fn publish(&self, c: &Circuits) {
         let unreachable = c.unreachable != State::Closed;
         self.metrics
+            .resilience
             .breaker_state
             .set(i64::from(unreachable || c.open > 0));
-        self.metrics.breaker_open_credentials.set(c.open as i64);
+        self.metrics
+            .resilience
+            .breaker_open_credentials
+            .set(c.open as i64);
     }
 
     /// The upstream was reached: no run of connect failures, and a probe for everyone succeeded.
@@ -424,6 +453,7 @@ impl CircuitBreaker {
         let (label, _) = to.label();
         tracing::warn!(to = label, "upstream circuit breaker");
         self.metrics
+            .resilience
             .breaker_transitions
             .with_label_values(&[label])
             .inc();

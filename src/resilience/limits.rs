@@ -84,7 +84,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.metrics.upstream_in_flight.dec();
+        self.metrics.upstream.in_flight.dec();
     }
 }
 
@@ -103,12 +103,12 @@ impl ConcurrencyLimit {
     /// A slot if one is free now.
     fn try_acquire(&self) -> Option<Slot> {
         let permit = self.slots.clone().try_acquire_owned().ok()?;
-        self.metrics.concurrency_wait.observe(0.0);
+        self.metrics.resilience.concurrency_wait.observe(0.0);
         Some(self.held(permit))
     }
 
     fn held(&self, permit: OwnedSemaphorePermit) -> Slot {
-        self.metrics.upstream_in_flight.inc();
+        self.metrics.upstream.in_flight.inc();
         Slot {
             _permit: permit,
             metrics: self.metrics.clone(),
@@ -137,6 +137,7 @@ impl ConcurrencyLimit {
                     // The semaphore is never closed; treat it like a timeout all the same.
                     Ok(Err(_)) | Err(_) => {
                         self.metrics
+                            .resilience
                             .concurrency_wait
                             .observe(started.elapsed().as_secs_f64());
                         return Err(ProxyError::Overloaded {
@@ -149,6 +150,7 @@ impl ConcurrencyLimit {
             }
         };
         self.metrics
+            .resilience
             .concurrency_wait
             .observe(started.elapsed().as_secs_f64());
         Ok(self.held(permit))
@@ -166,6 +168,7 @@ impl ConcurrencyLimit {
             .await
             .expect("the slot semaphore is never closed");
         self.metrics
+            .resilience
             .concurrency_wait
             .observe(started.elapsed().as_secs_f64());
         self.held(permit)

@@ -268,7 +268,7 @@ impl RateGates {
         if let Some(tier) = self.shared.get() {
             tier.publish_shut(credential, for_);
         }
-        self.metrics.gate_closures.inc();
+        self.metrics.resilience.gate_closures.inc();
         self.shut_here(credential, for_);
     }
 
@@ -326,7 +326,10 @@ impl RateGates {
                 Some(GateAnswer::Go) => {
                     let waited = started.elapsed();
                     if !waited.is_zero() {
-                        self.metrics.gate_wait.observe(waited.as_secs_f64());
+                        self.metrics
+                            .resilience
+                            .gate_wait
+                            .observe(waited.as_secs_f64());
                     }
                     return Ok(());
                 }
@@ -439,6 +442,7 @@ impl RateGates {
             match self.wait(credential, tokens, &mut request_spent) {
                 None => {
                     self.metrics
+                        .resilience
                         .gate_wait
                         .observe(now.duration_since(started).as_secs_f64());
                     return Ok(());
@@ -462,7 +466,7 @@ impl RateGates {
     }
 
     fn refuse(&self, retry_after: Duration) -> ProxyError {
-        self.metrics.gate_rejections.inc();
+        self.metrics.resilience.gate_rejections.inc();
         ProxyError::RateLimited { retry_after }
     }
 
@@ -656,7 +660,8 @@ impl GateLayer {
         ] {
             if remaining == Some(0) {
                 self.metrics
-                    .upstream_ratelimit_exhausted
+                    .upstream
+                    .ratelimit_exhausted
                     .with_label_values(&[kind])
                     .inc();
             }

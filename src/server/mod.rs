@@ -100,17 +100,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> bool {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
-
+    let builder = connection_builder(&settings);
     let connection_slots = Arc::new(Semaphore::new(settings.max_connections));
     let connections = Connections::default();
     // Every connection task holds a receiver: a value sent asks them all to finish, and the
@@ -129,25 +119,16 @@ pub async fn serve(
             Some(slot) => slot,
             None => {
                 // At the cap with a client waiting: make room for it.
-                connections.idle.waiting.store(true, Ordering::Relaxed);
-                let slot = loop {
-                    if connections.closing_idle() == 0 {
-                        if connections.reclaim_oldest_idle() {
-                            metrics.connections_reclaimed.inc();
-                            tracing::debug!(%peer, "at max_connections: closing the oldest idle connection for a new client");
-                            at_cap_log.reclaimed(settings.max_connections);
-                        } else {
-                            at_cap_log.all_busy(settings.max_connections);
-                        }
-                    }
-                    tokio::select! {
-                        slot = connection_slots.clone().acquire_owned() => break slot.ok(),
-                        () = connections.idle.became_idle.notified() => {}
-                        () = &mut shutdown => break None,
-                    }
-                };
-                connections.idle.waiting.store(false, Ordering::Relaxed);
-                match slot {
+                let room = make_room(
+                    &connections,
+                    &connection_slots,
+                    &mut at_cap_log,
+                    &metrics,
+                    settings.max_connections,
+                    peer,
+                    &mut shutdown,
+                );
+                match room.await {
                     Some(slot) => slot,
                     None => break,
                 }
@@ -156,8 +137,8 @@ pub async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        metrics.connections.inc();
-        metrics.open_connections.inc();
+        metrics.requests.connections.inc();
+        metrics.requests.open_connections.inc();
 
         let (id, conn) = connections.register();
         let header_read_timeout = settings.header_read_timeout;
@@ -170,44 +151,18 @@ pub async fn serve(
         let metrics = metrics.clone();
         let connections = connections.clone();
         tokio::spawn(async move {
-            // hyper's header timeout starts once the protocol is known; a client that connects
-            // and sends nothing at all is cut off here instead (or closed at once to make room
-            // or to drain: it has nothing in progress).
-            let mut first = [0u8; 1];
-            let peeked = tokio::select! {
-                peeked = tokio::time::timeout(header_read_timeout, stream.peek(&mut first)) => Some(peeked),
-                () = conn.close.notified() => None,
-                _ = drain.changed() => None,
-            };
-            match peeked {
-                Some(Ok(Ok(_))) => {
-                    let connection = builder
-                        .serve_connection(TokioIo::new(stream), hyper_service)
-                        .into_owned();
-                    let mut connection = std::pin::pin!(connection);
-                    let mut asked = false;
-                    // Asked to close (drain, or to make room): HTTP/1.1 closes now if idle or
-                    // after the response in progress; HTTP/2 sends GOAWAY and finishes its
-                    // streams.
-                    let served = loop {
-                        tokio::select! {
-                            served = connection.as_mut() => break served,
-                            _ = drain.changed(), if !asked => {}
-                            () = conn.close.notified(), if !asked => {}
-                        }
-                        asked = true;
-                        connection.as_mut().graceful_shutdown();
-                    };
-                    if let Err(e) = served {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                }
-                Some(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "connection failed"),
-                Some(Err(_)) => tracing::debug!(%peer, "client sent nothing; closing"),
-                None => tracing::debug!(%peer, "closing a connection that sent nothing yet"),
-            }
+            serve_connection(
+                stream,
+                peer,
+                builder,
+                hyper_service,
+                &conn,
+                header_read_timeout,
+                &mut drain,
+            )
+            .await;
             connections.remove(id);
-            metrics.open_connections.dec();
+            metrics.requests.open_connections.dec();
             drop(slot);
             drop(drain);
         });
@@ -215,15 +170,117 @@ pub async fn serve(
 
     drop(listener);
     drop(drain_rx);
+    drain_connections(drain_tx, settings.shutdown_grace).await
+}
+
+/// hyper's settings for every client connection, HTTP/1.1 and HTTP/2 alike.
+fn connection_builder(settings: &ServerSettings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE_INTERVAL);
+    builder
+}
+
+/// At `max_connections` with a client accepted: asks the oldest idle connection to close (or
+/// waits for one to go idle) until a slot is free; `None` when shutdown came first.
+async fn make_room(
+    connections: &Connections,
+    connection_slots: &Arc<Semaphore>,
+    at_cap_log: &mut AtCapLog,
+    metrics: &Metrics,
+    max_connections: usize,
+    peer: std::net::SocketAddr,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    connections.idle.waiting.store(true, Ordering::Relaxed);
+    let slot = loop {
+        if connections.closing_idle() == 0 {
+            if connections.reclaim_oldest_idle() {
+                metrics.requests.connections_reclaimed.inc();
+                tracing::debug!(%peer, "at max_connections: closing the oldest idle connection for a new client");
+                at_cap_log.reclaimed(max_connections);
+            } else {
+                at_cap_log.all_busy(max_connections);
+            }
+        }
+        tokio::select! {
+            slot = connection_slots.clone().acquire_owned() => break slot.ok(),
+            () = connections.idle.became_idle.notified() => {}
+            () = &mut *shutdown => break None,
+        }
+    };
+    connections.idle.waiting.store(false, Ordering::Relaxed);
+    slot
+}
+
+/// Serves one client connection until it ends: cut off if it sends nothing within
+/// `header_read_timeout`, closed gracefully when asked to (to make room, or to drain).
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    builder: auto::Builder<TokioExecutor>,
+    hyper_service: Tracked,
+    conn: &ConnectionState,
+    header_read_timeout: Duration,
+    drain: &mut watch::Receiver<()>,
+) {
+    // hyper's header timeout starts once the protocol is known; a client that connects
+    // and sends nothing at all is cut off here instead (or closed at once to make room
+    // or to drain: it has nothing in progress).
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout(header_read_timeout, stream.peek(&mut first)) => Some(peeked),
+        () = conn.close.notified() => None,
+        _ = drain.changed() => None,
+    };
+    match peeked {
+        Some(Ok(Ok(_))) => {
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), hyper_service)
+                .into_owned();
+            let mut connection = std::pin::pin!(connection);
+            let mut asked = false;
+            // Asked to close (drain, or to make room): HTTP/1.1 closes now if idle or
+            // after the response in progress; HTTP/2 sends GOAWAY and finishes its
+            // streams.
+            let served = loop {
+                tokio::select! {
+                    served = connection.as_mut() => break served,
+                    _ = drain.changed(), if !asked => {}
+                    () = conn.close.notified(), if !asked => {}
+                }
+                asked = true;
+                connection.as_mut().graceful_shutdown();
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        Some(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "connection failed"),
+        Some(Err(_)) => tracing::debug!(%peer, "client sent nothing; closing"),
+        None => tracing::debug!(%peer, "closing a connection that sent nothing yet"),
+    }
+}
+
+/// After the listener closed: asks every connection to finish and waits for them, up to the
+/// grace period; whether they all finished in time.
+async fn drain_connections(drain_tx: watch::Sender<()>, grace: Duration) -> bool {
     let open = drain_tx.receiver_count();
-    tracing::info!(open_connections = open, grace = ?settings.shutdown_grace, "draining");
+    tracing::info!(open_connections = open, grace = ?grace, "draining");
     let _ = drain_tx.send(());
     tokio::select! {
         () = drain_tx.closed() => {
             tracing::info!("all connections drained");
             true
         }
-        () = tokio::time::sleep(settings.shutdown_grace) => {
+        () = tokio::time::sleep(grace) => {
             tracing::warn!("grace period over; closing the remaining connections");
             false
         }

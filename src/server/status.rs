@@ -66,18 +66,18 @@ impl Snapshot {
             .map_or((0, 0.0), |h| (h.get_sample_count(), h.get_sample_sum()));
         Snapshot {
             at: Some(Instant::now()),
-            inputs: m.embeddings_inputs.get(),
-            cache_hits: m.embeddings_cache_hits.get(),
-            coalesced: m.embeddings_coalesced.get(),
-            upstream_calls: m.embeddings_batch_inputs.get_sample_count(),
-            upstream_inputs: as_count(m.embeddings_batch_inputs.get_sample_sum()),
+            inputs: m.embeddings.inputs.get(),
+            cache_hits: m.embeddings.cache_hits.get(),
+            coalesced: m.embeddings.coalesced.get(),
+            upstream_calls: m.embeddings.batch_inputs.get_sample_count(),
+            upstream_inputs: as_count(m.embeddings.batch_inputs.get_sample_sum()),
             latency_count,
             latency_sum,
-            limit: m.adaptive_limit.get(),
-            queue_depth: m.embeddings_queue_depth.get(),
-            shed: by_label(&m.shed, "reason"),
-            own_errors: by_label(&m.errors, "reason"),
-            upstream: by_label(&m.upstream_requests, "status"),
+            limit: m.resilience.adaptive_limit.get(),
+            queue_depth: m.embeddings.queue_depth.get(),
+            shed: by_label(&m.requests.shed, "reason"),
+            own_errors: by_label(&m.requests.errors, "reason"),
+            upstream: by_label(&m.upstream.requests, "status"),
         }
     }
 
@@ -182,78 +182,96 @@ impl Status {
             .and_then(|i| history.get(i))
             .or(oldest);
 
-        let hit_ratio = (now.inputs > 0).then(|| now.cache_hits as f64 / now.inputs as f64);
-        let baseline = m.adaptive_baseline.get();
-        let recent_latency = recent_latency_from.and_then(|from| {
-            let calls = now.latency_count.saturating_sub(from.latency_count);
-            (calls > 0).then(|| (now.latency_sum - from.latency_sum).max(0.0) / calls as f64)
-        });
-        let tokens = by_label(&m.embeddings_tokens, "source");
-        let (cache_entries, cache_bytes) =
-            state.engine.as_ref().map_or((0, 0), |e| e.cache().usage());
         let recent_window = oldest
             .and_then(|o| o.at)
             .and_then(|at| now.at.map(|n| n.duration_since(at).as_secs_f64()))
             .unwrap_or(0.0);
-        let labelled = |now: &BTreeMap<String, u64>, then: Option<&BTreeMap<String, u64>>| {
-            let mut out = Map::new();
-            for (label, total) in now {
-                let before = then.and_then(|t| t.get(label)).copied().unwrap_or(0);
-                out.insert(
-                    label.clone(),
-                    json!({"total": total, "recent": total.saturating_sub(before)}),
-                );
-            }
-            Value::Object(out)
-        };
 
         let body = json!({
             "version": env!("CARGO_PKG_VERSION"),
             "upstream": BaseUrl::mask_userinfo(&state.config.upstream.url),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "draining": state.is_draining(),
-            "embeddings": {
-                "enabled": state.engine.is_some(),
-                "inputs": now.inputs,
-                "cache_hits": now.cache_hits,
-                "coalesced": now.coalesced,
-                "abandoned": m.embeddings_abandoned.get(),
-                "upstream_calls": now.upstream_calls,
-                "upstream_inputs": now.upstream_inputs,
-                "saved_inputs": now.inputs.saturating_sub(now.upstream_inputs),
-                "cache_hit_ratio": hit_ratio,
-                "queue_depth": now.queue_depth,
-                "tokens_upstream": tokens.get("upstream").copied().unwrap_or(0),
-                "tokens_cache": tokens.get("cache").copied().unwrap_or(0),
-                "cache_entries": cache_entries,
-                "cache_bytes": cache_bytes,
-            },
-            "concurrency": {
-                "adaptive": state.config.limits.adaptive_concurrency,
-                "limit": now.limit,
-                "ceiling": state.config.limits.max_concurrency,
-                "upstream_in_flight": m.upstream_in_flight.get(),
-                "latency_baseline_seconds": (baseline > 0.0).then_some(baseline),
-                "latency_recent_seconds": recent_latency,
-            },
+            "embeddings": embeddings_json(state, &now),
+            "concurrency": concurrency_json(state, &now, recent_latency_from),
             "breaker": {
                 "enabled": state.config.breaker.enabled,
-                "state": if m.breaker_state.get() == 0 { "closed" } else { "open" },
-                "open_credentials": m.breaker_open_credentials.get(),
+                "state": if m.resilience.breaker_state.get() == 0 { "closed" } else { "open" },
+                "open_credentials": m.resilience.breaker_open_credentials.get(),
             },
             "rate_gate": {
-                "closures": m.gate_closures.get(),
-                "rejections": m.gate_rejections.get(),
+                "closures": m.resilience.gate_closures.get(),
+                "rejections": m.resilience.gate_rejections.get(),
             },
             "recent_window_seconds": recent_window,
-            "shed": labelled(&now.shed, oldest.map(|o| &o.shed)),
-            "errors_by_reason": labelled(&now.own_errors, oldest.map(|o| &o.own_errors)),
-            "upstream_statuses": labelled(&now.upstream, oldest.map(|o| &o.upstream)),
+            "shed": labelled_json(&now.shed, oldest.map(|o| &o.shed)),
+            "errors_by_reason": labelled_json(&now.own_errors, oldest.map(|o| &o.own_errors)),
+            "upstream_statuses": labelled_json(&now.upstream, oldest.map(|o| &o.upstream)),
             "history": history_json(&history),
         });
         drop(history);
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// The `embeddings` section: inputs, calls and what the cache and coalescing saved.
+fn embeddings_json(state: &AppState, now: &Snapshot) -> Value {
+    let m = &state.metrics;
+    let hit_ratio = (now.inputs > 0).then(|| now.cache_hits as f64 / now.inputs as f64);
+    let tokens = by_label(&m.embeddings.tokens, "source");
+    let (cache_entries, cache_bytes) = state.engine.as_ref().map_or((0, 0), |e| e.cache().usage());
+    json!({
+        "enabled": state.engine.is_some(),
+        "inputs": now.inputs,
+        "cache_hits": now.cache_hits,
+        "coalesced": now.coalesced,
+        "abandoned": m.embeddings.abandoned.get(),
+        "upstream_calls": now.upstream_calls,
+        "upstream_inputs": now.upstream_inputs,
+        "saved_inputs": now.inputs.saturating_sub(now.upstream_inputs),
+        "cache_hit_ratio": hit_ratio,
+        "queue_depth": now.queue_depth,
+        "tokens_upstream": tokens.get("upstream").copied().unwrap_or(0),
+        "tokens_cache": tokens.get("cache").copied().unwrap_or(0),
+        "cache_entries": cache_entries,
+        "cache_bytes": cache_bytes,
+    })
+}
+
+/// The `concurrency` section: the adaptive limit, its latency baseline, and the mean latency
+/// of embeddings calls since `recent_latency_from`.
+fn concurrency_json(
+    state: &AppState,
+    now: &Snapshot,
+    recent_latency_from: Option<&Snapshot>,
+) -> Value {
+    let m = &state.metrics;
+    let baseline = m.resilience.adaptive_baseline.get();
+    let recent_latency = recent_latency_from.and_then(|from| {
+        let calls = now.latency_count.saturating_sub(from.latency_count);
+        (calls > 0).then(|| (now.latency_sum - from.latency_sum).max(0.0) / calls as f64)
+    });
+    json!({
+        "adaptive": state.config.limits.adaptive_concurrency,
+        "limit": now.limit,
+        "ceiling": state.config.limits.max_concurrency,
+        "upstream_in_flight": m.upstream.in_flight.get(),
+        "latency_baseline_seconds": (baseline > 0.0).then_some(baseline),
+        "latency_recent_seconds": recent_latency,
+    })
+}
+
+/// A labelled counter's values as `{label: {total, recent}}`, recent being since `then`.
+fn labelled_json(now: &BTreeMap<String, u64>, then: Option<&BTreeMap<String, u64>>) -> Value {
+    let mut out = Map::new();
+    for (label, total) in now {
+        let before = then.and_then(|t| t.get(label)).copied().unwrap_or(0);
+        out.insert(
+            label.clone(),
+            json!({"total": total, "recent": total.saturating_sub(before)}),
+        );
+    }
+    Value::Object(out)
 }
 
 /// The sparklines' series, oldest first, one point per [`SAMPLE_INTERVAL`]: counts are per
@@ -294,8 +312,8 @@ mod tests {
         let m = Metrics::new();
         let status = Status::new();
         for i in 0..(HISTORY_POINTS as u64 + 10) {
-            m.embeddings_inputs.inc_by(i);
-            m.shed.with_label_values(&["queue_full"]).inc();
+            m.embeddings.inputs.inc_by(i);
+            m.requests.shed.with_label_values(&["queue_full"]).inc();
             status.sample(&m);
         }
         let h = status.lock();

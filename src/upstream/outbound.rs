@@ -496,6 +496,7 @@ fn timed_out<T: Reply>(
     let elapsed = started.elapsed();
     if let Kind::PassThrough { .. } = kind {
         metrics
+            .requests
             .deadline_expired
             .with_label_values(&["first_byte"])
             .inc();

@@ -238,7 +238,8 @@ impl Exchange {
             }
         }
         self.metrics
-            .embeddings_batch_inputs
+            .embeddings
+            .batch_inputs
             .observe(live.items.len() as f64);
         Some(Ok(Sending {
             request,

@@ -108,7 +108,10 @@ pub(super) fn refuse_hopeless(ctx: &Ctx, lane: &Lane, until: Instant) {
     if refused.is_empty() {
         return;
     }
-    ctx.metrics.gate_rejections.inc_by(refused.len() as u64);
+    ctx.metrics
+        .resilience
+        .gate_rejections
+        .inc_by(refused.len() as u64);
     for w in refused {
         let _ = w.tx.send(Err(failure.clone()));
     }
@@ -156,7 +159,7 @@ pub(super) fn take_batch(ctx: &Ctx, lane: &Lane) -> Vec<Item> {
     drop(state);
     ctx.release(taken);
     if abandoned > 0 {
-        ctx.metrics.embeddings_abandoned.inc_by(abandoned);
+        ctx.metrics.embeddings.abandoned.inc_by(abandoned);
     }
     items
 }
@@ -319,7 +322,7 @@ pub(super) fn call_isolating<'a>(
             Ok(done) => done,
             Err(failure) if n > 1 && *budget >= 2 && blames_input(&failure) => {
                 *budget -= 2;
-                ctx.metrics.embeddings_isolation_splits.inc();
+                ctx.metrics.embeddings.isolation_splits.inc();
                 let middle = range.start + n / 2;
                 let mut out =
                     call_isolating(ctx, lane, items, range.start..middle, budget, held).await;

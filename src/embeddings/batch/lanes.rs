@@ -147,14 +147,7 @@ impl Batcher {
         misses: Vec<Miss>,
         deadline: Instant,
     ) -> Result<Vec<Ticket>, ProxyError> {
-        if let Some(until) = self.ctx.gates.shut_until(key.credential()) {
-            if until > deadline {
-                self.ctx.metrics.gate_rejections.inc();
-                return Err(ProxyError::RateLimited {
-                    retry_after: until.saturating_duration_since(Instant::now()),
-                });
-            }
-        }
+        self.refuse_if_gate_shut(&key, deadline)?;
         let reserved = misses.len();
         if !self.ctx.reserve(reserved) {
             return Err(ProxyError::QueueFull {
@@ -177,41 +170,9 @@ impl Batcher {
             }
             let scope = lane.template.cache_scope;
             for miss in misses {
-                let (tx, rx) = oneshot::channel();
-                let waiter = Waiter {
-                    tx,
-                    caller: caller.clone(),
-                };
-                let joined = match state.flights.get_mut(&miss.hash) {
-                    Some(flight) => {
-                        flight.waiters.push(waiter);
-                        flight.latest = flight.latest.max(deadline);
-                        true
-                    }
-                    // A batch may have filled the cache and left the lane since the caller
-                    // looked: the cache is filled before flights leave, so one of the two holds.
-                    None => match self.ctx.cache.get(&(scope, miss.hash)) {
-                        Some(hit) => {
-                            let _ = waiter.tx.send(Ok(hit));
-                            false
-                        }
-                        None => {
-                            state.flights.insert(
-                                miss.hash,
-                                Flight {
-                                    input: Arc::new(miss.input),
-                                    size: miss.size,
-                                    waiters: vec![waiter],
-                                    latest: deadline,
-                                },
-                            );
-                            state.queue.push_back(miss.hash);
-                            queued += 1;
-                            false
-                        }
-                    },
-                };
-                tickets.push(Ticket { rx, joined });
+                let (ticket, took_place) = self.enqueue(&mut state, scope, miss, caller, deadline);
+                queued += usize::from(took_place);
+                tickets.push(ticket);
             }
             let start = !state.dispatching && !state.queue.is_empty();
             if start {
@@ -227,6 +188,67 @@ impl Batcher {
         }
         Ok(tickets)
     }
+
+    /// A credential whose gate stays shut past the caller's deadline: refused at once with
+    /// 429, rather than queued to wait for nothing.
+    fn refuse_if_gate_shut(&self, key: &BatchKey, deadline: Instant) -> Result<(), ProxyError> {
+        if let Some(until) = self.ctx.gates.shut_until(key.credential()) {
+            if until > deadline {
+                self.ctx.metrics.resilience.gate_rejections.inc();
+                return Err(ProxyError::RateLimited {
+                    retry_after: until.saturating_duration_since(Instant::now()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts one miss in the lane: joined to its flight if one is queued or in the air,
+    /// answered from the cache if a batch filled it since the caller looked, else a new
+    /// flight at the back of the queue. Its ticket, and whether it took a place in the queue.
+    fn enqueue(
+        &self,
+        state: &mut LaneState,
+        scope: u128,
+        miss: Miss,
+        caller: &Arc<Caller>,
+        deadline: Instant,
+    ) -> (Ticket, bool) {
+        let (tx, rx) = oneshot::channel();
+        let waiter = Waiter {
+            tx,
+            caller: caller.clone(),
+        };
+        let (joined, took_place) = match state.flights.get_mut(&miss.hash) {
+            Some(flight) => {
+                flight.waiters.push(waiter);
+                flight.latest = flight.latest.max(deadline);
+                (true, false)
+            }
+            // A batch may have filled the cache and left the lane since the caller
+            // looked: the cache is filled before flights leave, so one of the two holds.
+            None => match self.ctx.cache.get(&(scope, miss.hash)) {
+                Some(hit) => {
+                    let _ = waiter.tx.send(Ok(hit));
+                    (false, false)
+                }
+                None => {
+                    state.flights.insert(
+                        miss.hash,
+                        Flight {
+                            input: Arc::new(miss.input),
+                            size: miss.size,
+                            waiters: vec![waiter],
+                            latest: deadline,
+                        },
+                    );
+                    state.queue.push_back(miss.hash);
+                    (false, true)
+                }
+            },
+        };
+        (Ticket { rx, joined }, took_place)
+    }
 }
 
 impl Ctx {
@@ -241,7 +263,7 @@ impl Ctx {
             })
             .is_ok();
         if reserved {
-            self.metrics.embeddings_queue_depth.add(n as i64);
+            self.metrics.embeddings.queue_depth.add(n as i64);
         }
         reserved
     }
@@ -250,13 +272,13 @@ impl Ctx {
     /// now, so the bound is not checked.
     pub(super) fn readmit(&self, n: usize) {
         self.queued.fetch_add(n, Ordering::AcqRel);
-        self.metrics.embeddings_queue_depth.add(n as i64);
+        self.metrics.embeddings.queue_depth.add(n as i64);
     }
 
     pub(super) fn release(&self, n: usize) {
         if n > 0 {
             self.queued.fetch_sub(n, Ordering::AcqRel);
-            self.metrics.embeddings_queue_depth.sub(n as i64);
+            self.metrics.embeddings.queue_depth.sub(n as i64);
         }
     }
 }

@@ -373,10 +373,11 @@ impl RetryState {
                 return Ok(finished(tried.value, made, true));
             }
             if !self.budget.withdraw() {
-                self.metrics.retry_budget_exhausted.inc();
+                self.metrics.resilience.retry_budget_exhausted.inc();
                 return Ok(finished(tried.value, made, true));
             }
             self.metrics
+                .resilience
                 .retries
                 .with_label_values(&[reason.label()])
                 .inc();
