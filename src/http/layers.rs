@@ -42,19 +42,16 @@ const CLIENT_CLOSED: u16 = 499;
 /// connection. tower-http's CatchPanicLayer does the same but boxes every response body once
 /// more (and a body-type adapter above it boxed it again); this one hands the body through.
 /// Like tower-http's, it does not reach into the body once the response is out.
-#[derive(Clone, Copy, Default)]
-pub struct CatchPanicLayer;
-
-impl<S> Layer<S> for CatchPanicLayer {
-    type Service = CatchPanic<S>;
-    fn layer(&self, inner: S) -> CatchPanic<S> {
-        CatchPanic { inner }
-    }
-}
-
 #[derive(Clone)]
 pub struct CatchPanic<S> {
     inner: S,
+}
+
+impl<S> CatchPanic<S> {
+    /// Wraps `inner` (as a layer: `tower::layer::layer_fn(CatchPanic::new)`).
+    pub fn new(inner: S) -> Self {
+        CatchPanic { inner }
+    }
 }
 
 impl<S, B> Service<Request<B>> for CatchPanic<S>
@@ -142,19 +139,16 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 ///   while a body streams;
 /// * on the way back, the upstream's own `x-request-id` wins (OpenAI's `req_...` is what its
 ///   support asks for); ours fills in when the reply has none (embedcar's own errors).
-#[derive(Clone, Copy, Default)]
-pub struct RequestContextLayer;
-
-impl<S> Layer<S> for RequestContextLayer {
-    type Service = RequestContext<S>;
-    fn layer(&self, inner: S) -> RequestContext<S> {
-        RequestContext { inner }
-    }
-}
-
 #[derive(Clone)]
 pub struct RequestContext<S> {
     inner: S,
+}
+
+impl<S> RequestContext<S> {
+    /// Wraps `inner` (as a layer: `tower::layer::layer_fn(RequestContext::new)`).
+    pub fn new(inner: S) -> Self {
+        RequestContext { inner }
+    }
 }
 
 /// A new request id: a random (v4) UUID, written straight into the header value.
@@ -611,20 +605,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_in_call_or_in_the_future_becomes_a_500() {
-        let in_call = CatchPanicLayer.layer(service_fn(
+        let in_call = CatchPanic::new(service_fn(
             |_: Request<()>| -> Ready<Result<Response<ProxyBody>, Infallible>> {
                 panic!("in call")
             },
         ));
         assert_eq!(status_of(in_call).await, 500);
-        let in_future = CatchPanicLayer.layer(service_fn(|_: Request<()>| async {
+        let in_future = CatchPanic::new(service_fn(|_: Request<()>| async {
             if true {
                 panic!("in the future");
             }
             Ok::<_, Infallible>(ok_with(&[]))
         }));
         assert_eq!(status_of(in_future).await, 500);
-        let fine = CatchPanicLayer.layer(service_fn(|_: Request<()>| async {
+        let fine = CatchPanic::new(service_fn(|_: Request<()>| async {
             Ok::<_, Infallible>(ok_with(&[]))
         }));
         assert_eq!(status_of(fine).await, 200);
@@ -632,7 +626,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_gets_an_id_upstream_and_back_and_its_credentials_are_sensitive() {
-        let svc = RequestContextLayer.layer(service_fn(|req: Request<()>| async move {
+        let svc = RequestContext::new(service_fn(|req: Request<()>| async move {
             for name in ["authorization", "api-key", "cookie"] {
                 assert!(req.headers()[name].is_sensitive(), "{name}");
             }
@@ -658,7 +652,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_callers_id_goes_upstream_and_the_upstreams_own_id_wins_on_the_way_back() {
-        let svc = RequestContextLayer.layer(service_fn(|req: Request<()>| async move {
+        let svc = RequestContext::new(service_fn(|req: Request<()>| async move {
             assert_eq!(req.headers()["x-request-id"], "caller-1");
             Ok::<_, Infallible>(ok_with(&[("x-request-id", "req_upstream")]))
         }));
@@ -669,7 +663,7 @@ mod tests {
         let r = svc.oneshot(req).await.unwrap();
         assert_eq!(r.headers()["x-request-id"], "req_upstream");
 
-        let svc = RequestContextLayer.layer(service_fn(|_: Request<()>| async move {
+        let svc = RequestContext::new(service_fn(|_: Request<()>| async move {
             Ok::<_, Infallible>(ok_with(&[]))
         }));
         let req = Request::builder()

@@ -3,14 +3,14 @@
 
 use std::sync::Arc;
 
-use tower::ServiceBuilder;
+use tower::{layer::layer_fn, ServiceBuilder};
 
 use crate::{
     http::{
         layers::{
-            CatchPanic, CatchPanicLayer, LogThrottle, RecordMetrics, RecordMetricsLayer,
-            ReportFailures, ReportFailuresLayer, RequestBody, RequestBodyLayer, RequestContext,
-            RequestContextLayer, FAILURE_LOG_INTERVAL,
+            CatchPanic, LogThrottle, RecordMetrics, RecordMetricsLayer, ReportFailures,
+            ReportFailuresLayer, RequestBody, RequestBodyLayer, RequestContext,
+            FAILURE_LOG_INTERVAL,
         },
         router::Router,
     },
@@ -29,12 +29,12 @@ pub fn build(state: &AppState) -> HttpService {
     ServiceBuilder::new()
         // Outermost, so that a panic anywhere below (a handler bug, a bad input we did not
         // foresee) becomes one caller's 500 in OpenAI's shape, not a dropped connection.
-        .layer(CatchPanicLayer)
+        .layer(layer_fn(CatchPanic::new))
         // Before anything that may log or debug-print headers: marks the credentials sensitive;
         // gives every request an id (the caller's x-request-id, or a new UUID, sent upstream
         // too) and a span named by it, so every log line of the request carries it; puts the
         // id on replies that have none of their own.
-        .layer(RequestContextLayer)
+        .layer(layer_fn(RequestContext::new))
         // Metrics see every request that got this far, including those the body limit refuses,
         // and time each to the end of its response body.
         .layer(RecordMetricsLayer::new(state.metrics.clone()))
