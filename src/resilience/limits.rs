@@ -365,8 +365,10 @@ where
                 tokens,
             } => (attempt, places, *kind, *tokens),
         };
-        let tried = ready!(attempt.poll(cx))?;
+        let result = ready!(attempt.poll(cx));
+        // Taken before a failure returns, so the places go before the breaker above hears it.
         let places = places.take().expect("polled after it ended");
+        let tried = result?;
         Poll::Ready(Ok(match kind {
             // The engine's attempt has read its reply: its places are done with. Its size is
             // what it sent (only the inputs someone still waited for).

@@ -25,6 +25,17 @@ const REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remain
 const RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
 const RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
+/// The headers `RateLimitHeaders::parse` reads, in the order of its slots (a static: a const
+/// array of names would be built afresh for every header compared).
+static RATE_LIMIT_HEADERS: [HeaderName; 6] = [
+    RETRY_AFTER_MS,
+    http::header::RETRY_AFTER,
+    REMAINING_REQUESTS,
+    REMAINING_TOKENS,
+    RESET_REQUESTS,
+    RESET_TOKENS,
+];
+
 impl RateLimitHeaders {
     /// One pass over the headers (every upstream reply is read here, and a reply has a dozen
     /// headers at most, where six hashed lookups cost more); the first value of a name counts,
@@ -32,7 +43,7 @@ impl RateLimitHeaders {
     pub fn parse(headers: &HeaderMap) -> RateLimitHeaders {
         let mut found: [Option<Option<&str>>; 6] = [None; 6];
         for (name, value) in headers {
-            let Some(slot) = Self::NAMES.iter().position(|n| n == name) else {
+            let Some(slot) = RATE_LIMIT_HEADERS.iter().position(|n| n == name) else {
                 continue;
             };
             found[slot].get_or_insert_with(|| value.to_str().ok().map(str::trim));
@@ -53,16 +64,6 @@ impl RateLimitHeaders {
             retry_after,
         }
     }
-
-    /// The headers `parse` reads, in the order of its slots.
-    const NAMES: [HeaderName; 6] = [
-        RETRY_AFTER_MS,
-        http::header::RETRY_AFTER,
-        REMAINING_REQUESTS,
-        REMAINING_TOKENS,
-        RESET_REQUESTS,
-        RESET_TOKENS,
-    ];
 
     /// How long this credential's gate should stay shut, if the reply says it should: the
     /// server's Retry-After on a 429, else the reset of whichever budget is at zero.
@@ -191,6 +192,18 @@ mod tests {
             parsed.closed_for(StatusCode::OK),
             Some(Duration::from_secs(60))
         );
+        // A first value that is not text counts as absent, as `HeaderMap::get` would give it:
+        // a later one does not stand in.
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_bytes(b"\xff").unwrap(),
+        );
+        h.append(
+            "x-ratelimit-remaining-tokens",
+            HeaderValue::from_static("0"),
+        );
+        assert_eq!(RateLimitHeaders::parse(&h).remaining_tokens, None);
     }
 
     #[test]
