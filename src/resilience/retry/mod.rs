@@ -315,7 +315,8 @@ impl RetryState {
     }
 
     /// Makes attempts until one succeeds, fails for good, or may not be repeated (attempts,
-    /// budget, deadline). A refusal below (the gate, the breaker, no place) before a retry ends
+    /// budget, deadline: a retry starts only if its delay and as long again as the last
+    /// attempt took fit before the deadline). A refusal below (the gate, the breaker, no place) before a retry ends
     /// the loop with the last attempt's own answer.
     async fn run<S, R, T>(
         &self,
@@ -349,12 +350,15 @@ impl RetryState {
                 };
                 return Ok(finished(value, made, false));
             };
+            let sent = Instant::now();
             let tried = match inner.clone().oneshot(attempt).await {
                 Ok(tried) => tried,
                 Err(refused) => {
                     return previous.map_or(Err(refused), |v| Ok(finished(v, made, true)))
                 }
             };
+            // What the next attempt is likely to take: as long as this one did.
+            let took = sent.elapsed();
             made += 1;
             let (reason, server_delay) = match tried.verdict {
                 Verdict::Success | Verdict::Final => return Ok(finished(tried.value, made, false)),
@@ -367,7 +371,10 @@ impl RetryState {
                 return Ok(finished(tried.value, made, false));
             }
             let delay = self.backoff.delay(made, server_delay);
-            let in_time = Instant::now() + delay < deadline(&call);
+            // A retry that would still be under way when its callers leave is not started:
+            // it would cost the upstream a call, and turn the answer the callers could have
+            // had (the upstream's own, marked final) into a timeout.
+            let in_time = Instant::now() + delay + took < deadline(&call);
             let attempts_left = call.max_attempts.is_none_or(|max| made < max);
             if !attempts_left || !in_time {
                 return Ok(finished(tried.value, made, true));
@@ -615,6 +622,32 @@ mod loop_tests {
             "nothing was retried: the client keeps its own retry"
         );
         assert!(Instant::now() < soon);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_is_started_that_would_still_be_under_way_at_the_deadline() {
+        let p = stack(|c| c.breaker.enabled = false);
+        // Each attempt takes 700 ms: after the first (at 0.7 s) and its backoff (about 0.1 s)
+        // a second would end near 1.5 s, past the 1.2 s deadline.
+        let deadline = Instant::now() + Duration::from_millis(1200);
+        let calls = Arc::new(AtomicU32::new(0));
+        let seen = calls.clone();
+        let exchange = tower::service_fn(move |_: Attempt<u32>| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                Ok::<_, ProxyError>(reply(503, &[]))
+            }
+        });
+        let stack = outbound::build(exchange, &p);
+        let call = Call {
+            max_attempts: None,
+            ..one_call(deadline, Kind::PassThrough { idempotent: true }, None)
+        };
+        let done = outbound::send(&stack, call).await.unwrap();
+        assert_eq!(done.value.value, 503, "the upstream's own answer");
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no second attempt");
+        assert!(Instant::now() < deadline);
     }
 
     /// Up to 5 attempts against an upstream that answers 503 every time, with a breaker that
