@@ -32,7 +32,7 @@ use crate::{
         adaptive_limit::{AdaptiveLimit, Place as LearntPlace, Signal},
         retry::Tried,
     },
-    upstream::outbound::{Attempt, BoxFuture, Kind, Layered, Placed},
+    upstream::outbound::{Attempt, Below, BoxFuture, Kind, Layered, Placed},
 };
 
 /// Retry-After suggested to a caller shed for lack of a slot: soon, since slots turn over fast.
@@ -268,12 +268,7 @@ pub type Place<S> = Layered<PlaceLayer, S>;
 
 impl<S, R, T> tower::Service<Attempt<R>> for Layered<PlaceLayer, S>
 where
-    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
+    S: Below<R> + tower::Service<Attempt<R>, Response = Tried<T>>,
     R: Send + 'static,
     T: Send + 'static,
 {

@@ -44,7 +44,7 @@ use crate::{
     shared_tier::{GateAnswer, GateLimits, SharedTier},
     upstream::{
         credential::CredentialId,
-        outbound::{Attempt, BoxFuture, Layered},
+        outbound::{Attempt, Below, BoxFuture, Layered},
     },
 };
 
@@ -551,12 +551,7 @@ pub type Gate<S> = Layered<GateLayer, S>;
 
 impl<S, R, T> tower::Service<Attempt<R>> for Layered<GateLayer, S>
 where
-    S: tower::Service<Attempt<R>, Response = Tried<T>, Error = ProxyError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
+    S: Below<R> + tower::Service<Attempt<R>, Response = Tried<T>>,
     R: Send + 'static,
     T: Send + 'static,
 {

@@ -159,7 +159,20 @@ impl<L, S> Clone for Layered<L, S> {
     }
 }
 
-/// A boxed, sendable future: what every layer's `call` returns.
+/// The stack below a layer, as the layers that wait need it: it takes an attempt and can be
+/// held (with its future) across a wait in a task of its own. (Its response, `Tried<T>`, is
+/// named where it is used: a trait parameter would leave `T` unconstrained in the impls.)
+pub trait Below<R>:
+    Service<Attempt<R>, Error = ProxyError, Future: Send> + Clone + Send + Sync + 'static
+{
+}
+
+impl<S, R> Below<R> for S where
+    S: Service<Attempt<R>, Error = ProxyError, Future: Send> + Clone + Send + Sync + 'static
+{
+}
+
+/// A boxed, sendable future: what a layer's `call` returns when it must wait.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// The farthest deadline of the callers an engine call still serves, read again whenever a
@@ -320,8 +333,7 @@ impl HeadArrived {
 
 impl<S, R, T> Service<Attempt<R>> for Layered<AttemptTimeoutLayer, S>
 where
-    S: Service<Attempt<R>, Response = Tried<T>, Error = ProxyError> + Clone + Send + Sync + 'static,
-    S::Future: Send,
+    S: Below<R> + Service<Attempt<R>, Response = Tried<T>>,
     R: Send + 'static,
     T: Reply,
 {

@@ -21,7 +21,7 @@ use crate::{
     http::errors::ProxyError,
     metrics::Metrics,
     resilience::adaptive_limit::Signal,
-    upstream::outbound::{Attempt, BoxFuture, Call, Layered, Placed, Reply},
+    upstream::outbound::{Attempt, Below, BoxFuture, Call, Layered, Placed, Reply},
 };
 
 pub use self::headers::RateLimitHeaders;
@@ -422,12 +422,7 @@ pub type Retry<S> = Layered<RetryLayer, S>;
 
 impl<S, R, T> Service<Call<R>> for Layered<RetryLayer, S>
 where
-    S: Service<Attempt<R>, Response = Tried<Placed<T>>, Error = ProxyError>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send,
+    S: Below<R> + Service<Attempt<R>, Response = Tried<Placed<T>>>,
     R: Send + 'static,
     T: Reply,
 {
